@@ -1,0 +1,1237 @@
+"""tinyllm: train, checkpoint and sample a small GPT- or Llama-style language model, in one file.
+
+Run it:
+    python train_tinyllm.py                                   # tiny char model on a built-in corpus
+    python train_tinyllm.py --data_path data/tiny_corpus.txt --out_dir out/my_model
+    python train_tinyllm.py --config config/shakespeare_char.json --max_steps 500
+    python train_tinyllm.py --generate_only --out_dir out/my_model --prompt "Once upon a time"
+    python train_tinyllm.py --help                            # every option, grouped, with defaults
+
+The file reads top to bottom: config -> runtime helpers -> tokenizers -> data -> model ->
+sampling -> training parts -> train() -> main(). Importing it does nothing; main() runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Config: one dataclass is the single source of truth for flags, JSON keys, defaults and help
+# ----------------------------------------------------------------------------------------------
+
+GROUPS = ("data and I/O", "model", "training", "generation")
+
+
+def opt(default: Any, help: str, group: str, choices: tuple[str, ...] | None = None,
+        arch: bool = False) -> Any:
+    """A config field; `arch` marks fields that a checkpoint's weights depend on."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices,
+                                            "arch": arch})
+
+
+@dataclass
+class Config:
+    # data and I/O
+    data_path: str = opt("", "UTF-8 text file to train on. Empty: data/tiny_corpus.txt if it exists, "
+                             "else a sample corpus that ships with Python (pydoc_data).", "data and I/O")
+    out_dir: str = opt("out/tinyllm", "Run directory: checkpoints, tokenizer, configs, metrics.",
+                       "data and I/O")
+    cache_dir: str = opt("data/cache", "Where tokenizers and token files are cached, keyed by corpus "
+                                       "and tokenizer, so a second run skips the work.", "data and I/O")
+    resume: bool = opt(False, "Continue training from out_dir/ckpt.pt (model, optimizer, step, RNG).",
+                       "data and I/O")
+    memmap_dataset: bool = opt(False, "Read token files through numpy.memmap instead of loading "
+                                      "them into RAM.", "data and I/O")
+    tokenizer: str = opt("char", "char: one token per character of the corpus; bpe: byte-level BPE "
+                                 "trained on the corpus.", "data and I/O", ("char", "bpe"), arch=True)
+    bpe_vocab_size: int = opt(2048, "Vocabulary size of the trained BPE tokenizer.", "data and I/O",
+                              arch=True)
+    tokenizer_path: str = opt("", "Use this tokenizer.json (any HuggingFace tokenizer file) instead "
+                                  "of training one.", "data and I/O")
+    val_fraction: float = opt(0.1, "Fraction of the corpus (its tail) held out for validation.",
+                              "data and I/O")
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu; or name one (cpu, cuda, cuda:1, "
+                              "mps).", "data and I/O")
+    # model
+    arch: str = opt("llama", "Preset of model fields; explicit flags override it. gpt2: layernorm, "
+                             "gelu, learned positions, bias, tied. llama: rmsnorm, swiglu, rope, "
+                             "no bias, tied.", "model", ("gpt2", "llama"))
+    n_layer: int = opt(4, "Transformer blocks.", "model", arch=True)
+    n_head: int = opt(4, "Query heads per attention layer.", "model", arch=True)
+    n_kv_head: int = opt(0, "Key/value heads (grouped-query attention): 0 = n_head (MHA), 1 = MQA. "
+                            "Must divide n_head.", "model", arch=True)
+    n_embd: int = opt(128, "Model width; must be divisible by n_head.", "model", arch=True)
+    block_size: int = opt(128, "Context length in tokens.", "model", arch=True)
+    dropout: float = opt(0.0, "Dropout on attention, residual and embedding outputs, in [0, 1).",
+                         "model")
+    bias: bool = opt(False, "Biases in linear layers and layer norms.", "model", arch=True)
+    norm: str = opt("rmsnorm", "Normalization layer.", "model", ("layernorm", "rmsnorm"), arch=True)
+    norm_eps: float = opt(1e-5, "Epsilon of the normalization layers.", "model", arch=True)
+    mlp: str = opt("swiglu", "Feed-forward block.", "model", ("gelu", "swiglu"), arch=True)
+    mlp_hidden: int = opt(0, "Feed-forward hidden size; 0 = 4*n_embd for gelu, about 8/3*n_embd "
+                             "(rounded up to a multiple of 32) for swiglu.", "model", arch=True)
+    pos_encoding: str = opt("rope", "Position encoding: learned absolute embeddings or rotary.",
+                            "model", ("learned", "rope"), arch=True)
+    rope_theta: float = opt(10000.0, "Base of the rotary frequencies.", "model", arch=True)
+    qk_norm: bool = opt(False, "Normalize queries and keys per head before attention.", "model",
+                        arch=True)
+    sliding_window: int = opt(0, "Each token attends to at most this many tokens, itself included; "
+                                 "0 = full causal attention.", "model", arch=True)
+    parallel_block: bool = opt(False, "Attention and MLP read the same normalized input and are "
+                                      "added together (GPT-J style).", "model", arch=True)
+    tie_weights: bool = opt(True, "Share the token embedding with the output head.", "model",
+                            arch=True)
+    # training
+    max_steps: int = opt(600, "Optimizer steps to train for.", "training")
+    batch_size: int = opt(32, "Sequences per micro-batch.", "training")
+    grad_accum_steps: int = opt(1, "Micro-batches per optimizer step.", "training")
+    learning_rate: float = opt(2e-3, "Peak learning rate (AdamW).", "training")
+    min_lr: float = opt(2e-4, "Learning rate at the end of the cosine decay.", "training")
+    warmup_steps: int = opt(50, "Linear warmup steps from 0 to learning_rate.", "training")
+    weight_decay: float = opt(0.1, "AdamW weight decay, applied to 2-D weights only.", "training")
+    beta1: float = opt(0.9, "AdamW beta1.", "training")
+    beta2: float = opt(0.99, "AdamW beta2.", "training")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this; 0 = off.", "training")
+    eval_interval: int = opt(200, "Evaluate, checkpoint and maybe save ckpt_best.pt every this many "
+                                  "steps (and at the end).", "training")
+    eval_iters: int = opt(20, "Batches per split for each evaluation.", "training")
+    log_interval: int = opt(50, "Print the training loss every this many steps.", "training")
+    sample_interval: int = opt(200, "Print a short sample every this many steps; 0 = only at the "
+                                    "end.", "training")
+    seed: int = opt(1337, "Seed for weights, batches, dropout and sampling.", "training")
+    # generation
+    generate_only: bool = opt(False, "Load a checkpoint from out_dir and generate; no training.",
+                              "generation")
+    ckpt: str = opt("", "Checkpoint for --generate_only (default: out_dir/ckpt_best.pt, else "
+                        "out_dir/ckpt.pt).", "generation")
+    prompt: str = opt("", "Text to continue; empty starts from an end-of-text or newline token.",
+                      "generation")
+    max_new_tokens: int = opt(300, "Tokens to generate per sample.", "generation")
+    temperature: float = opt(0.8, "Softmax temperature; 0 = greedy.", "generation")
+    top_k: int = opt(0, "Sample only from the k most likely tokens; 0 = off.", "generation")
+    top_p: float = opt(1.0, "Nucleus sampling: the smallest set of tokens whose probability reaches "
+                            "top_p, in (0, 1]; 1 = off.", "generation")
+    repetition_penalty: float = opt(1.0, "Penalize tokens already in the context (CTRL rule: divide "
+                                         "positive logits, multiply negative ones); 1 = off.",
+                                    "generation")
+    num_samples: int = opt(1, "Samples to generate.", "generation")
+    kv_cache: bool = opt(True, "Use the key/value cache while generating (same tokens, faster).",
+                         "generation")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": {"norm": "layernorm", "mlp": "gelu", "pos_encoding": "learned", "bias": True,
+             "tie_weights": True},
+    "llama": {"norm": "rmsnorm", "mlp": "swiglu", "pos_encoding": "rope", "bias": False,
+              "tie_weights": True},
+}
+# Keys that say what to do in this invocation; they never carry over from a checkpoint's config.
+RUN_KEYS = ("resume", "generate_only", "ckpt")
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+ARCH_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["arch"])
+
+
+class TinyLLMError(Exception):
+    """A problem with the user's input: main() prints its one-line message and exits with 2."""
+
+
+def field_type(name: str) -> type:
+    return {"bool": bool, "int": int, "float": float, "str": str}[FIELDS[name].type]
+
+
+def check_value(name: str, value: Any, where: str) -> Any:
+    """Type- and choice-check one setting from a JSON file; ints are accepted for floats."""
+    want = field_type(name)
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        example = {bool: "true or false", int: "a whole number like 4", float: "a number like 0.001",
+                   str: 'a string in "quotes"'}[want]
+        raise TinyLLMError(f"{where}: key '{name}' must be {want.__name__}, got {json.dumps(value)}; "
+                           f"write it as {example}")
+    choices = FIELDS[name].metadata["choices"]
+    if choices and value not in choices:
+        raise TinyLLMError(f"{where}: key '{name}' must be one of {', '.join(choices)}, got "
+                           f"{json.dumps(value)}")
+    return value
+
+
+def load_json_config(path: str) -> dict[str, Any]:
+    """Read a JSON config file into checked settings; unknown keys and bad types are refused."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TinyLLMError(f"--config {path} does not exist; give the path of a JSON file "
+                           f"(see config/ for examples)") from None
+    except json.JSONDecodeError as e:
+        raise TinyLLMError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}; "
+                           f"fix the syntax") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinyLLMError(f"--config {path} cannot be read ({e}); give a readable UTF-8 JSON "
+                           f"file") from None
+    if not isinstance(raw, dict):
+        raise TinyLLMError(f"{path}: the top level must be a JSON object of option names and values")
+    for key in raw:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "see --help for the option names"
+            raise TinyLLMError(f"{path}: unknown key '{key}'; {hint}")
+    return {k: check_value(k, v, path) for k, v in raw.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse flags straight from the Config fields; defaults are SUPPRESSed so that only
+    the flags a user actually typed come back (they override the JSON file)."""
+    p = argparse.ArgumentParser(
+        prog="train_tinyllm.py", description="Train, checkpoint and sample a small GPT/Llama model.",
+        epilog="Precedence: defaults < --arch preset < --config file < command-line flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
+    groups["data and I/O"].add_argument(
+        "--config", default=argparse.SUPPRESS, metavar="PATH",
+        help="JSON file of option values; command-line flags override it.")
+    for name, f in FIELDS.items():
+        kind, text = field_type(name), f"{f.metadata['help']} (default: {f.default!r})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=kind, choices=f.metadata["choices"], metavar=None if
+                          f.metadata["choices"] else kind.__name__.upper())
+        groups[f.metadata["group"]].add_argument(f"--{name}", **kwargs)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> dict[str, Any]:
+    """The settings the user gave: the --config file's, overridden by command-line flags."""
+    flags = vars(build_parser().parse_args(argv))
+    from_file = load_json_config(flags.pop("config")) if "config" in flags else {}
+    return {**from_file, **flags}
+
+
+def build_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> Config:
+    """Defaults < base (a checkpoint's config) < the explicit --arch preset < explicit settings."""
+    base = {k: v for k, v in (base or {}).items() if k in FIELDS and k not in RUN_KEYS}
+    preset = PRESETS[explicit["arch"]] if "arch" in explicit else {}
+    cfg = Config(**{**base, **preset, **explicit})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible settings before any work, naming the option and the fix."""
+    kv = cfg.n_kv_head or cfg.n_head
+    checks = [
+        (cfg.n_layer < 1, "--n_layer must be at least 1"),
+        (cfg.n_head < 1, "--n_head must be at least 1"),
+        (cfg.n_embd < 1, "--n_embd must be at least 1"),
+        (cfg.n_kv_head < 0, "--n_kv_head must be 0 (= n_head) or a positive divisor of n_head"),
+        (cfg.n_embd % cfg.n_head != 0,
+         f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}; pick n_embd as a "
+         f"multiple of n_head"),
+        (cfg.n_kv_head > 0 and cfg.n_head % kv != 0,
+         f"--n_head {cfg.n_head} is not divisible by --n_kv_head {cfg.n_kv_head}; use a divisor of "
+         f"n_head (1 = MQA, n_head = MHA)"),
+        (cfg.pos_encoding == "rope" and (cfg.n_embd // max(cfg.n_head, 1)) % 2 != 0,
+         f"rope needs an even head size, but n_embd/n_head = {cfg.n_embd}/{cfg.n_head} is odd; "
+         f"change --n_embd or --n_head, or use --pos_encoding learned"),
+        (cfg.block_size < 1, "--block_size must be at least 1"),
+        (not 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
+        (cfg.norm_eps <= 0, "--norm_eps must be positive"),
+        (cfg.mlp_hidden < 0, "--mlp_hidden must be 0 (automatic) or positive"),
+        (cfg.rope_theta <= 0, "--rope_theta must be positive"),
+        (cfg.sliding_window < 0, "--sliding_window must be 0 (off) or a positive window"),
+        (cfg.bpe_vocab_size < 258 or cfg.bpe_vocab_size > 2**32,
+         "--bpe_vocab_size must be at least 258 (256 bytes, the end-of-text token and one merge)"),
+        (not 0 < cfg.val_fraction < 1, f"--val_fraction must be in (0, 1), got {cfg.val_fraction}"),
+        (cfg.max_steps < 1, "--max_steps must be at least 1"),
+        (cfg.batch_size < 1, f"--batch_size must be at least 1, got {cfg.batch_size}"),
+        (cfg.grad_accum_steps < 1, "--grad_accum_steps must be at least 1"),
+        (cfg.learning_rate <= 0, f"--learning_rate must be positive, got {cfg.learning_rate}"),
+        (not 0 <= cfg.min_lr <= cfg.learning_rate,
+         f"--min_lr must be in [0, learning_rate={cfg.learning_rate}], got {cfg.min_lr}"),
+        (cfg.warmup_steps < 0, "--warmup_steps must be 0 or more"),
+        (cfg.weight_decay < 0, "--weight_decay must be 0 or more"),
+        (not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1), "--beta1 and --beta2 must be in [0, 1)"),
+        (cfg.grad_clip < 0, "--grad_clip must be 0 (off) or positive"),
+        (cfg.eval_interval < 1, "--eval_interval must be at least 1"),
+        (cfg.eval_iters < 1, "--eval_iters must be at least 1"),
+        (cfg.log_interval < 1, "--log_interval must be at least 1"),
+        (cfg.sample_interval < 0, "--sample_interval must be 0 (only at the end) or positive"),
+        (cfg.max_new_tokens < 0, f"--max_new_tokens must be 0 or more, got {cfg.max_new_tokens}"),
+        (cfg.temperature < 0, f"--temperature must be 0 (greedy) or more, got {cfg.temperature}"),
+        (cfg.top_k < 0, "--top_k must be 0 (off) or positive"),
+        (not 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}"),
+        (cfg.repetition_penalty <= 0, "--repetition_penalty must be positive (1 = off)"),
+        (cfg.num_samples < 1, "--num_samples must be at least 1"),
+        (not is_valid_device(cfg.device),
+         f"--device {cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise TinyLLMError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime helpers: device, seeding, printing, atomic files
+# ----------------------------------------------------------------------------------------------
+
+def is_valid_device(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda", "mps"):
+        return True
+    return name.startswith("cuda:") and name[5:].isdigit()
+
+
+def pick_device(name: str) -> torch.device:
+    """Resolve --device; auto prefers cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TinyLLMError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TinyLLMError("--device mps: MPS is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on the main process only, flushed so that logs stream through pipes."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global RNG state as plain data that torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder and rename it into place, so that a
+    crash or a full disk never leaves a half-written file where the old one was."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def sha256_hex(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode("utf-8") if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers: char-level and byte-level BPE, both as HuggingFace `tokenizers` objects
+# ----------------------------------------------------------------------------------------------
+
+EOT = "<|endoftext|>"
+
+
+class TextTokenizer:
+    """A HuggingFace tokenizer plus what training and sampling need to know about it."""
+
+    def __init__(self, hf: Any):
+        self.hf = hf
+        self.kind = "char" if json.loads(hf.to_str())["model"]["type"] == "WordLevel" else "other"
+        self.vocab = hf.get_vocab(with_added_tokens=True)
+        self.eot_id = hf.token_to_id(EOT)
+
+    @classmethod
+    def from_str(cls, text: str) -> TextTokenizer:
+        from tokenizers import Tokenizer
+        return cls(Tokenizer.from_str(text))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def to_str(self) -> str:
+        return self.hf.to_str()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """Characters a char-level vocabulary cannot encode (none for byte-level BPE)."""
+        return sorted(set(text) - self.vocab.keys()) if self.kind == "char" else []
+
+    def start_ids(self) -> list[int]:
+        """What an empty prompt starts from: end-of-text, else a newline, else token 0."""
+        if self.eot_id is not None:
+            return [self.eot_id]
+        return [self.vocab["\n"]] if "\n" in self.vocab else [0]
+
+
+def train_char_tokenizer(text: str) -> TextTokenizer:
+    """One token per distinct character, as a WordLevel model over single-character pieces."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {ch: i for i, ch in enumerate(sorted(set(text)))}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    hf.decoder = decoders.Fuse()
+    return TextTokenizer(hf)
+
+
+def train_bpe_tokenizer(chunks: Iterator[str], vocab_size: int) -> TextTokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenization), with <|endoftext|> as a special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=sys.stderr.isatty())
+    hf.train_from_iterator(chunks, trainer=trainer)
+    return TextTokenizer(hf)
+
+
+def load_tokenizer_file(path: str) -> TextTokenizer:
+    try:
+        return TextTokenizer.from_str(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TinyLLMError(f"--tokenizer_path {path} does not exist; give a tokenizer.json file or "
+                           f"leave it empty to train one") from None
+    except Exception as e:  # tokenizers raises plain Exception for malformed files
+        raise TinyLLMError(f"--tokenizer_path {path} is not a HuggingFace tokenizer.json ({e}); "
+                           f"give a tokenizer.json file or leave it empty to train one") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the corpus, its token files (cached) and random training windows
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_CORPUS = "data/tiny_corpus.txt"
+
+
+@dataclass
+class Corpus:
+    text: str
+    name: str
+    fingerprint: str
+
+
+def builtin_corpus() -> Corpus:
+    """Python's own documentation topics (stdlib pydoc_data): ~0.46 MB of English prose and code
+    that every Python install has, so the default run never needs the network."""
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
+    return Corpus(text, "pydoc_data (Python's built-in documentation topics)", sha256_hex(text))
+
+
+def read_text_file(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise TinyLLMError(f"--data_path {path} does not exist; point --data_path at a UTF-8 text "
+                           f"file")
+    if p.is_dir():
+        raise TinyLLMError(f"--data_path {path} is a directory; point --data_path at a UTF-8 text "
+                           f"file")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise TinyLLMError(f"--data_path {path} cannot be read ({e.strerror}); check its "
+                           f"permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TinyLLMError(f"--data_path {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                           f"offset {e.start}); convert it to UTF-8 or pick a text file") from None
+    if not text.strip():
+        raise TinyLLMError(f"--data_path {path} is empty; give it some text to train on")
+    return text
+
+
+def load_corpus(cfg: Config) -> Corpus:
+    path = cfg.data_path or (DEFAULT_CORPUS if Path(DEFAULT_CORPUS).exists() else "")
+    if not path:
+        corpus = builtin_corpus()
+        print0(f"data: no --data_path and no {DEFAULT_CORPUS}: training on {corpus.name}, "
+               f"{len(corpus.text) / 1e6:.2f} MB; pass --data_path your.txt to train on your own text")
+        return corpus
+    text = read_text_file(path)
+    print0(f"data: {path}, {len(text) / 1e6:.2f} MB")
+    return Corpus(text, path, sha256_hex(text))
+
+
+def text_chunks(text: str, size: int = 1 << 16) -> list[str]:
+    """Cut text into pieces of about `size` characters, only after a newline that sits between
+    two non-space characters, so that byte-level pre-tokenization of the pieces equals that of
+    the whole text."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        while end < len(text) and not (text[end - 1] == "\n" and not text[end].isspace()
+                                       and end >= 2 and not text[end - 2].isspace()):
+            end += 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
+    """Load --tokenizer_path, or train the configured tokenizer on the corpus (cached)."""
+    if cfg.tokenizer_path:
+        return load_tokenizer_file(cfg.tokenizer_path)
+    spec = f"{cfg.tokenizer}:{cfg.bpe_vocab_size if cfg.tokenizer == 'bpe' else ''}"
+    cached = Path(cfg.cache_dir) / f"tokenizer-{sha256_hex(corpus.fingerprint, spec)[:20]}.json"
+    if cached.exists():
+        print0(f"tokenizer: reusing {cached}")
+        return TextTokenizer.from_str(cached.read_text(encoding="utf-8"))
+    t0 = time.time()
+    if cfg.tokenizer == "char":
+        tok = train_char_tokenizer(corpus.text)
+    else:
+        tok = train_bpe_tokenizer(iter(text_chunks(corpus.text)), cfg.bpe_vocab_size)
+    print0(f"tokenizer: trained {cfg.tokenizer}, {tok.vocab_size} tokens, in {time.time() - t0:.1f}s")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cached, tok.to_str())
+    return tok
+
+
+@dataclass
+class TokenSplit:
+    """One split's token file; in RAM, or opened as a fresh memmap per batch (a long-lived
+    memmap that is fancy-indexed lets resident memory grow)."""
+    path: Path
+    dtype: np.dtype
+    memmap: bool
+    array: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not self.memmap:
+            self.array = np.fromfile(self.path, dtype=self.dtype)
+
+    def tokens(self) -> np.ndarray:
+        return self.array if self.array is not None else np.memmap(self.path, self.dtype, mode="r")
+
+    def __len__(self) -> int:
+        return self.path.stat().st_size // np.dtype(self.dtype).itemsize
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def encode_corpus(corpus: Corpus, tok: TextTokenizer) -> np.ndarray:
+    """Tokenize the corpus in newline-aligned pieces with the tokenizer's parallel batch encoder."""
+    t0, dtype = time.time(), token_dtype(tok.vocab_size)
+    pieces = text_chunks(corpus.text)
+    arrays = []
+    for i in range(0, len(pieces), 64):
+        arrays += [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(pieces[i:i + 64])]
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+    seconds = time.time() - t0
+    print0(f"data: encoded {len(corpus.text) / 1e6:.2f} MB into {len(tokens):,} tokens in "
+           f"{seconds:.1f}s ({len(corpus.text) / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
+    return tokens
+
+
+def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, TokenSplit]:
+    """Train/val token files for this corpus and tokenizer, made once and then reused."""
+    key = sha256_hex(corpus.fingerprint, tok.to_str(), repr(cfg.val_fraction))[:20]
+    folder = Path(cfg.cache_dir) / f"tokens-{key}"
+    dtype = token_dtype(tok.vocab_size)
+    if (folder / "meta.json").exists():
+        print0(f"data: reusing token files in {folder}")
+    else:
+        tokens = encode_corpus(corpus, tok)
+        n_val = max(1, int(len(tokens) * cfg.val_fraction))
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, part in (("train", tokens[:-n_val]), ("val", tokens[-n_val:])):
+            atomic_write(folder / f"{name}.bin", lambda p, part=part: part.tofile(p))
+        meta = {"corpus": corpus.name, "tokens": len(tokens), "dtype": dtype.name}
+        write_text_atomic(folder / "meta.json", json.dumps(meta))  # written last: marks complete
+    splits = {name: TokenSplit(folder / f"{name}.bin", dtype, cfg.memmap_dataset)
+              for name in ("train", "val")}
+    for name, split in splits.items():
+        if len(split) < cfg.block_size + 1:
+            raise TinyLLMError(
+                f"the {name} split has {len(split)} tokens but needs at least block_size + 1 = "
+                f"{cfg.block_size + 1}; use a larger corpus, a smaller --block_size or a different "
+                f"--val_fraction")
+    print0(f"data: {len(splits['train']):,} train and {len(splits['val']):,} val tokens")
+    return splits
+
+
+def get_batch(split: TokenSplit, batch_size: int, block_size: int, generator: torch.Generator,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of block_size + 1 tokens: inputs, and targets shifted by one."""
+    starts = torch.randint(len(split) - block_size, (batch_size,), generator=generator).tolist()
+    data = split.tokens()
+    rows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64))
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: one GPT class; norms, MLPs and position encodings come from small registries
+# ----------------------------------------------------------------------------------------------
+
+NORMS: dict[str, Callable[[int, Config], nn.Module]] = {
+    "layernorm": lambda dim, cfg: nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias),
+    "rmsnorm": lambda dim, cfg: nn.RMSNorm(dim, eps=cfg.norm_eps),
+}
+
+
+def mlp_hidden_size(cfg: Config) -> int:
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.mlp == "gelu":
+        return 4 * cfg.n_embd
+    return 32 * math.ceil(8 * cfg.n_embd / 3 / 32)  # same parameters as a 4x gelu MLP, rounded
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, mlp_hidden_size(cfg), bias=cfg.bias)
+        self.out_proj = nn.Linear(mlp_hidden_size(cfg), cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.gelu(self.fc(x)))
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        hidden = mlp_hidden_size(cfg)
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.out_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.silu(self.gate(x)) * self.up(x))
+
+
+MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "swiglu": SwiGLUMLP}
+
+
+class LearnedPositions(nn.Module):
+    """Absolute position embeddings added to the token embeddings (GPT-2)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+
+    def embed(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        pos = torch.arange(start, start + x.size(1), device=x.device)
+        return x + self.wpe(pos)
+
+    def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        return x
+
+
+class RotaryPositions(nn.Module):
+    """Rotary embeddings in the rotate-half layout (the two halves of each head pair up), the
+    layout HuggingFace Llama uses, so exported q/k weights need no permutation."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        head_dim = cfg.n_embd // cfg.n_head
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(cfg.block_size).float(), inv_freq)  # (T, D/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def embed(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        return x
+
+    def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: (B, T, H, D); positions start..start+T-1 (start is the KV-cache position)."""
+        T, half = x.size(1), x.size(-1) // 2
+        cos = self.cos[start:start + T].view(1, T, 1, half)
+        sin = self.sin[start:start + T].view(1, T, 1, half)
+        x1, x2 = x.float()[..., :half], x.float()[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+POSITIONS: dict[str, type[nn.Module]] = {"learned": LearnedPositions, "rope": RotaryPositions}
+
+
+def attention_mask(start: int, T: int, window: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean (T, start+T) mask, True = may attend, for T queries at positions start.. against
+    every key so far. None when plain causal attention (is_causal, or one query) is exact."""
+    if window == 0 and (start == 0 or T == 1):
+        return None
+    q = torch.arange(start, start + T, device=device).unsqueeze(1)
+    k = torch.arange(start + T, device=device).unsqueeze(0)
+    allowed = k <= q
+    if window:
+        allowed &= k > q - window  # the window counts the current token
+    return allowed
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for the n_kv_head heads, and the position
+    where the next tokens go."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (n_layer, batch, n_kv_head, length, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(3)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H_kv, T, D) at the current position; return all keys and values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head, grouped-query and multi-query attention in one path: query head h reads
+    key/value head h // (n_head / n_kv_head)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
+                             bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = NORMS[cfg.norm](self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
+        self.k_norm = NORMS[cfg.norm](self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, positions: nn.Module, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        start = cache.pos if cache is not None else 0
+        q = positions.rotate(self.q_norm(q.view(B, T, H, D)), start)
+        k = positions.rotate(self.k_norm(k.view(B, T, H_kv, D)), start)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H_kv, start+T, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != H_kv)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.norm_1 = NORMS[cfg.norm](cfg.n_embd, cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm_2 = nn.Identity() if cfg.parallel_block else NORMS[cfg.norm](cfg.n_embd, cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
+
+    def forward(self, x: torch.Tensor, positions: nn.Module, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        h = self.norm_1(x)
+        x = x + self.attn(h, positions, mask, cache, layer)
+        # A parallel block feeds the MLP the same normalized input as attention.
+        return x + self.mlp(h if self.parallel else self.norm_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)
+        self.positions = POSITIONS[cfg.pos_encoding](cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = NORMS[cfg.norm](cfg.n_embd, cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("out_proj.weight"):  # residual projections: keep the stream's variance
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        attn = self.blocks[0].attn
+        return KVCache(self.cfg.n_layer, batch, attn.n_kv_head, self.cfg.block_size, attn.head_dim,
+                       device, dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T or 1, V) and the mean cross-entropy vs targets."""
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        x = self.drop(self.positions.embed(self.wte(idx), start))  # (B, T, C)
+        mask = attention_mask(start, T, self.cfg.sliding_window, idx.device)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, self.positions, mask, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:] if last_only else x), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleSettings:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    kv_cache: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Config, max_new_tokens: int | None = None) -> SampleSettings:
+        return cls(cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                   cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, cfg.kv_cache)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL rule for tokens already seen: positive logits are divided, negative ones multiplied,
+    so that both become less likely (dividing a negative logit would raise it)."""
+    seen = logits.gather(1, history)
+    return logits.scatter(1, history, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    kth = torch.topk(logits, min(k, logits.size(-1))).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs >= p  # mass before this token already reaches p
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def choose_next(logits: torch.Tensor, history: torch.Tensor, s: SampleSettings,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) next tokens."""
+    logits = logits.float()
+    if s.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, history, s.repetition_penalty)
+    if s.temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / s.temperature
+    if s.top_k:
+        logits = top_k_filter(logits, s.top_k)
+    if s.top_p < 1.0:
+        logits = top_p_filter(logits, s.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+def next_logits_uncached(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The test oracle: a full forward pass over the last block_size tokens."""
+    return model(idx[:, -model.cfg.block_size:], last_only=True)[0][:, -1]
+
+
+def next_logits_cached(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed only the token the cache has not seen. An empty cache is prefilled with the last
+    block_size tokens; a full one restarts from the last half block, so that positions stay
+    inside what the model was trained on, for learned and rotary positions alike."""
+    if cache.pos == 0 or cache.pos == cache.capacity:
+        keep = cache.capacity if cache.pos == 0 else cache.capacity // 2
+        cache.pos = 0
+        return model(idx[:, -keep:], cache=cache, last_only=True)[0][:, -1]
+    return model(idx[:, -1:], cache=cache, last_only=True)[0][:, -1]
+
+
+@torch.no_grad()
+def generate(model: GPT, idx: torch.Tensor, s: SampleSettings, generator: torch.Generator | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Continue idx (B, T) by s.max_new_tokens tokens; on_token sees each new (B, 1) column."""
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(idx.size(0), idx.device, model.wte.weight.dtype) if s.kv_cache else None
+    for _ in range(s.max_new_tokens):
+        logits = next_logits_cached(model, idx, cache) if cache else next_logits_uncached(model, idx)
+        nxt = choose_next(logits, idx, s, generator)
+        idx = torch.cat([idx, nxt], dim=1)
+        if on_token is not None:
+            on_token(nxt)
+    model.train(was_training)
+    return idx
+
+
+class TextStreamer:
+    """Prints decoded text as tokens arrive, holding back bytes of an unfinished character."""
+
+    def __init__(self, tok: TextTokenizer, prompt_ids: list[int]):
+        self.tok, self.ids = tok, list(prompt_ids)
+        self.printed = len(tok.decode(self.ids))
+
+    def __call__(self, nxt: torch.Tensor) -> None:
+        self.ids.append(int(nxt[0, 0]))
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[self.printed:])
+            sys.stdout.flush()
+            self.printed = len(text)
+
+
+def encode_prompt(tok: TextTokenizer, prompt: str) -> list[int]:
+    unknown = tok.unknown_chars(prompt)
+    if unknown:
+        shown = " ".join(repr(c) for c in unknown[:10])
+        raise TinyLLMError(f"--prompt has characters outside the char-level vocabulary: {shown}; "
+                           f"remove them (the model never saw them in training)")
+    return tok.encode(prompt) if prompt else tok.start_ids()
+
+
+def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.device,
+                  max_new_tokens: int | None = None, seed: int | None = None) -> None:
+    """Stream cfg.num_samples samples of cfg.prompt to stdout; same seed, same text."""
+    prompt_ids = encode_prompt(tok, cfg.prompt)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed if seed is None else seed)
+    settings = SampleSettings.from_config(cfg, max_new_tokens)
+    for i in range(cfg.num_samples):
+        if is_rank0():
+            print(f"--- sample {i + 1}/{cfg.num_samples} ---\n{cfg.prompt}", end="", flush=True)
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        streamer = TextStreamer(tok, prompt_ids) if is_rank0() else None
+        generate(model, idx, settings, generator, streamer)
+        print0()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training parts: schedule, optimizer, evaluation, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.learning_rate - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: GPT, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; weight decay on 2-D weights only (not on norms and biases)."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, splits: dict[str, TokenSplit], cfg: Config, device: torch.device
+                  ) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split. The same fixed batches every time (its own
+    generator), so evaluations compare like with like and never disturb the training RNG."""
+    model.eval()
+    out = {}
+    for name, split in splits.items():
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters)
+        for i in range(cfg.eval_iters):
+            x, y = get_batch(split, cfg.batch_size, cfg.block_size, gen, device)
+            losses[i] = model(x, y)[1].item()
+        out[name] = losses.mean().item()
+    model.train()
+    return out
+
+
+CKPT_FORMAT = 1
+
+
+def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, step: int,
+                    best_val: float, cfg: Config, tok: TextTokenizer, batch_gen: torch.Generator) -> None:
+    """Everything needed to resume exactly, as plain data that loads with weights_only=True."""
+    state = {"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "step": step, "best_val_loss": best_val, "config": asdict(cfg),
+             "vocab_size": model.vocab_size, "tokenizer": tok.to_str(), "rng": rng_states(),
+             "batch_rng": batch_gen.get_state()}
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with weights_only=True: a checkpoint can never run code while it is read."""
+    if not path.is_file():
+        raise TinyLLMError(f"no checkpoint at {path}; train first (or give --ckpt PATH / the right "
+                           f"--out_dir)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TinyLLMError(f"{path} cannot be loaded as a tinyllm checkpoint ({reason[:200]}); it is "
+                           f"corrupt, truncated or not ours: use another checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise TinyLLMError(f"{path} is not a tinyllm checkpoint (format {CKPT_FORMAT}); use a "
+                           f"checkpoint written by train_tinyllm.py")
+    return ckpt
+
+
+def check_compatible(cfg: Config, ckpt_cfg: dict[str, Any], path: Path) -> None:
+    """Refuse settings that would not fit the checkpoint's weights or tokenizer."""
+    for key in ARCH_KEYS:
+        if key in ckpt_cfg and getattr(cfg, key) != ckpt_cfg[key]:
+            raise TinyLLMError(f"--{key} {getattr(cfg, key)!r} does not match the checkpoint "
+                               f"{path} ({ckpt_cfg[key]!r}); drop the flag, or use a new --out_dir "
+                               f"to train a different model")
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], cfg: Config, device: torch.device) -> GPT:
+    model = GPT(cfg, ckpt["vocab_size"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+def prepare_out_dir(out_dir: str) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TinyLLMError(f"--out_dir {out_dir} is an existing file; pick a directory path")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def append_metrics(out: Path, record: dict[str, Any]) -> None:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# train()
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step, and what a checkpoint restores."""
+    step: int = 0
+    best_val: float = float("inf")
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def setup_run(explicit: dict[str, Any]) -> tuple[Config, dict[str, Any] | None]:
+    """The run's config; with --resume, the checkpoint's config overridden by explicit settings."""
+    cfg = build_config(explicit)
+    if not cfg.resume:
+        return cfg, None
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if not path.is_file():
+        raise TinyLLMError(f"--resume: no checkpoint at {path}; train without --resume first, or "
+                           f"point --out_dir at the run to continue")
+    ckpt = load_checkpoint(path)
+    cfg = build_config(explicit, base=ckpt["config"])
+    check_compatible(cfg, ckpt["config"], path)
+    return cfg, ckpt
+
+
+def log_step(out: Path, state: RunState, cfg: Config, loss: float, lr: float, dt: float,
+             tokens: int) -> None:
+    record = {"step": state.step, "loss": loss, "lr": lr, "tokens_per_s": tokens / dt}
+    state.history.append(record)
+    append_metrics(out, record)
+    print0(f"step {state.step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+           f"{1000 * dt / cfg.log_interval:.1f} ms/step | {tokens / dt:,.0f} tok/s")
+
+
+def evaluate_and_save(out: Path, state: RunState, model: GPT, optimizer: torch.optim.Optimizer,
+                      cfg: Config, tok: TextTokenizer, splits: dict[str, TokenSplit],
+                      batch_gen: torch.Generator, device: torch.device) -> None:
+    losses = estimate_loss(model, splits, cfg, device)
+    is_best = losses["val"] < state.best_val
+    state.best_val = min(state.best_val, losses["val"])
+    record = {"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"]}
+    state.history.append(record)
+    append_metrics(out, record)
+    save_checkpoint(out / "ckpt.pt", model, optimizer, state.step, state.best_val, cfg, tok, batch_gen)
+    if is_best:
+        atomic_write(out / "ckpt_best.pt", lambda p: shutil.copyfile(out / "ckpt.pt", p))
+    print0(f"eval step {state.step}: train loss {losses['train']:.4f} | val loss {losses['val']:.4f}"
+           f"{' (best, saved ckpt_best.pt)' if is_best else ''}")
+
+
+def train(explicit: dict[str, Any]) -> list[dict[str, Any]]:
+    """Train as configured; returns the log and eval records (also in out_dir/metrics.jsonl)."""
+    cfg, ckpt = setup_run(explicit)
+    device = pick_device(cfg.device)
+    out = prepare_out_dir(cfg.out_dir)
+    corpus = load_corpus(cfg)
+    tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
+    splits = prepare_data(cfg, corpus, tok)
+    write_text_atomic(out / "tokenizer.json", tok.to_str())
+    write_text_atomic(out / "effective_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+
+    seed_everything(cfg.seed)
+    model = GPT(cfg, tok.vocab_size).to(device)
+    optimizer = make_optimizer(model, cfg)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    state = RunState()
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state.step, state.best_val = ckpt["step"], ckpt["best_val_loss"]
+        set_rng_states(ckpt["rng"])
+        batch_gen.set_state(ckpt["batch_rng"])
+        print0(f"resume: continuing {out / 'ckpt.pt'} from step {state.step}")
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
+           f"{cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.norm}/{cfg.mlp}/{cfg.pos_encoding}, "
+           f"device {device}")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
+    print0(f"training: {cfg.max_steps} steps of {tokens_per_step:,} tokens; writing {out}")
+
+    model.train()
+    loss_sum, t_last = torch.zeros((), device=device), time.time()
+    while state.step < cfg.max_steps:
+        lr = lr_at(state.step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(cfg.grad_accum_steps):
+            x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, batch_gen, device)
+            loss = model(x, y)[1] / cfg.grad_accum_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        if state.step % cfg.log_interval == 0:  # the only host sync of a plain step
+            dt, t_last = time.time() - t_last, time.time()
+            log_step(out, state, cfg, loss_sum.item() / cfg.log_interval, lr, dt,
+                     tokens_per_step * cfg.log_interval)
+            loss_sum.zero_()
+        pause = time.time()
+        if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
+            evaluate_and_save(out, state, model, optimizer, cfg, tok, splits, batch_gen, device)
+        if cfg.sample_interval and state.step % cfg.sample_interval == 0 and state.step < cfg.max_steps:
+            print_samples(model, tok, replace_samples(cfg, 1), device, max_new_tokens=120)
+        t_last += time.time() - pause  # eval and sampling time is not training time
+    print0(f"done: best val loss {state.best_val:.4f}; checkpoints in {out}")
+    print_samples(model, tok, cfg, device)
+    return state.history
+
+
+def replace_samples(cfg: Config, num_samples: int) -> Config:
+    return dataclasses.replace(cfg, num_samples=num_samples)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation from a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def find_checkpoint(cfg: Config) -> Path:
+    if cfg.ckpt:
+        return Path(cfg.ckpt)
+    out = Path(cfg.out_dir)
+    best = out / "ckpt_best.pt"
+    return best if best.is_file() else out / "ckpt.pt"
+
+
+def generate_from_checkpoint(explicit: dict[str, Any]) -> None:
+    """--generate_only: the checkpoint's model and tokenizer, this invocation's sampling settings."""
+    cfg = build_config(explicit)
+    path = find_checkpoint(cfg)
+    ckpt = load_checkpoint(path)
+    cfg = build_config(explicit, base=ckpt["config"])
+    check_compatible(cfg, ckpt["config"], path)
+    device = pick_device(cfg.device)
+    tok = TextTokenizer.from_str(ckpt["tokenizer"])
+    model = model_from_checkpoint(ckpt, cfg, device).eval()
+    print0(f"loaded {path} (step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters)",
+           file=sys.stderr)
+    print_samples(model, tok, cfg, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# main()
+# ----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        explicit = parse_args(argv)
+        if explicit.get("generate_only"):
+            generate_from_checkpoint(explicit)
+        else:
+            train(explicit)
+    except TinyLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
