@@ -14,6 +14,8 @@ sampling -> training parts -> train() -> main(). Importing it does nothing; main
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -21,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass is the single source of truth for flags, JSON keys, defaults and help
@@ -118,6 +120,46 @@ class Config:
     sample_interval: int = opt(200, "Print a short sample every this many steps; 0 = only at the "
                                     "end.", "training")
     seed: int = opt(1337, "Seed for weights, batches, dropout and sampling.", "training")
+    optimizer: str = opt("adamw", "adamw (fused/foreach torch AdamW); adamw8bit (bitsandbytes, CPU or "
+                                  "CUDA); lion (sign of interpolated momentum; use a learning rate "
+                                  "3-10x smaller and weight decay 3-10x larger than AdamW's); muon "
+                                  "(torch Muon for 2-D hidden weights, AdamW for the rest).",
+                         "training", ("adamw", "adamw8bit", "lion", "muon"))
+    lr_schedule: str = opt("cosine", "After linear warmup: cosine decay to min_lr; wsd (warmup-stable-"
+                                     "decay): constant, then linear decay to min_lr over the last "
+                                     "decay_fraction; constant.", "training", ("cosine", "wsd", "constant"))
+    decay_fraction: float = opt(0.2, "Share of the run that the wsd schedule spends decaying.",
+                                "training")
+    time_budget_s: float = opt(0.0, "Stop training after this many seconds (then final eval, "
+                                    "checkpoint, sample); the schedule is laid out over the budget so "
+                                    "the run ends fully decayed. 0 = off (max_steps still caps).",
+                               "training")
+    stop_at_step: int = opt(0, "End this invocation after this step with a checkpoint, keeping the "
+                               "schedule laid out for max_steps; --resume continues (for job time "
+                               "limits). 0 = off.", "training")
+    label_smoothing: float = opt(0.0, "Label smoothing of the training loss (val loss is always plain "
+                                      "cross-entropy).", "training")
+    z_loss: float = opt(0.0, "Coefficient of log(Z)^2 added to the training loss; 0 = off.", "training")
+    amp: bool = opt(True, "Mixed precision autocast in the dtype chosen by --dtype.", "training")
+    dtype: str = opt("auto", "auto: bfloat16 where the device has it natively (CUDA sm80+, CPUs with "
+                             "AVX512-BF16/AMX), float16 with a GradScaler on older GPUs, else float32.",
+                     "training", ("auto", "bfloat16", "float16", "float32"))
+    compile: bool = opt(False, "torch.compile the training model (inductor; CPU and CUDA).", "training")
+    ddp: bool = opt(False, "Run distributed; implied when launched by torchrun (RANK is set).",
+                    "training")
+    ema: bool = opt(False, "Keep an fp32 exponential moving average of the weights; evaluated beside "
+                           "the live weights and used for sampling and ckpt_best.pt when better.",
+                    "training")
+    ema_decay: float = opt(0.999, "EMA decay per optimizer step (warmed up as (1+t)/(10+t)).",
+                           "training")
+    curriculum: bool = opt(False, "Grow the context from curriculum_start_block_size to block_size in "
+                                  "power-of-two stages, keeping tokens per step about constant.",
+                           "training")
+    curriculum_start_block_size: int = opt(32, "First context length of the curriculum.", "training")
+    curriculum_steps: int = opt(0, "Steps until the full block_size; 0 = a third of max_steps.",
+                                "training")
+    grad_checkpointing: bool = opt(False, "Recompute block activations in backward: same loss, less "
+                                          "memory, about a third more compute.", "training")
     # generation
     generate_only: bool = opt(False, "Load a checkpoint from out_dir and generate; no training.",
                               "generation")
@@ -284,6 +326,15 @@ def validate(cfg: Config) -> None:
         (not 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}"),
         (cfg.repetition_penalty <= 0, "--repetition_penalty must be positive (1 = off)"),
         (cfg.num_samples < 1, "--num_samples must be at least 1"),
+        (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must be in (0, 1]"),
+        (cfg.time_budget_s < 0, "--time_budget_s must be 0 (off) or positive"),
+        (cfg.stop_at_step < 0, "--stop_at_step must be 0 (off) or positive"),
+        (not 0 <= cfg.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
+        (cfg.z_loss < 0, "--z_loss must be 0 (off) or positive"),
+        (not 0 < cfg.ema_decay < 1, "--ema_decay must be in (0, 1)"),
+        (cfg.curriculum and not 1 <= cfg.curriculum_start_block_size < cfg.block_size,
+         f"--curriculum_start_block_size must be in [1, block_size={cfg.block_size})"),
+        (cfg.curriculum_steps < 0, "--curriculum_steps must be 0 (a third of max_steps) or positive"),
         (not is_valid_device(cfg.device),
          f"--device {cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"),
     ]
@@ -302,11 +353,12 @@ def is_valid_device(name: str) -> bool:
     return name.startswith("cuda:") and name[5:].isdigit()
 
 
-def pick_device(name: str) -> torch.device:
-    """Resolve --device; auto prefers cuda, then mps, then cpu."""
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """Resolve --device; auto prefers cuda, then mps, then cpu. Under torchrun each process
+    takes the GPU of its local rank."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -314,6 +366,63 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise TinyLLMError("--device mps: MPS is not available here; use --device cpu or auto")
     return torch.device(name)
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":  # AVX512-BF16 or AMX tiles; elsewhere bf16 is emulated and slow
+        return any(getattr(torch.cpu, f, lambda: False)() for f in
+                   ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def pick_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The autocast dtype: --dtype, or for auto the fastest exact-enough one the device has."""
+    if not cfg.amp or cfg.dtype == "float32":
+        return torch.float32
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if has_native_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE_PROCESS = Dist()
+
+
+def init_distributed(cfg: Config) -> Dist:
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR...): nccl on CUDA, gloo on CPU; single-node and multi-node alike."""
+    if "RANK" not in os.environ:
+        if cfg.ddp:
+            raise TinyLLMError("--ddp needs torchrun to start the processes: torchrun --standalone "
+                               "--nproc_per_node=N train_tinyllm.py ...")
+        return SINGLE_PROCESS
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), local_rank, dist.get_world_size())
 
 
 def is_rank0() -> bool:
@@ -613,9 +722,12 @@ def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, T
 
 
 def get_batch(split: TokenSplit, batch_size: int, block_size: int, generator: torch.Generator,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of block_size + 1 tokens: inputs, and targets shifted by one."""
-    starts = torch.randint(len(split) - block_size, (batch_size,), generator=generator).tolist()
+              device: torch.device, dist: Dist = SINGLE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of block_size + 1 tokens: inputs, and targets shifted by one. Every rank
+    draws the whole global batch from the same generator and keeps its own slice, so ranks see
+    different data and N ranks see exactly what one process with N times the batch would."""
+    starts = torch.randint(len(split) - block_size, (dist.world_size * batch_size,), generator=generator)
+    starts = starts[dist.rank * batch_size:(dist.rank + 1) * batch_size].tolist()
     data = split.tokens()
     rows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64))
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
@@ -808,6 +920,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
+        self.grad_checkpointing = False  # a runtime choice, not part of the architecture
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("out_proj.weight"):  # residual projections: keep the stream's variance
@@ -829,22 +942,30 @@ class GPT(nn.Module):
                        device, dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False
+                cache: KVCache | None = None, last_only: bool = False,
+                label_smoothing: float = 0.0, z_loss: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T or 1, V) and the mean cross-entropy vs targets."""
+        """idx (B, T) token ids -> logits (B, T or 1, V) and the loss vs targets: plain mean
+        cross-entropy unless label smoothing or z-loss are asked for (training only)."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
         x = self.drop(self.positions.embed(self.wte(idx), start))  # (B, T, C)
         mask = attention_mask(start, T, self.cfg.sliding_window, idx.device)
         for layer, block in enumerate(self.blocks):
-            x = block(x, self.positions, mask, cache, layer)
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, self.positions, mask, cache, layer,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, self.positions, mask, cache, layer)
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        logits = self.lm_head(x).float()  # (B, T, V); the loss in fp32 even under autocast
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=label_smoothing)
+        if z_loss:
+            loss = loss + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
         return logits, loss
 
 
@@ -977,54 +1098,161 @@ def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.dev
 
 
 # ----------------------------------------------------------------------------------------------
-# Training parts: schedule, optimizer, evaluation, checkpoints
+# Training parts: schedules, curriculum, optimizers, EMA, evaluation, checkpoints
 # ----------------------------------------------------------------------------------------------
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+SCHEDULES: dict[str, Callable[[float, float], float]] = {
+    # progress in [0, 1] after warmup, decay_fraction -> share of the way from min_lr to the peak
+    "cosine": lambda p, d: 0.5 * (1 + math.cos(math.pi * p)),
+    "wsd": lambda p, d: 1.0 if p < 1 - d else (1 - p) / d,
+    "constant": lambda p, d: 1.0,
+}
+
+
+def schedule_progress(step: int, elapsed: float, cfg: Config) -> float:
+    """How far through the run we are: by steps, or by time when a budget is set, whichever
+    is further along."""
+    by_steps = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    by_time = elapsed / cfg.time_budget_s if cfg.time_budget_s else 0.0
+    return min(1.0, max(0.0, by_steps, by_time))
+
+
+def lr_at(step: int, cfg: Config, elapsed: float = 0.0) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then the schedule."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.learning_rate - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    share = SCHEDULES[cfg.lr_schedule](schedule_progress(step, elapsed, cfg), cfg.decay_fraction)
+    return cfg.min_lr + (cfg.learning_rate - cfg.min_lr) * share
 
 
-def make_optimizer(model: GPT, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; weight decay on 2-D weights only (not on norms and biases)."""
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+def context_at(step: int, cfg: Config) -> int:
+    """Context length of this step: block_size, or a power-of-two curriculum stage."""
+    if not cfg.curriculum:
+        return cfg.block_size
+    stages, t = [], cfg.curriculum_start_block_size
+    while t < cfg.block_size:
+        stages.append(t)
+        t *= 2
+    span = cfg.curriculum_steps or max(1, cfg.max_steps // 3)
+    return cfg.block_size if step >= span else stages[step * len(stages) // span]
+
+
+def batch_at(context: int, cfg: Config) -> int:
+    """Sequences per micro-batch at this context length: tokens per step stay about constant."""
+    return max(1, cfg.batch_size * cfg.block_size // context)
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023): step by the sign of an interpolation of momentum and gradient,
+    with decoupled weight decay. Wants a 3-10x smaller learning rate than AdamW."""
+
+    def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                momentum = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(torch.sign(momentum * beta1 + p.grad * (1 - beta1)), alpha=-group["lr"])
+                momentum.lerp_(p.grad, 1 - beta2)
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on 2-D weights only: never on norms and biases."""
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def adamw(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    # fused kernels on CUDA; torch's default (foreach) elsewhere
+    fused = True if device.type == "cuda" else None
+    return torch.optim.AdamW(decay_groups(params, cfg.weight_decay), lr=cfg.learning_rate,
+                             betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def adamw8bit(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise TinyLLMError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                           "(or pick --optimizer adamw)") from None
+    return bnb.optim.AdamW8bit(decay_groups(params, cfg.weight_decay), lr=cfg.learning_rate,
+                               betas=(cfg.beta1, cfg.beta2))
+
+
+def lion(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    return Lion(decay_groups(params, cfg.weight_decay), lr=cfg.learning_rate,
+                betas=(cfg.beta1, cfg.beta2))
+
+
+OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], Config, torch.device], torch.optim.Optimizer]] = {
+    "adamw": adamw, "adamw8bit": adamw8bit, "lion": lion}
+
+
+def make_optimizers(model: GPT, cfg: Config, device: torch.device) -> list[torch.optim.Optimizer]:
+    """One optimizer, or for muon two: Muon takes the 2-D weights inside the blocks, AdamW the
+    embeddings, the output head, norms and biases (Muon accepts only matrices)."""
+    if cfg.optimizer != "muon":
+        return [OPTIMIZERS[cfg.optimizer](list(model.parameters()), cfg, device)]
+    hidden = [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2]
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    muon = torch.optim.Muon(hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                            adjust_lr_fn="match_rms_adamw")  # lets one learning rate serve both
+    return [muon, adamw(rest, cfg, device)]
+
+
+class EMA:
+    """An fp32 shadow copy of the model, pulled towards the live weights after every optimizer
+    step, in place (so it works whatever wraps the live model)."""
+
+    def __init__(self, model: GPT, decay: float):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).float().eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: GPT) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short runs average less
+        torch._foreach_lerp_(list(self.model.parameters()), [p.float() for p in model.parameters()],
+                             1 - decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, splits: dict[str, TokenSplit], cfg: Config, device: torch.device
-                  ) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split. The same fixed batches every time (its own
-    generator), so evaluations compare like with like and never disturb the training RNG."""
+def estimate_loss(model: GPT, splits: dict[str, TokenSplit], cfg: Config, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Plain cross-entropy over eval_iters batches per split, on the raw model (never a compiled
+    one: no recompiles). The same fixed batches every time (its own generator), so evaluations
+    compare like with like and never disturb the training RNG."""
+    was_training = model.training
     model.eval()
     out = {}
     for name, split in splits.items():
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        losses = torch.zeros(cfg.eval_iters)
+        losses = torch.zeros(cfg.eval_iters, device=device)
         for i in range(cfg.eval_iters):
             x, y = get_batch(split, cfg.batch_size, cfg.block_size, gen, device)
-            losses[i] = model(x, y)[1].item()
+            with autocast(device, dtype):
+                losses[i] = model(x, y)[1]
         out[name] = losses.mean().item()
-    model.train()
+    model.train(was_training)
     return out
 
 
 CKPT_FORMAT = 1
-
-
-def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, step: int,
-                    best_val: float, cfg: Config, tok: TextTokenizer, batch_gen: torch.Generator) -> None:
-    """Everything needed to resume exactly, as plain data that loads with weights_only=True."""
-    state = {"format": CKPT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "step": step, "best_val_loss": best_val, "config": asdict(cfg),
-             "vocab_size": model.vocab_size, "tokenizer": tok.to_str(), "rng": rng_states(),
-             "batch_rng": batch_gen.get_state()}
-    atomic_write(path, lambda p: torch.save(state, p))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -1067,21 +1295,67 @@ def prepare_out_dir(out_dir: str) -> Path:
     return out
 
 
-def append_metrics(out: Path, record: dict[str, Any]) -> None:
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------
 # train()
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
 class RunState:
-    """What the loop carries from step to step, and what a checkpoint restores."""
+    """What the loop carries from step to step and a checkpoint restores."""
     step: int = 0
     best_val: float = float("inf")
+    elapsed: float = 0.0  # seconds of training so far, across resumes
+    overflow_skips: int = 0  # fp16 steps the GradScaler skipped
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds. Three handles on the model: the raw `model` (state
+    dicts, EMA, evaluation, sampling), and `train_model`, which may be compiled and DDP-wrapped."""
+    cfg: Config
+    dist: Dist
+    device: torch.device
+    dtype: torch.dtype
+    out: Path
+    tok: TextTokenizer
+    splits: dict[str, TokenSplit]
+    model: GPT
+    train_model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    ema: EMA | None
+    batch_gen: torch.Generator
+    state: RunState
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.state.history.append(record)
+        if self.dist.rank == 0:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Everything needed to resume exactly, as plain data that loads with weights_only=True."""
+        return {"format": CKPT_FORMAT, "model": weights or self.model.state_dict(),
+                "optimizer": [o.state_dict() for o in self.optimizers],
+                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "step": self.state.step, "best_val_loss": self.state.best_val,
+                "elapsed_s": self.state.elapsed, "overflow_skips": self.state.overflow_skips,
+                "config": asdict(self.cfg), "vocab_size": self.model.vocab_size,
+                "tokenizer": self.tok.to_str(), "rng": rng_states(), "batch_rng": self.batch_gen.get_state()}
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        for opt, state in zip(self.optimizers, ckpt["optimizer"], strict=True):
+            opt.load_state_dict(state)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        s = self.state
+        s.step, s.best_val, s.elapsed = ckpt["step"], ckpt["best_val_loss"], ckpt["elapsed_s"]
+        s.overflow_skips = ckpt["overflow_skips"]
+        set_rng_states(ckpt["rng"])
+        self.batch_gen.set_state(ckpt["batch_rng"])
 
 
 def setup_run(explicit: dict[str, Any]) -> tuple[Config, dict[str, Any] | None]:
@@ -1099,94 +1373,219 @@ def setup_run(explicit: dict[str, Any]) -> tuple[Config, dict[str, Any] | None]:
     return cfg, ckpt
 
 
-def log_step(out: Path, state: RunState, cfg: Config, loss: float, lr: float, dt: float,
-             tokens: int) -> None:
-    record = {"step": state.step, "loss": loss, "lr": lr, "tokens_per_s": tokens / dt}
-    state.history.append(record)
-    append_metrics(out, record)
-    print0(f"step {state.step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-           f"{1000 * dt / cfg.log_interval:.1f} ms/step | {tokens / dt:,.0f} tok/s")
+def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist, out: Path
+                   ) -> tuple[TextTokenizer, dict[str, TokenSplit]]:
+    """Tokenizer and token files. Rank 0 builds the cache first; the other ranks then read it."""
+    if dist.rank != 0:
+        torch.distributed.barrier()
+    corpus = load_corpus(cfg)
+    tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
+    splits = prepare_data(cfg, corpus, tok)
+    if dist.rank == 0:
+        write_text_atomic(out / "tokenizer.json", tok.to_str())
+        write_text_atomic(out / "effective_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        if dist.enabled:
+            torch.distributed.barrier()
+    return tok, splits
 
 
-def evaluate_and_save(out: Path, state: RunState, model: GPT, optimizer: torch.optim.Optimizer,
-                      cfg: Config, tok: TextTokenizer, splits: dict[str, TokenSplit],
-                      batch_gen: torch.Generator, device: torch.device) -> None:
-    losses = estimate_loss(model, splits, cfg, device)
-    is_best = losses["val"] < state.best_val
-    state.best_val = min(state.best_val, losses["val"])
-    record = {"step": state.step, "train_loss": losses["train"], "val_loss": losses["val"]}
-    state.history.append(record)
-    append_metrics(out, record)
-    save_checkpoint(out / "ckpt.pt", model, optimizer, state.step, state.best_val, cfg, tok, batch_gen)
-    if is_best:
-        atomic_write(out / "ckpt_best.pt", lambda p: shutil.copyfile(out / "ckpt.pt", p))
-    print0(f"eval step {state.step}: train loss {losses['train']:.4f} | val loss {losses['val']:.4f}"
-           f"{' (best, saved ckpt_best.pt)' if is_best else ''}")
+def wrap_model(model: GPT, cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
+    """The training handle: compiled (static shapes: one compile per curriculum stage), then
+    DDP-wrapped. Checkpoints, EMA, eval and sampling keep using the raw model."""
+    wrapped: nn.Module = torch.compile(model, dynamic=False) if cfg.compile else model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda"
+                                          else None)
+    return wrapped
+
+
+def build_run(explicit: dict[str, Any]) -> Run:
+    cfg, ckpt = setup_run(explicit)
+    dist = init_distributed(cfg)
+    device = pick_device(cfg.device, dist.local_rank)
+    out = prepare_out_dir(cfg.out_dir) if dist.rank == 0 else Path(cfg.out_dir)
+    tok, splits = prepare_inputs(cfg, ckpt, dist, out)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    model = GPT(cfg, tok.vocab_size).to(device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    dtype = pick_dtype(cfg, device)
+    run = Run(cfg, dist, device, dtype, out, tok, splits, model, model,
+              make_optimizers(model, cfg, device),
+              torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+              EMA(model, cfg.ema_decay) if cfg.ema else None,
+              torch.Generator().manual_seed(cfg.seed), RunState())
+    if ckpt:
+        run.restore(ckpt)
+        print0(f"resume: continuing {out / 'ckpt.pt'} from step {run.state.step}")
+    run.train_model = wrap_model(model, cfg, dist, device)
+    return run
+
+
+def describe_run(run: Run) -> None:
+    cfg = run.cfg
+    tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * run.dist.world_size
+    print0(f"model: {run.model.num_params() / 1e6:.2f}M parameters, vocab {run.tok.vocab_size}, "
+           f"{cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.norm}/{cfg.mlp}/{cfg.pos_encoding}")
+    print0(f"engine: device {run.device}, {str(run.dtype).removeprefix('torch.')}"
+           f"{' autocast' if run.dtype != torch.float32 else ''}, optimizer {cfg.optimizer}, "
+           f"{'compiled' if cfg.compile else 'eager'}, {run.dist.world_size} process(es)")
+    limit = f"{cfg.max_steps} steps" + (f" or {cfg.time_budget_s:g}s" if cfg.time_budget_s else "")
+    print0(f"training: {limit} of {tokens:,} tokens ({cfg.batch_size} x {cfg.block_size} x "
+           f"{cfg.grad_accum_steps} accum x {run.dist.world_size} ranks); writing {run.out}")
+
+
+def micro_step(run: Run, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; DDP syncs gradients only when `sync`."""
+    no_sync = run.train_model.no_sync if run.dist.enabled and not sync else contextlib.nullcontext
+    with no_sync():
+        with autocast(run.device, run.dtype):
+            loss = run.train_model(x, y, label_smoothing=run.cfg.label_smoothing,
+                                   z_loss=run.cfg.z_loss)[1] / run.cfg.grad_accum_steps
+        run.scaler.scale(loss).backward()
+    return loss.detach()
+
+
+def optimizer_step(run: Run, lr: float) -> None:
+    """Clip (after the gradient sync and unscaling), step every optimizer, update the EMA."""
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        run.scaler.unscale_(opt)
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    for opt in run.optimizers:
+        run.scaler.step(opt)
+    if run.scaler.is_enabled():  # fp16: the scale drops when the step overflowed and was skipped
+        scale = run.scaler.get_scale()
+        run.scaler.update()
+        run.state.overflow_skips += int(run.scaler.get_scale() < scale)
+    for opt in run.optimizers:
+        opt.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.model)
+
+
+def train_step(run: Run, lr: float) -> torch.Tensor:
+    """One optimizer step; returns the mean training loss as a device tensor (no host sync)."""
+    context = context_at(run.state.step, run.cfg)
+    batch = batch_at(context, run.cfg)
+    total = torch.zeros((), device=run.device)
+    for micro in range(run.cfg.grad_accum_steps):
+        x, y = get_batch(run.splits["train"], batch, context, run.batch_gen, run.device, run.dist)
+        total += micro_step(run, x, y, sync=micro == run.cfg.grad_accum_steps - 1)
+    optimizer_step(run, lr)
+    run.state.step += 1
+    return total
+
+
+def mean_over_ranks(run: Run, value: torch.Tensor) -> float:
+    if run.dist.enabled:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
+    return value.item()
+
+
+def agreed(run: Run, value: float) -> float:
+    """Rank 0's value on every rank, so that all ranks share one schedule and stop together."""
+    if not run.dist.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=run.device)
+    torch.distributed.broadcast(t, 0)
+    return t.item()
+
+
+def log_step(run: Run, loss: float, lr: float, seconds: float, steps: int) -> None:
+    cfg, s = run.cfg, run.state
+    tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * run.dist.world_size * steps
+    run.record({"step": s.step, "loss": loss, "lr": lr, "tokens_per_s": tokens / seconds,
+                "elapsed_s": s.elapsed, "overflow_skips": s.overflow_skips})
+    skips = f" | fp16 overflow skips {s.overflow_skips}" if run.scaler.is_enabled() else ""
+    print0(f"step {s.step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+           f"{1000 * seconds / steps:.1f} ms/step | {tokens / seconds:,.0f} tok/s{skips}")
+
+
+def save_checkpoints(run: Run, best_weights: dict[str, torch.Tensor] | None) -> None:
+    """ckpt.pt always (live weights, for resuming); ckpt_best.pt when `best_weights` is given."""
+    if run.dist.rank != 0:
+        return
+    atomic_write(run.out / "ckpt.pt", lambda p: torch.save(run.checkpoint(), p))
+    if best_weights is not None:
+        best = run.checkpoint(best_weights)
+        atomic_write(run.out / "ckpt_best.pt", lambda p: torch.save(best, p))
+
+
+def evaluate_and_save(run: Run) -> None:
+    """Val loss of the live weights (and of the EMA); the better one becomes ckpt_best.pt if it
+    beats the best so far."""
+    losses = estimate_loss(run.model, run.splits, run.cfg, run.device, run.dtype)
+    record = {"step": run.state.step, "train_loss": losses["train"], "val_loss": losses["val"]}
+    candidates = {"live": (losses["val"], run.model)}
+    if run.ema is not None:
+        record["ema_val_loss"] = estimate_loss(run.ema.model, {"val": run.splits["val"]}, run.cfg,
+                                               run.device, run.dtype)["val"]
+        candidates["ema"] = (record["ema_val_loss"], run.ema.model)
+    which = min(candidates, key=lambda k: candidates[k][0])
+    val, source = candidates[which]
+    is_best = val < run.state.best_val
+    run.state.best_val = min(run.state.best_val, val)
+    run.record(record)
+    save_checkpoints(run, source.state_dict() if is_best else None)
+    ema = f" | ema val loss {record['ema_val_loss']:.4f}" if run.ema is not None else ""
+    best = f" (best: {which} weights saved to ckpt_best.pt)" if is_best else ""
+    print0(f"eval step {run.state.step}: train loss {losses['train']:.4f} | val loss "
+           f"{losses['val']:.4f}{ema}{best}")
+
+
+def finished(run: Run) -> bool:
+    s, cfg = run.state, run.cfg
+    return (s.step >= cfg.max_steps or (cfg.time_budget_s > 0 and s.elapsed >= cfg.time_budget_s)
+            or (cfg.stop_at_step > 0 and s.step >= cfg.stop_at_step))
+
+
+def sampling_model(run: Run) -> GPT:
+    return run.ema.model if run.ema is not None else run.model
 
 
 def train(explicit: dict[str, Any]) -> list[dict[str, Any]]:
     """Train as configured; returns the log and eval records (also in out_dir/metrics.jsonl)."""
-    cfg, ckpt = setup_run(explicit)
-    device = pick_device(cfg.device)
-    out = prepare_out_dir(cfg.out_dir)
-    corpus = load_corpus(cfg)
-    tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
-    splits = prepare_data(cfg, corpus, tok)
-    write_text_atomic(out / "tokenizer.json", tok.to_str())
-    write_text_atomic(out / "effective_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    run = build_run(explicit)
+    try:
+        describe_run(run)
+        train_loop(run)
+        print0(f"done: step {run.state.step}, {run.state.elapsed:.0f}s of training, best val loss "
+               f"{run.state.best_val:.4f}; checkpoints in {run.out}")
+        if run.state.step < run.cfg.max_steps and not run.cfg.time_budget_s:
+            print0(f"continue with: --out_dir {run.out} --resume")
+        print_samples(sampling_model(run), run.tok, run.cfg, run.device)
+    finally:
+        if run.dist.enabled:
+            torch.distributed.destroy_process_group()
+    return run.state.history
 
-    seed_everything(cfg.seed)
-    model = GPT(cfg, tok.vocab_size).to(device)
-    optimizer = make_optimizer(model, cfg)
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
-    state = RunState()
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.step, state.best_val = ckpt["step"], ckpt["best_val_loss"]
-        set_rng_states(ckpt["rng"])
-        batch_gen.set_state(ckpt["batch_rng"])
-        print0(f"resume: continuing {out / 'ckpt.pt'} from step {state.step}")
-    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
-           f"{cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.norm}/{cfg.mlp}/{cfg.pos_encoding}, "
-           f"device {device}")
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
-    print0(f"training: {cfg.max_steps} steps of {tokens_per_step:,} tokens; writing {out}")
 
-    model.train()
-    loss_sum, t_last = torch.zeros((), device=device), time.time()
-    while state.step < cfg.max_steps:
-        lr = lr_at(state.step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(cfg.grad_accum_steps):
-            x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, batch_gen, device)
-            loss = model(x, y)[1] / cfg.grad_accum_steps
-            loss.backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        if state.step % cfg.log_interval == 0:  # the only host sync of a plain step
-            dt, t_last = time.time() - t_last, time.time()
-            log_step(out, state, cfg, loss_sum.item() / cfg.log_interval, lr, dt,
-                     tokens_per_step * cfg.log_interval)
+def train_loop(run: Run) -> None:
+    cfg, s = run.cfg, run.state
+    run.model.train()
+    loss_sum, steps_since_log = torch.zeros((), device=run.device), 0
+    t_log = t_step = time.time()
+    while not finished(run):
+        lr = lr_at(s.step, cfg, s.elapsed)
+        loss_sum += train_step(run, lr)
+        steps_since_log += 1
+        now = time.time()
+        s.elapsed = agreed(run, s.elapsed + now - t_step)
+        if s.step % cfg.log_interval == 0:  # the only host sync of a plain step
+            log_step(run, mean_over_ranks(run, loss_sum) / steps_since_log, lr, now - t_log,
+                     steps_since_log)
             loss_sum.zero_()
-        pause = time.time()
-        if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
-            evaluate_and_save(out, state, model, optimizer, cfg, tok, splits, batch_gen, device)
-        if cfg.sample_interval and state.step % cfg.sample_interval == 0 and state.step < cfg.max_steps:
-            print_samples(model, tok, replace_samples(cfg, 1), device, max_new_tokens=120)
-        t_last += time.time() - pause  # eval and sampling time is not training time
-    print0(f"done: best val loss {state.best_val:.4f}; checkpoints in {out}")
-    print_samples(model, tok, cfg, device)
-    return state.history
-
-
-def replace_samples(cfg: Config, num_samples: int) -> Config:
-    return dataclasses.replace(cfg, num_samples=num_samples)
+            steps_since_log, t_log = 0, now
+        if s.step % cfg.eval_interval == 0 or finished(run):
+            evaluate_and_save(run)
+        if cfg.sample_interval and s.step % cfg.sample_interval == 0 and not finished(run):
+            print_samples(sampling_model(run), run.tok, dataclasses.replace(cfg, num_samples=1),
+                          run.device, max_new_tokens=120)
+        pause = time.time() - now  # evaluation and sampling are not training time
+        t_step, t_log = now + pause, t_log + pause
 
 
 # ----------------------------------------------------------------------------------------------
