@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny corpora made on the fly and a helper that runs main() in-process."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny models gain nothing from a second thread, and pytest may share the cores with a
+# subprocess run: one thread each avoids OpenMP oversubscription stalls.
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train_tinyllm as tl  # noqa: E402, F401  (tests import it from here)
+
+# A tiny config: 2 layers, 32 wide, a few steps; every test that trains starts from this.
+TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "16",
+        "--batch_size", "4", "--max_steps", "6", "--eval_interval", "3", "--eval_iters", "2",
+        "--log_interval", "1", "--sample_interval", "0", "--max_new_tokens", "8",
+        "--warmup_steps", "2", "--device", "cpu"]
+
+
+def make_corpus(path: Path, n_lines: int = 400) -> Path:
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "Ünïcode", "日本"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8)) for i in range(n_lines)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return make_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture
+def run_args(tmp_path: Path, corpus: Path):
+    """Build argv for a tiny run writing under tmp_path."""
+    def build(*extra: str, out: str = "out") -> list[str]:
+        return ["--data_path", str(corpus), "--out_dir", str(tmp_path / out),
+                "--cache_dir", str(tmp_path / "cache"), *TINY, *extra]
+    return build

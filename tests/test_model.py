@@ -1,0 +1,116 @@
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import tl
+
+SWITCHES = list(itertools.product(["layernorm", "rmsnorm"], ["gelu", "swiglu"], ["learned", "rope"],
+                                  [False, True], [0, 5], [False, True], [0, 2, 1]))
+VOCAB = 61
+
+
+def tiny(norm="rmsnorm", mlp="swiglu", pos="rope", qk=False, window=0, parallel=False, kv=0,
+         **kw) -> tl.GPT:
+    cfg = tl.Config(n_layer=2, n_head=4, n_kv_head=kv, n_embd=32, block_size=16, norm=norm, mlp=mlp,
+                    pos_encoding=pos, qk_norm=qk, sliding_window=window, parallel_block=parallel, **kw)
+    tl.validate(cfg)
+    return tl.GPT(cfg, VOCAB).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_initial_loss_is_log_vocab(arch):
+    torch.manual_seed(0)
+    cfg = tl.build_config({"arch": arch, "n_layer": 2, "n_embd": 32, "block_size": 16})
+    model = tl.GPT(cfg, 500)
+    x, y = torch.randint(500, (8, 16)), torch.randint(500, (8, 16))
+    loss = model(x, y)[1].item()
+    assert abs(loss - math.log(500)) < 0.1
+
+
+def test_parameter_count_and_tying():
+    tied, untied = tiny(), tiny(tie_weights=False)
+    assert untied.num_params() - tied.num_params() == VOCAB * 32
+    assert tied.lm_head.weight is tied.wte.weight
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(map(str, s)))
+def test_causal_and_kv_cache_match(switches):
+    """Changing a later token never changes earlier logits; cached decoding gives the same logits
+    as full forward passes, and the same greedy tokens, for every switch combination."""
+    torch.manual_seed(0)
+    model = tiny(*switches)
+    idx = torch.randint(VOCAB, (2, 16))
+    with torch.no_grad():
+        logits = model(idx)[0]
+        changed = idx.clone()
+        changed[:, 9] = (changed[:, 9] + 1) % VOCAB
+        logits2 = model(changed)[0]
+        assert torch.allclose(logits[:, :9], logits2[:, :9], atol=1e-6)
+        assert not torch.allclose(logits[:, 9:], logits2[:, 9:])
+        cache = model.new_cache(2, idx.device, torch.float32)
+        step_logits = [model(idx[:, :4], cache=cache)[0]]  # prefill 4, then decode one at a time
+        step_logits += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(4, 16)]
+        assert torch.allclose(torch.cat(step_logits, 1), logits, atol=1e-5)
+    greedy = tl.SampleSettings(max_new_tokens=13, temperature=0)
+    with_cache = tl.generate(model, idx[:, :3], greedy)
+    greedy.kv_cache = False
+    assert torch.equal(with_cache, tl.generate(model, idx[:, :3], greedy))
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("window", [0, 5])
+def test_generation_past_block_size(pos, window):
+    model = tiny(pos=pos, window=window)
+    for kv_cache in (True, False):
+        s = tl.SampleSettings(max_new_tokens=50, temperature=1.0, kv_cache=kv_cache)
+        out = tl.generate(model, torch.zeros(1, 20, dtype=torch.long), s,
+                          torch.Generator().manual_seed(0))
+        assert out.shape == (1, 70)
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    cfg = tl.Config(n_layer=1, n_head=4, n_embd=32, block_size=16, sliding_window=4)
+    model = tl.GPT(cfg, VOCAB).eval()
+    idx = torch.randint(VOCAB, (1, 16))
+    changed = idx.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % VOCAB
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    # position p sees p-3..p: token 5 reaches positions 5..8 only
+    assert not torch.allclose(a[0, 8], b[0, 8])
+    assert torch.allclose(a[0, 9:], b[0, 9:], atol=1e-6)
+
+
+def test_gqa_groups_query_heads_with_repeat_interleave():
+    """Query head h must read key/value head h // (n_head / n_kv_head)."""
+    torch.manual_seed(0)
+    model = tiny(pos="learned", kv=2)
+    attn = model.blocks[0].attn
+    x = torch.randn(1, 6, 32)
+    with torch.no_grad():
+        got = attn(x, model.positions, None, None, 0)
+        q, k, v = attn.qkv(x).split([32, 16, 16], dim=-1)
+        q = q.view(1, 6, 4, 8).transpose(1, 2)
+        k = k.view(1, 6, 2, 8).transpose(1, 2)[:, [0, 0, 1, 1]]
+        v = v.view(1, 6, 2, 8).transpose(1, 2)[:, [0, 0, 1, 1]]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+        scores = scores.masked_fill(torch.triu(torch.ones(6, 6, dtype=torch.bool), 1), float("-inf"))
+        ref = attn.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 6, 32))
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_kv_cache_holds_only_kv_heads():
+    cache = tiny(kv=1).new_cache(3, torch.device("cpu"), torch.float32)
+    assert cache.k.shape == (2, 3, 1, 16, 8)
+
+
+def test_rope_is_rotate_half_and_relative():
+    rope = tl.RotaryPositions(tl.Config(n_embd=32, n_head=4, block_size=16))
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    dots = [(rope.rotate(q, s) * rope.rotate(k, s + 3)).sum() for s in (0, 5, 9)]
+    assert torch.allclose(torch.stack(dots), dots[0].expand(3), atol=1e-5)  # depends on offset only
+    x = torch.zeros(1, 1, 1, 8)
+    x[..., 0] = 1.0  # pairs with index 4 (rotate-half), not index 1 (interleaved)
+    y = rope.rotate(x, 1)
+    assert y[..., 4].abs() > 0 and y[..., 1] == 0

@@ -1,0 +1,36 @@
+import torch
+from conftest import tl
+
+
+def test_repetition_penalty_ctrl_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = tl.apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]  # positive divided, negative multiplied
+
+
+def test_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(tl.top_k_filter(logits, 2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(tl.top_p_filter(logits, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(tl.top_p_filter(logits, 0.5)).tolist() == [[False, True, True, True]]
+    assert not torch.isinf(tl.top_p_filter(logits, 1.0)).any()
+
+
+def test_temperature_zero_is_argmax_and_seed_repeats():
+    logits = torch.tensor([[0.1, 3.0, 0.2]])
+    hist = torch.zeros(1, 1, dtype=torch.long)
+    greedy = tl.SampleSettings(max_new_tokens=1, temperature=0)
+    assert tl.choose_next(logits, hist, greedy, None).item() == 1
+    s = tl.SampleSettings(max_new_tokens=1, temperature=1.5, top_k=2, top_p=0.9)
+    draw = [tl.choose_next(logits.expand(64, 3), hist.expand(64, 1), s,
+                           torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(draw[0], draw[1])
+
+
+def test_streamer_holds_back_partial_utf8(capsys):
+    tok = tl.train_bpe_tokenizer(iter(["plain text only " * 50]), 270)
+    ids = tok.encode("日本")  # unseen characters: several byte tokens each
+    streamer = tl.TextStreamer(tok, [])
+    for i in ids:
+        streamer(torch.tensor([[i]]))
+    assert capsys.readouterr().out == "日本"
