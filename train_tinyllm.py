@@ -23,7 +23,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -61,6 +63,9 @@ class Config:
                                        "and tokenizer, so a second run skips the work.", "data and I/O")
     resume: bool = opt(False, "Continue training from out_dir/ckpt.pt (model, optimizer, step, RNG).",
                        "data and I/O")
+    overwrite: bool = opt(False, "Start a new run in an out_dir that already holds one (its "
+                                 "checkpoints are replaced); without it such a run is refused.",
+                          "data and I/O")
     memmap_dataset: bool = opt(False, "Read token files through numpy.memmap instead of loading "
                                       "them into RAM.", "data and I/O")
     tokenizer: str = opt("char", "char: one token per character of the corpus; bpe: byte-level BPE "
@@ -137,6 +142,9 @@ class Config:
     stop_at_step: int = opt(0, "End this invocation after this step with a checkpoint, keeping the "
                                "schedule laid out for max_steps; --resume continues (for job time "
                                "limits). 0 = off.", "training")
+    max_nonfinite: int = opt(20, "Stop after this many optimizer steps in a row whose loss or "
+                                 "gradient norm was not finite (each such step is skipped).",
+                             "training")
     label_smoothing: float = opt(0.0, "Label smoothing of the training loss (val loss is always plain "
                                       "cross-entropy).", "training")
     z_loss: float = opt(0.0, "Coefficient of log(Z)^2 added to the training loss; 0 = off.", "training")
@@ -187,13 +195,29 @@ PRESETS: dict[str, dict[str, Any]] = {
               "tie_weights": True},
 }
 # Keys that say what to do in this invocation; they never carry over from a checkpoint's config.
-RUN_KEYS = ("resume", "generate_only", "ckpt")
+RUN_KEYS = ("resume", "overwrite", "generate_only", "ckpt", "stop_at_step")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ARCH_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["arch"])
 
 
 class TinyLLMError(Exception):
     """A problem with the user's input: main() prints its one-line message and exits with 2."""
+
+
+class TrainingStopped(Exception):
+    """Training ended early on purpose (a signal, or too many non-finite steps), after saving
+    what could be saved; main() prints the message and exits with `status`."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (through TinyLLMError) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise TinyLLMError(f"{message}; run with --help to see the options")
 
 
 def field_type(name: str) -> type:
@@ -244,7 +268,7 @@ def load_json_config(path: str) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     """argparse flags straight from the Config fields; defaults are SUPPRESSed so that only
     the flags a user actually typed come back (they override the JSON file)."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="train_tinyllm.py", description="Train, checkpoint and sample a small GPT/Llama model.",
         epilog="Precedence: defaults < --arch preset < --config file < command-line flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,6 +351,8 @@ def validate(cfg: Config) -> None:
         (cfg.repetition_penalty <= 0, "--repetition_penalty must be positive (1 = off)"),
         (cfg.num_samples < 1, "--num_samples must be at least 1"),
         (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must be in (0, 1]"),
+        (cfg.max_nonfinite < 1, "--max_nonfinite must be at least 1"),
+        (cfg.resume and cfg.overwrite, "--resume and --overwrite contradict each other; pick one"),
         (cfg.time_budget_s < 0, "--time_budget_s must be 0 (off) or positive"),
         (cfg.stop_at_step < 0, "--stop_at_step must be 0 (off) or positive"),
         (not 0 <= cfg.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
@@ -606,6 +632,9 @@ def read_text_file(path: str) -> str:
                            f"offset {e.start}); convert it to UTF-8 or pick a text file") from None
     if not text.strip():
         raise TinyLLMError(f"--data_path {path} is empty; give it some text to train on")
+    if "\x00" in text:
+        raise TinyLLMError(f"--data_path {path} looks binary (it contains NUL bytes at offset "
+                           f"{text.index(chr(0))}); point --data_path at a text file")
     return text
 
 
@@ -682,6 +711,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def encode_corpus(corpus: Corpus, tok: TextTokenizer) -> np.ndarray:
     """Tokenize the corpus in newline-aligned pieces with the tokenizer's parallel batch encoder."""
+    unknown = tok.unknown_chars(corpus.text)
+    if unknown:
+        shown = " ".join(repr(c) for c in unknown[:10])
+        raise TinyLLMError(f"{corpus.name} has {len(unknown)} characters outside the char-level "
+                           f"vocabulary of this tokenizer/checkpoint ({shown}); train a new model "
+                           f"on this corpus (another --out_dir) or remove those characters")
     t0, dtype = time.time(), token_dtype(tok.vocab_size)
     pieces = text_chunks(corpus.text)
     arrays = []
@@ -1291,8 +1326,45 @@ def prepare_out_dir(out_dir: str) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise TinyLLMError(f"--out_dir {out_dir} is an existing file; pick a directory path")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TinyLLMError(f"--out_dir {out_dir} cannot be created ({e.strerror}); pick a writable "
+                           f"path") from None
     return out
+
+
+def lock_out_dir(out: Path) -> Any:
+    """Hold an exclusive lock on out_dir/.lock for the whole run, so that two runs never write
+    the same checkpoints. The OS drops the lock when the process dies, even by kill -9."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; runs are not guarded there
+        return None
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise TinyLLMError(f"--out_dir {out} is in use by another run (pid {owner}); wait for it to "
+                           f"finish or pick another --out_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    for stale in out.glob(".*.tmp*"):  # left by a run killed mid-write (kill -9, power loss)
+        stale.unlink(missing_ok=True)
+    return handle
+
+
+def refuse_existing_run(cfg: Config) -> None:
+    """A new run never silently replaces the checkpoints of an earlier one."""
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    if ckpt.is_file() and not cfg.overwrite and is_rank0():
+        raise TinyLLMError(f"--out_dir {cfg.out_dir} already holds a run ({ckpt}); add --resume to "
+                           f"continue it, --overwrite to start over, or pick another --out_dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1306,6 +1378,9 @@ class RunState:
     best_val: float = float("inf")
     elapsed: float = 0.0  # seconds of training so far, across resumes
     overflow_skips: int = 0  # fp16 steps the GradScaler skipped
+    nonfinite_skips: int = 0  # steps skipped for a non-finite loss or gradient norm
+    skips_in_a_row: int = 0
+    saved_step: int = -1  # step of the last checkpoint written
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -1327,12 +1402,17 @@ class Run:
     ema: EMA | None
     batch_gen: torch.Generator
     state: RunState
+    lock: Any = None
 
     def record(self, record: dict[str, Any]) -> None:
         self.state.history.append(record)
         if self.dist.rank == 0:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                print(f"warning: could not append to {self.out / 'metrics.jsonl'} ({e.strerror})",
+                      file=sys.stderr, flush=True)
 
     def checkpoint(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Everything needed to resume exactly, as plain data that loads with weights_only=True."""
@@ -1341,6 +1421,7 @@ class Run:
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "step": self.state.step, "best_val_loss": self.state.best_val,
                 "elapsed_s": self.state.elapsed, "overflow_skips": self.state.overflow_skips,
+                "nonfinite_skips": self.state.nonfinite_skips,
                 "config": asdict(self.cfg), "vocab_size": self.model.vocab_size,
                 "tokenizer": self.tok.to_str(), "rng": rng_states(), "batch_rng": self.batch_gen.get_state()}
 
@@ -1353,7 +1434,8 @@ class Run:
             self.ema.load_state_dict(ckpt["ema"])
         s = self.state
         s.step, s.best_val, s.elapsed = ckpt["step"], ckpt["best_val_loss"], ckpt["elapsed_s"]
-        s.overflow_skips = ckpt["overflow_skips"]
+        s.overflow_skips, s.nonfinite_skips = ckpt["overflow_skips"], ckpt["nonfinite_skips"]
+        s.saved_step = s.step
         set_rng_states(ckpt["rng"])
         self.batch_gen.set_state(ckpt["batch_rng"])
 
@@ -1362,6 +1444,7 @@ def setup_run(explicit: dict[str, Any]) -> tuple[Config, dict[str, Any] | None]:
     """The run's config; with --resume, the checkpoint's config overridden by explicit settings."""
     cfg = build_config(explicit)
     if not cfg.resume:
+        refuse_existing_run(cfg)
         return cfg, None
     path = Path(cfg.out_dir) / "ckpt.pt"
     if not path.is_file():
@@ -1370,6 +1453,10 @@ def setup_run(explicit: dict[str, Any]) -> tuple[Config, dict[str, Any] | None]:
     ckpt = load_checkpoint(path)
     cfg = build_config(explicit, base=ckpt["config"])
     check_compatible(cfg, ckpt["config"], path)
+    if "tokenizer_path" in explicit and cfg.tokenizer_path and \
+            load_tokenizer_file(cfg.tokenizer_path).to_str() != ckpt["tokenizer"]:
+        raise TinyLLMError(f"--tokenizer_path {cfg.tokenizer_path} is not the tokenizer of {path}; "
+                           f"drop the flag to keep the checkpoint's, or train anew in another --out_dir")
     return cfg, ckpt
 
 
@@ -1405,7 +1492,10 @@ def build_run(explicit: dict[str, Any]) -> Run:
     dist = init_distributed(cfg)
     device = pick_device(cfg.device, dist.local_rank)
     out = prepare_out_dir(cfg.out_dir) if dist.rank == 0 else Path(cfg.out_dir)
+    lock = lock_out_dir(out) if dist.rank == 0 else None
     tok, splits = prepare_inputs(cfg, ckpt, dist, out)
+    if dist.rank == 0 and not ckpt:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = GPT(cfg, tok.vocab_size).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
@@ -1414,7 +1504,7 @@ def build_run(explicit: dict[str, Any]) -> Run:
               make_optimizers(model, cfg, device),
               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               EMA(model, cfg.ema_decay) if cfg.ema else None,
-              torch.Generator().manual_seed(cfg.seed), RunState())
+              torch.Generator().manual_seed(cfg.seed), RunState(), lock)
     if ckpt:
         run.restore(ckpt)
         print0(f"resume: continuing {out / 'ckpt.pt'} from step {run.state.step}")
@@ -1447,23 +1537,61 @@ def micro_step(run: Run, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.
 
 
 def optimizer_step(run: Run, lr: float) -> None:
-    """Clip (after the gradient sync and unscaling), step every optimizer, update the EMA."""
+    """Clip (after the gradient sync and unscaling), step every optimizer, update the EMA. A
+    step whose gradient norm is not finite is skipped: by the GradScaler under fp16, here
+    otherwise (the norm is identical on every rank after the sync, so all ranks agree)."""
+    params = [p for p in run.model.parameters() if p.grad is not None]
     for opt in run.optimizers:
         for group in opt.param_groups:
             group["lr"] = lr
         run.scaler.unscale_(opt)
-    if run.cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
-    for opt in run.optimizers:
-        run.scaler.step(opt)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if run.scaler.is_enabled():  # fp16: the scale drops when the step overflowed and was skipped
-        scale = run.scaler.get_scale()
-        run.scaler.update()
-        run.state.overflow_skips += int(run.scaler.get_scale() < scale)
+        skipped = scaled_step(run, norm)
+        run.state.overflow_skips += skipped
+    else:
+        skipped = not torch.isfinite(norm).item()  # one host sync; the price of never diverging
+        if not skipped:
+            clip_and_step(run, params, norm)
+        run.state.nonfinite_skips += skipped
     for opt in run.optimizers:
         opt.zero_grad(set_to_none=True)
-    if run.ema is not None:
+    if not skipped and run.ema is not None:
         run.ema.update(run.model)
+    note_skip(run, skipped, norm)
+
+
+def clip_and_step(run: Run, params: list[nn.Parameter], norm: torch.Tensor) -> None:
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grads_with_norm_(params, run.cfg.grad_clip, norm)
+    for opt in run.optimizers:
+        opt.step()
+
+
+def scaled_step(run: Run, norm: torch.Tensor) -> bool:
+    """The fp16 step through the GradScaler; True when it skipped an overflowed step."""
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grads_with_norm_(run.model.parameters(), run.cfg.grad_clip, norm)
+    for opt in run.optimizers:
+        run.scaler.step(opt)
+    scale = run.scaler.get_scale()
+    run.scaler.update()
+    return run.scaler.get_scale() < scale
+
+
+def note_skip(run: Run, skipped: bool, norm: torch.Tensor) -> None:
+    """Count skipped steps in a row; stop the run when there are too many."""
+    s = run.state
+    s.skips_in_a_row = s.skips_in_a_row + 1 if skipped else 0
+    if skipped and not run.scaler.is_enabled():
+        print0(f"step {s.step + 1}: gradient norm is {norm.item()} (non-finite loss or gradient); "
+               f"update skipped ({s.skips_in_a_row} in a row, {s.nonfinite_skips} in all)")
+    if s.skips_in_a_row >= run.cfg.max_nonfinite:
+        last = f"{run.out / 'ckpt.pt'} (step {s.saved_step})" if s.saved_step >= 0 else "none yet"
+        raise TrainingStopped(
+            f"stopping at step {s.step + 1}: {s.skips_in_a_row} optimizer steps in a row had a "
+            f"non-finite loss or gradient and were skipped; last good checkpoint: {last}. Lower "
+            f"--learning_rate, raise --warmup_steps, or use --dtype bfloat16/float32", status=1)
 
 
 def train_step(run: Run, lr: float) -> torch.Tensor:
@@ -1504,14 +1632,24 @@ def log_step(run: Run, loss: float, lr: float, seconds: float, steps: int) -> No
            f"{1000 * seconds / steps:.1f} ms/step | {tokens / seconds:,.0f} tok/s{skips}")
 
 
-def save_checkpoints(run: Run, best_weights: dict[str, torch.Tensor] | None) -> None:
-    """ckpt.pt always (live weights, for resuming); ckpt_best.pt when `best_weights` is given."""
+def save_checkpoints(run: Run, best_weights: dict[str, torch.Tensor] | None) -> bool:
+    """ckpt.pt always (live weights, for resuming); ckpt_best.pt when `best_weights` is given.
+    A failed write (disk full, permissions) is reported and training goes on: the temporary
+    file is removed and the previous checkpoint stays as it was."""
     if run.dist.rank != 0:
-        return
-    atomic_write(run.out / "ckpt.pt", lambda p: torch.save(run.checkpoint(), p))
-    if best_weights is not None:
-        best = run.checkpoint(best_weights)
-        atomic_write(run.out / "ckpt_best.pt", lambda p: torch.save(best, p))
+        return True
+    try:
+        atomic_write(run.out / "ckpt.pt", lambda p: torch.save(run.checkpoint(), p))
+        run.state.saved_step = run.state.step
+        if best_weights is not None:
+            best = run.checkpoint(best_weights)
+            atomic_write(run.out / "ckpt_best.pt", lambda p: torch.save(best, p))
+    except OSError as e:
+        print(f"warning: could not write a checkpoint to {run.out} ({e.strerror or e}); the previous "
+              f"checkpoint is kept (step {run.state.saved_step}); free disk space or fix permissions",
+              file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def evaluate_and_save(run: Run) -> None:
@@ -1536,6 +1674,45 @@ def evaluate_and_save(run: Run) -> None:
            f"{losses['val']:.4f}{ema}{best}")
 
 
+class SignalCatcher:
+    """Turns SIGINT (Ctrl-C) and SIGTERM (schedulers, kill) into a flag the loop checks after
+    each step, so that the run stops at a step boundary with a checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum, self.previous = 0, {}
+
+    def __enter__(self) -> SignalCatcher:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
+        return self
+
+    def _catch(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested(run: Run, catcher: SignalCatcher) -> int:
+    """The signal to stop for, agreed by all ranks (any rank that got one stops them all)."""
+    if not run.dist.enabled:
+        return catcher.signum
+    flag = torch.tensor([catcher.signum], device=run.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def stop_for_signal(run: Run, signum: int) -> None:
+    saved = save_checkpoints(run, None)
+    name = signal.Signals(signum).name
+    where = f"saved {run.out / 'ckpt.pt'}" if saved else "the checkpoint could not be written"
+    raise TrainingStopped(f"interrupted by {name} at step {run.state.step}: {where}; continue with: "
+                          f"python train_tinyllm.py --out_dir {run.out} --resume", status=128 + signum)
+
+
 def finished(run: Run) -> bool:
     s, cfg = run.state, run.cfg
     return (s.step >= cfg.max_steps or (cfg.time_budget_s > 0 and s.elapsed >= cfg.time_budget_s)
@@ -1551,7 +1728,8 @@ def train(explicit: dict[str, Any]) -> list[dict[str, Any]]:
     run = build_run(explicit)
     try:
         describe_run(run)
-        train_loop(run)
+        with SignalCatcher() as catcher:
+            train_loop(run, catcher)
         print0(f"done: step {run.state.step}, {run.state.elapsed:.0f}s of training, best val loss "
                f"{run.state.best_val:.4f}; checkpoints in {run.out}")
         if run.state.step < run.cfg.max_steps and not run.cfg.time_budget_s:
@@ -1560,10 +1738,12 @@ def train(explicit: dict[str, Any]) -> list[dict[str, Any]]:
     finally:
         if run.dist.enabled:
             torch.distributed.destroy_process_group()
+        if run.lock is not None:
+            run.lock.close()
     return run.state.history
 
 
-def train_loop(run: Run) -> None:
+def train_loop(run: Run, catcher: SignalCatcher) -> None:
     cfg, s = run.cfg, run.state
     run.model.train()
     loss_sum, steps_since_log = torch.zeros((), device=run.device), 0
@@ -1586,6 +1766,9 @@ def train_loop(run: Run) -> None:
                           run.device, max_new_tokens=120)
         pause = time.time() - now  # evaluation and sampling are not training time
         t_step, t_log = now + pause, t_log + pause
+        signum = stop_requested(run, catcher)
+        if signum:
+            stop_for_signal(run, signum)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1609,6 +1792,7 @@ def generate_from_checkpoint(explicit: dict[str, Any]) -> None:
     check_compatible(cfg, ckpt["config"], path)
     device = pick_device(cfg.device)
     tok = TextTokenizer.from_str(ckpt["tokenizer"])
+    encode_prompt(tok, cfg.prompt)  # refuse a bad prompt before any output
     model = model_from_checkpoint(ckpt, cfg, device).eval()
     print0(f"loaded {path} (step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters)",
            file=sys.stderr)
@@ -1628,6 +1812,16 @@ def main(argv: list[str] | None = None) -> int:
             train(explicit)
     except TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(str(e), file=sys.stderr if e.status == 1 else sys.stdout, flush=True)
+        return e.status
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was lost", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {e.strerror or e}: {e.filename or ''}; check the path, free space and "
+              f"permissions", file=sys.stderr)
         return 2
     return 0
 
