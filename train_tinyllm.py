@@ -1814,7 +1814,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
-        print(str(e), file=sys.stderr if e.status == 1 else sys.stdout, flush=True)
+        print0(str(e), file=sys.stderr if e.status == 1 else sys.stdout)
         return e.status
     except KeyboardInterrupt:
         print("interrupted before training started; nothing was lost", file=sys.stderr)
