@@ -42,7 +42,7 @@ import torch.utils.checkpoint
 # Config: one dataclass is the single source of truth for flags, JSON keys, defaults and help
 # ----------------------------------------------------------------------------------------------
 
-GROUPS = ("data and I/O", "model", "training", "generation")
+GROUPS = ("data and I/O", "model", "training", "generation", "evaluation, metrics and export")
 
 
 def opt(default: Any, help: str, group: str, choices: tuple[str, ...] | None = None,
@@ -186,6 +186,26 @@ class Config:
     num_samples: int = opt(1, "Samples to generate.", "generation")
     kv_cache: bool = opt(True, "Use the key/value cache while generating (same tokens, faster).",
                          "generation")
+    # evaluation, metrics and export
+    eval_only: bool = opt(False, "Report loss, perplexity, bits per byte and next-token accuracy of "
+                                 "a checkpoint (on --eval_data, else the run's val split); no "
+                                 "training.", "evaluation, metrics and export")
+    eval_data: str = opt("", "UTF-8 text file for --eval_only.", "evaluation, metrics and export")
+    benchmark: bool = opt(False, "Time the configured model here (training tokens/s and MFU, peak "
+                                 "memory, generation tokens/s with and without the KV cache); "
+                                 "writes nothing.", "evaluation, metrics and export")
+    plot: bool = opt(False, "Draw out_dir/loss.png from out_dir/metrics.jsonl and exit (training "
+                            "draws it at its end anyway when matplotlib is installed).",
+                     "evaluation, metrics and export")
+    peak_flops: float = opt(0.0, "Peak FLOP/s of the device for MFU; 0 = from a table of GPUs, or "
+                                 "a short matmul measurement on CPUs (cached).",
+                            "evaluation, metrics and export")
+    tensorboard: bool = opt(False, "Also log metrics to TensorBoard in out_dir/tensorboard.",
+                            "evaluation, metrics and export")
+    wandb: bool = opt(False, "Also log metrics to Weights & Biases.", "evaluation, metrics and export")
+    wandb_project: str = opt("tinyllm", "Weights & Biases project name.",
+                             "evaluation, metrics and export")
+
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -195,7 +215,8 @@ PRESETS: dict[str, dict[str, Any]] = {
               "tie_weights": True},
 }
 # Keys that say what to do in this invocation; they never carry over from a checkpoint's config.
-RUN_KEYS = ("resume", "overwrite", "generate_only", "ckpt", "stop_at_step")
+RUN_KEYS = ("resume", "overwrite", "generate_only", "ckpt", "stop_at_step", "eval_only", "eval_data",
+            "benchmark", "plot")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ARCH_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["arch"])
 
@@ -353,6 +374,9 @@ def validate(cfg: Config) -> None:
         (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must be in (0, 1]"),
         (cfg.max_nonfinite < 1, "--max_nonfinite must be at least 1"),
         (cfg.resume and cfg.overwrite, "--resume and --overwrite contradict each other; pick one"),
+        (sum([cfg.generate_only, cfg.eval_only, cfg.benchmark, cfg.plot]) > 1,
+         "--generate_only, --eval_only, --benchmark and --plot are separate modes; give one"),
+        (cfg.peak_flops < 0, "--peak_flops must be 0 (automatic) or positive"),
         (cfg.time_budget_s < 0, "--time_budget_s must be 0 (off) or positive"),
         (cfg.stop_at_step < 0, "--stop_at_step must be 0 (off) or positive"),
         (not 0 <= cfg.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
@@ -612,29 +636,29 @@ def builtin_corpus() -> Corpus:
     return Corpus(text, "pydoc_data (Python's built-in documentation topics)", sha256_hex(text))
 
 
-def read_text_file(path: str) -> str:
+def read_text_file(path: str, flag: str = "--data_path") -> str:
     p = Path(path)
     if not p.exists():
-        raise TinyLLMError(f"--data_path {path} does not exist; point --data_path at a UTF-8 text "
+        raise TinyLLMError(f"{flag} {path} does not exist; point {flag} at a UTF-8 text "
                            f"file")
     if p.is_dir():
-        raise TinyLLMError(f"--data_path {path} is a directory; point --data_path at a UTF-8 text "
+        raise TinyLLMError(f"{flag} {path} is a directory; point {flag} at a UTF-8 text "
                            f"file")
     try:
         raw = p.read_bytes()
     except OSError as e:
-        raise TinyLLMError(f"--data_path {path} cannot be read ({e.strerror}); check its "
+        raise TinyLLMError(f"{flag} {path} cannot be read ({e.strerror}); check its "
                            f"permissions") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise TinyLLMError(f"--data_path {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+        raise TinyLLMError(f"{flag} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
                            f"offset {e.start}); convert it to UTF-8 or pick a text file") from None
     if not text.strip():
-        raise TinyLLMError(f"--data_path {path} is empty; give it some text to train on")
+        raise TinyLLMError(f"{flag} {path} is empty; give it some text to train on")
     if "\x00" in text:
-        raise TinyLLMError(f"--data_path {path} looks binary (it contains NUL bytes at offset "
-                           f"{text.index(chr(0))}); point --data_path at a text file")
+        raise TinyLLMError(f"{flag} {path} looks binary (it contains NUL bytes at offset "
+                           f"{text.index(chr(0))}); point {flag} at a text file")
     return text
 
 
@@ -693,6 +717,7 @@ class TokenSplit:
     dtype: np.dtype
     memmap: bool
     array: np.ndarray | None = None
+    tokens_per_byte: float = 0.0  # for bits per byte; known for the val split
 
     def __post_init__(self) -> None:
         if not self.memmap:
@@ -709,6 +734,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
+def byte_bar(total: int, what: str) -> Any:
+    """A tqdm bar in MB/s on a terminal (rank 0), else None: the summary line says it all."""
+    if not (sys.stdout.isatty() and is_rank0()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1000)
+
+
 def encode_corpus(corpus: Corpus, tok: TextTokenizer) -> np.ndarray:
     """Tokenize the corpus in newline-aligned pieces with the tokenizer's parallel batch encoder."""
     unknown = tok.unknown_chars(corpus.text)
@@ -720,8 +753,14 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer) -> np.ndarray:
     t0, dtype = time.time(), token_dtype(tok.vocab_size)
     pieces = text_chunks(corpus.text)
     arrays = []
+    bar = byte_bar(len(corpus.text.encode("utf-8")), "tokenizing")
     for i in range(0, len(pieces), 64):
-        arrays += [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(pieces[i:i + 64])]
+        batch = pieces[i:i + 64]
+        arrays += [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(batch)]
+        if bar is not None:
+            bar.update(sum(len(p.encode("utf-8")) for p in batch))
+    if bar is not None:
+        bar.close()
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
     seconds = time.time() - t0
     print0(f"data: encoded {len(corpus.text) / 1e6:.2f} MB into {len(tokens):,} tokens in "
@@ -729,9 +768,12 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer) -> np.ndarray:
     return tokens
 
 
+TOKEN_CACHE_FORMAT = 2  # bump when the layout of the token cache changes: old entries are ignored
+
+
 def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, TokenSplit]:
     """Train/val token files for this corpus and tokenizer, made once and then reused."""
-    key = sha256_hex(corpus.fingerprint, tok.to_str(), repr(cfg.val_fraction))[:20]
+    key = sha256_hex(str(TOKEN_CACHE_FORMAT), corpus.fingerprint, tok.to_str(), repr(cfg.val_fraction))[:20]
     folder = Path(cfg.cache_dir) / f"tokens-{key}"
     dtype = token_dtype(tok.vocab_size)
     if (folder / "meta.json").exists():
@@ -742,10 +784,14 @@ def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, T
         folder.mkdir(parents=True, exist_ok=True)
         for name, part in (("train", tokens[:-n_val]), ("val", tokens[-n_val:])):
             atomic_write(folder / f"{name}.bin", lambda p, part=part: part.tofile(p))
-        meta = {"corpus": corpus.name, "tokens": len(tokens), "dtype": dtype.name}
+        val_bytes = len(tok.decode(tokens[-n_val:].tolist()).encode("utf-8"))
+        meta = {"corpus": corpus.name, "tokens": len(tokens), "dtype": dtype.name,
+                "val_tokens": int(n_val), "val_bytes": val_bytes}
         write_text_atomic(folder / "meta.json", json.dumps(meta))  # written last: marks complete
     splits = {name: TokenSplit(folder / f"{name}.bin", dtype, cfg.memmap_dataset)
               for name in ("train", "val")}
+    meta = json.loads((folder / "meta.json").read_text())
+    splits["val"].tokens_per_byte = meta["val_tokens"] / max(1, meta["val_bytes"])
     for name, split in splits.items():
         if len(split) < cfg.block_size + 1:
             raise TinyLLMError(
@@ -1133,6 +1179,94 @@ def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.dev
 
 
 # ----------------------------------------------------------------------------------------------
+# Measuring: FLOPs per token, device peaks, MFU, bits per byte
+# ----------------------------------------------------------------------------------------------
+
+def flops_per_token(model: GPT, context: int) -> float:
+    """Training FLOPs per token: 6 per weight of every matmul (2 forward, 4 backward), the output
+    head included and embedding lookups not, plus attention scores and mixing at 12 x layers x
+    context x width (the count of the PaLM paper's appendix B), over the window if one is set."""
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    seen = min(context, model.cfg.sliding_window or context)
+    return 6 * matmul_weights + 12 * model.cfg.n_layer * seen * model.cfg.n_embd
+
+
+# Dense peaks in TFLOP/s from vendor datasheets: (bf16/fp16 tensor cores, fp32 with TF32 where
+# the GPU has it). Matched against torch.cuda.get_device_name(), first match wins.
+GPU_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 989, 495), ("H100 PCIe", 756, 378), ("H100 NVL", 835, 418), ("H100", 989, 495),
+    ("A100", 312, 156), ("L40S", 362, 183), ("L4", 121, 60), ("A10G", 70, 35), ("A10", 125, 62.5),
+    ("RTX 4090", 165, 82.6), ("RTX 4080", 97.5, 48.7), ("RTX 3090", 71, 35.6),
+    ("RTX 3080", 59.5, 29.8), ("V100", 125, 15.7), ("T4", 65, 8.1),
+)
+
+
+def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
+    for key, half, single in GPU_PEAK_TFLOPS:
+        if key in name:
+            return 1e12 * (single if dtype == torch.float32 else half)
+    return None
+
+
+def measure_matmul_flops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of a square matmul on this CPU in `dtype`: the practical peak for MFU."""
+    gen = torch.Generator().manual_seed(0)  # never touch the global RNG: runs must stay reproducible
+    a, b = (torch.randn(size, size, generator=gen).to(dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def cpu_peak_flops(dtype: torch.dtype, cache_dir: str) -> float:
+    """Measured once per CPU model, thread count and dtype, then read from cache_dir."""
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}"
+    path = Path(cache_dir) / "peak_flops.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = measure_matmul_flops(dtype)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(known, indent=1))
+        except OSError:
+            pass  # a read-only cache only costs a re-measurement next time
+    return known[key]
+
+
+def peak_flops(cfg: Config, device: torch.device, dtype: torch.dtype) -> float | None:
+    """--peak_flops, else the GPU table, else a CPU measurement; None when unknown (MFU not shown)."""
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+    if device.type == "cpu":
+        return cpu_peak_flops(dtype, cfg.cache_dir)
+    return None
+
+
+def bits_per_byte(loss: float, tokens_per_byte: float) -> float:
+    """Nats per token -> bits per UTF-8 byte: comparable across tokenizers and vocabularies."""
+    return loss / math.log(2) * tokens_per_byte
+
+
+# ----------------------------------------------------------------------------------------------
 # Training parts: schedules, curriculum, optimizers, EMA, evaluation, checkpoints
 # ----------------------------------------------------------------------------------------------
 
@@ -1371,6 +1505,80 @@ def refuse_existing_run(cfg: Config) -> None:
 # train()
 # ----------------------------------------------------------------------------------------------
 
+class Progress:
+    """A live tqdm bar (step, loss, lr, tokens/s, MFU, ETA) when stdout is a terminal on rank 0;
+    plain periodic log lines otherwise (CI, nohup, pipes)."""
+
+    def __init__(self, total: int | None, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, line: str, postfix: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(postfix, refresh=False)
+        else:
+            print0(line)
+
+    def quiet(self) -> Any:
+        """Context for other output (eval lines, samples) that must not tear the bar."""
+        if self.bar is None:
+            return contextlib.nullcontext()
+        from tqdm import tqdm
+        return tqdm.external_write_mode()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TensorBoardSink:
+    def __init__(self, out: Path, cfg: Config):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TinyLLMError("--tensorboard needs tensorboard: pip install tensorboard") from None
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, out: Path, cfg: Config):
+        try:
+            import wandb
+        except ImportError:
+            raise TinyLLMError("--wandb needs wandb: pip install wandb (then wandb login)") from None
+        self.wandb = wandb
+        self.run = wandb.init(project=cfg.wandb_project, dir=str(out), config=asdict(cfg),
+                              name=out.name, resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def metric_sinks(cfg: Config, out: Path, rank: int) -> list[Any]:
+    """Where metrics go besides metrics.jsonl; each library is imported only when asked for."""
+    if rank != 0:
+        return []
+    kinds = [(cfg.tensorboard, TensorBoardSink), (cfg.wandb, WandbSink)]
+    return [sink(out, cfg) for wanted, sink in kinds if wanted]
+
+
 @dataclass
 class RunState:
     """What the loop carries from step to step and a checkpoint restores."""
@@ -1381,6 +1589,7 @@ class RunState:
     nonfinite_skips: int = 0  # steps skipped for a non-finite loss or gradient norm
     skips_in_a_row: int = 0
     saved_step: int = -1  # step of the last checkpoint written
+    grad_norm: torch.Tensor | None = None  # of the last step, kept on the device until logged
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -1403,9 +1612,14 @@ class Run:
     batch_gen: torch.Generator
     state: RunState
     lock: Any = None
+    sinks: list[Any] = field(default_factory=list)
+    progress: Progress | None = None
+    peak: float | None = None  # device FLOP/s for MFU
 
     def record(self, record: dict[str, Any]) -> None:
         self.state.history.append(record)
+        for sink in self.sinks:
+            sink.log(record)
         if self.dist.rank == 0:
             try:
                 with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -1460,7 +1674,7 @@ def setup_run(explicit: dict[str, Any]) -> tuple[Config, dict[str, Any] | None]:
     return cfg, ckpt
 
 
-def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist, out: Path
+def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE_PROCESS
                    ) -> tuple[TextTokenizer, dict[str, TokenSplit]]:
     """Tokenizer and token files. Rank 0 builds the cache first; the other ranks then read it."""
     if dist.rank != 0:
@@ -1468,11 +1682,8 @@ def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist, out: Pa
     corpus = load_corpus(cfg)
     tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
     splits = prepare_data(cfg, corpus, tok)
-    if dist.rank == 0:
-        write_text_atomic(out / "tokenizer.json", tok.to_str())
-        write_text_atomic(out / "effective_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-        if dist.enabled:
-            torch.distributed.barrier()
+    if dist.rank == 0 and dist.enabled:
+        torch.distributed.barrier()
     return tok, splits
 
 
@@ -1493,9 +1704,12 @@ def build_run(explicit: dict[str, Any]) -> Run:
     device = pick_device(cfg.device, dist.local_rank)
     out = prepare_out_dir(cfg.out_dir) if dist.rank == 0 else Path(cfg.out_dir)
     lock = lock_out_dir(out) if dist.rank == 0 else None
-    tok, splits = prepare_inputs(cfg, ckpt, dist, out)
-    if dist.rank == 0 and not ckpt:
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
+    tok, splits = prepare_inputs(cfg, ckpt, dist)
+    if dist.rank == 0:
+        write_text_atomic(out / "tokenizer.json", tok.to_str())
+        write_text_atomic(out / "effective_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        if not ckpt:
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = GPT(cfg, tok.vocab_size).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
@@ -1504,7 +1718,8 @@ def build_run(explicit: dict[str, Any]) -> Run:
               make_optimizers(model, cfg, device),
               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               EMA(model, cfg.ema_decay) if cfg.ema else None,
-              torch.Generator().manual_seed(cfg.seed), RunState(), lock)
+              torch.Generator().manual_seed(cfg.seed), RunState(), lock,
+              metric_sinks(cfg, out, dist.rank), peak=peak_flops(cfg, device, dtype))
     if ckpt:
         run.restore(ckpt)
         print0(f"resume: continuing {out / 'ckpt.pt'} from step {run.state.step}")
@@ -1523,6 +1738,8 @@ def describe_run(run: Run) -> None:
     limit = f"{cfg.max_steps} steps" + (f" or {cfg.time_budget_s:g}s" if cfg.time_budget_s else "")
     print0(f"training: {limit} of {tokens:,} tokens ({cfg.batch_size} x {cfg.block_size} x "
            f"{cfg.grad_accum_steps} accum x {run.dist.world_size} ranks); writing {run.out}")
+    peak = f"{run.peak / 1e12:.3g} TFLOP/s peak" if run.peak else "peak unknown (--peak_flops)"
+    print0(f"measuring: {flops_per_token(run.model, cfg.block_size) / 1e6:.2f} MFLOPs per token, {peak}")
 
 
 def micro_step(run: Run, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
@@ -1558,6 +1775,7 @@ def optimizer_step(run: Run, lr: float) -> None:
         opt.zero_grad(set_to_none=True)
     if not skipped and run.ema is not None:
         run.ema.update(run.model)
+    run.state.grad_norm = norm
     note_skip(run, skipped, norm)
 
 
@@ -1624,12 +1842,19 @@ def agreed(run: Run, value: float) -> float:
 
 def log_step(run: Run, loss: float, lr: float, seconds: float, steps: int) -> None:
     cfg, s = run.cfg, run.state
-    tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * run.dist.world_size * steps
-    run.record({"step": s.step, "loss": loss, "lr": lr, "tokens_per_s": tokens / seconds,
-                "elapsed_s": s.elapsed, "overflow_skips": s.overflow_skips})
+    per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * run.dist.world_size
+    tok_s = per_step * steps / seconds
+    flops = flops_per_token(run.model, context_at(s.step - 1, cfg)) * tok_s / run.dist.world_size
+    mfu = flops / run.peak if run.peak else None
+    run.record({"step": s.step, "tokens": s.step * per_step, "loss": loss, "lr": lr,
+                "grad_norm": s.grad_norm.item() if s.grad_norm is not None else None,
+                "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": s.elapsed,
+                "overflow_skips": s.overflow_skips, "nonfinite_skips": s.nonfinite_skips})
     skips = f" | fp16 overflow skips {s.overflow_skips}" if run.scaler.is_enabled() else ""
-    print0(f"step {s.step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-           f"{1000 * seconds / steps:.1f} ms/step | {tokens / seconds:,.0f} tok/s{skips}")
+    mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+    run.progress.log(f"step {s.step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                     f"{1000 * seconds / steps:.1f} ms/step | {tok_s:,.0f} tok/s{mfu_text}{skips}",
+                     f"loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s{mfu_text.replace(' | ', ', ')}")
 
 
 def save_checkpoints(run: Run, best_weights: dict[str, torch.Tensor] | None) -> bool:
@@ -1656,7 +1881,10 @@ def evaluate_and_save(run: Run) -> None:
     """Val loss of the live weights (and of the EMA); the better one becomes ckpt_best.pt if it
     beats the best so far."""
     losses = estimate_loss(run.model, run.splits, run.cfg, run.device, run.dtype)
-    record = {"step": run.state.step, "train_loss": losses["train"], "val_loss": losses["val"]}
+    per_byte = run.splits["val"].tokens_per_byte
+    record = {"step": run.state.step, "train_loss": losses["train"], "val_loss": losses["val"],
+              "val_ppl": math.exp(losses["val"]), "val_bpb": bits_per_byte(losses["val"], per_byte),
+              "elapsed_s": run.state.elapsed}
     candidates = {"live": (losses["val"], run.model)}
     if run.ema is not None:
         record["ema_val_loss"] = estimate_loss(run.ema.model, {"val": run.splits["val"]}, run.cfg,
@@ -1671,7 +1899,7 @@ def evaluate_and_save(run: Run) -> None:
     ema = f" | ema val loss {record['ema_val_loss']:.4f}" if run.ema is not None else ""
     best = f" (best: {which} weights saved to ckpt_best.pt)" if is_best else ""
     print0(f"eval step {run.state.step}: train loss {losses['train']:.4f} | val loss "
-           f"{losses['val']:.4f}{ema}{best}")
+           f"{losses['val']:.4f} | val bpb {record['val_bpb']:.3f}{ema}{best}")
 
 
 class SignalCatcher:
@@ -1728,14 +1956,22 @@ def train(explicit: dict[str, Any]) -> list[dict[str, Any]]:
     run = build_run(explicit)
     try:
         describe_run(run)
+        run.progress = Progress(None if run.cfg.time_budget_s else run.cfg.max_steps, run.state.step,
+                                enabled=run.dist.rank == 0 and sys.stdout.isatty())
         with SignalCatcher() as catcher:
             train_loop(run, catcher)
+        run.progress.close()
         print0(f"done: step {run.state.step}, {run.state.elapsed:.0f}s of training, best val loss "
                f"{run.state.best_val:.4f}; checkpoints in {run.out}")
         if run.state.step < run.cfg.max_steps and not run.cfg.time_budget_s:
             print0(f"continue with: --out_dir {run.out} --resume")
         print_samples(sampling_model(run), run.tok, run.cfg, run.device)
+        auto_plot(run)
     finally:
+        if run.progress is not None:
+            run.progress.close()
+        for sink in run.sinks:
+            sink.close()
         if run.dist.enabled:
             torch.distributed.destroy_process_group()
         if run.lock is not None:
@@ -1751,6 +1987,7 @@ def train_loop(run: Run, catcher: SignalCatcher) -> None:
     while not finished(run):
         lr = lr_at(s.step, cfg, s.elapsed)
         loss_sum += train_step(run, lr)
+        run.progress.step()
         steps_since_log += 1
         now = time.time()
         s.elapsed = agreed(run, s.elapsed + now - t_step)
@@ -1759,11 +1996,15 @@ def train_loop(run: Run, catcher: SignalCatcher) -> None:
                      steps_since_log)
             loss_sum.zero_()
             steps_since_log, t_log = 0, now
-        if s.step % cfg.eval_interval == 0 or finished(run):
-            evaluate_and_save(run)
-        if cfg.sample_interval and s.step % cfg.sample_interval == 0 and not finished(run):
-            print_samples(sampling_model(run), run.tok, dataclasses.replace(cfg, num_samples=1),
-                          run.device, max_new_tokens=120)
+        do_eval = s.step % cfg.eval_interval == 0 or finished(run)
+        do_sample = bool(cfg.sample_interval) and s.step % cfg.sample_interval == 0 and not finished(run)
+        if do_eval or do_sample:
+            with run.progress.quiet():
+                if do_eval:
+                    evaluate_and_save(run)
+                if do_sample:
+                    print_samples(sampling_model(run), run.tok, dataclasses.replace(cfg, num_samples=1),
+                                  run.device, max_new_tokens=120)
         pause = time.time() - now  # evaluation and sampling are not training time
         t_step, t_log = now + pause, t_log + pause
         signum = stop_requested(run, catcher)
@@ -1772,7 +2013,7 @@ def train_loop(run: Run, catcher: SignalCatcher) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation from a checkpoint
+# Using a trained model: generate, evaluate, benchmark, plot
 # ----------------------------------------------------------------------------------------------
 
 def find_checkpoint(cfg: Config) -> Path:
@@ -1783,20 +2024,193 @@ def find_checkpoint(cfg: Config) -> Path:
     return best if best.is_file() else out / "ckpt.pt"
 
 
-def generate_from_checkpoint(explicit: dict[str, Any]) -> None:
-    """--generate_only: the checkpoint's model and tokenizer, this invocation's sampling settings."""
-    cfg = build_config(explicit)
-    path = find_checkpoint(cfg)
+@dataclass
+class Loaded:
+    """A checkpoint ready to use: its config merged with this invocation's settings."""
+    cfg: Config
+    path: Path
+    step: int
+    tok: TextTokenizer
+    model: GPT
+    device: torch.device
+
+
+def load_for_use(explicit: dict[str, Any]) -> Loaded:
+    """The checkpoint's model and tokenizer; sampling and evaluation settings from this call."""
+    path = find_checkpoint(build_config(explicit))
     ckpt = load_checkpoint(path)
     cfg = build_config(explicit, base=ckpt["config"])
     check_compatible(cfg, ckpt["config"], path)
     device = pick_device(cfg.device)
     tok = TextTokenizer.from_str(ckpt["tokenizer"])
-    encode_prompt(tok, cfg.prompt)  # refuse a bad prompt before any output
-    model = model_from_checkpoint(ckpt, cfg, device).eval()
-    print0(f"loaded {path} (step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters)",
+    return Loaded(cfg, path, ckpt["step"], tok, model_from_checkpoint(ckpt, cfg, device).eval(), device)
+
+
+def generate_from_checkpoint(explicit: dict[str, Any]) -> None:
+    """--generate_only: stream samples to stdout (the "loaded" line goes to stderr)."""
+    cfg = build_config(explicit)
+    use = load_for_use(explicit)
+    encode_prompt(use.tok, cfg.prompt)  # refuse a bad prompt before any output
+    print0(f"loaded {use.path} (step {use.step}, {use.model.num_params() / 1e6:.2f}M parameters)",
            file=sys.stderr)
-    print_samples(model, tok, cfg, device)
+    print_samples(use.model, use.tok, use.cfg, use.device)
+
+
+@torch.no_grad()
+def evaluate_tokens(model: GPT, tokens: np.ndarray, batch_size: int, device: torch.device,
+                    dtype: torch.dtype) -> dict[str, float]:
+    """Loss and next-token accuracy over every non-overlapping block of the tokens."""
+    T = model.cfg.block_size
+    starts = list(range(0, len(tokens) - T, T))
+    loss_sum = correct = count = 0.0
+    for i in range(0, len(starts), batch_size):
+        rows = np.stack([tokens[s:s + T + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
+        xy = torch.from_numpy(rows).to(device)
+        with autocast(device, dtype):
+            logits, loss = model(xy[:, :-1], xy[:, 1:])
+        n = xy[:, 1:].numel()
+        loss_sum += loss.item() * n
+        correct += (logits.argmax(-1) == xy[:, 1:]).sum().item()
+        count += n
+    return {"loss": loss_sum / count, "accuracy": correct / count, "tokens": count}
+
+
+def eval_tokens_for(use: Loaded) -> tuple[np.ndarray, float, str]:
+    """Tokens to evaluate, tokens per byte, and a name: --eval_data, else the run's val split."""
+    if use.cfg.eval_data:
+        text = read_text_file(use.cfg.eval_data, "--eval_data")
+        corpus = Corpus(text, use.cfg.eval_data, "")
+        tokens = encode_corpus(corpus, use.tok)
+        return tokens, len(tokens) / len(text.encode("utf-8")), use.cfg.eval_data
+    splits = prepare_data(use.cfg, load_corpus(use.cfg), use.tok)
+    return splits["val"].tokens(), splits["val"].tokens_per_byte, "the val split"
+
+
+def evaluate_checkpoint(explicit: dict[str, Any]) -> dict[str, float]:
+    """--eval_only: loss, perplexity, bits per byte and accuracy of a checkpoint."""
+    use = load_for_use(explicit)
+    tokens, per_byte, name = eval_tokens_for(use)
+    if len(tokens) < use.cfg.block_size + 1:
+        raise TinyLLMError(f"{name} has {len(tokens)} tokens; --eval_only needs at least block_size "
+                           f"+ 1 = {use.cfg.block_size + 1}")
+    result = evaluate_tokens(use.model, tokens, use.cfg.batch_size, use.device,
+                             pick_dtype(use.cfg, use.device))
+    result.update(perplexity=math.exp(result["loss"]), bpb=bits_per_byte(result["loss"], per_byte))
+    print0(f"eval of {use.path} (step {use.step}) on {name}: {int(result['tokens']):,} tokens")
+    print0(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | bits per byte "
+           f"{result['bpb']:.4f} | next-token accuracy {100 * result['accuracy']:.2f}%")
+    return result
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def benchmark(explicit: dict[str, Any], warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+    """--benchmark: time real training steps (data, forward, backward, optimizer) after a
+    warm-up, then generation with and without the KV cache. Nothing is written to out_dir."""
+    cfg = build_config(explicit)
+    device = pick_device(cfg.device)
+    tok, splits = prepare_inputs(cfg, None)
+    seed_everything(cfg.seed)
+    model = GPT(cfg, tok.vocab_size).to(device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    dtype = pick_dtype(cfg, device)
+    run = Run(cfg, SINGLE_PROCESS, device, dtype, Path(cfg.out_dir), tok, splits, model,
+              wrap_model(model, cfg, SINGLE_PROCESS, device), make_optimizers(model, cfg, device),
+              torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), None,
+              torch.Generator().manual_seed(cfg.seed), RunState(), peak=peak_flops(cfg, device, dtype))
+    model.train()
+    for _ in range(warmup):
+        train_step(run, cfg.learning_rate)
+    step_s = median_seconds(lambda: train_step(run, cfg.learning_rate).item(), repeats, device)
+    tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
+    result = {"train_tokens_per_s": tokens / step_s, "step_ms": 1000 * step_s,
+              "peak_memory_mb": peak_memory_bytes(device) / 2**20}
+    result["mfu"] = flops_per_token(model, cfg.block_size) * result["train_tokens_per_s"] / run.peak \
+        if run.peak else float("nan")
+    for cached in (True, False):
+        settings = SampleSettings(cfg.max_new_tokens, temperature=0, kv_cache=cached)
+        prompt = torch.tensor([tok.start_ids()], device=device)
+        seconds = median_seconds(lambda s=settings, p=prompt: generate(model, p, s), 3, device)
+        result[f"generate_tokens_per_s_{'cache' if cached else 'no_cache'}"] = cfg.max_new_tokens / seconds
+    print_benchmark(cfg, device, dtype, model, result)
+    return result
+
+
+def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model: GPT,
+                    r: dict[str, float]) -> None:
+    rows = [("model", f"{model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}"),
+            ("device / dtype", f"{device} / {str(dtype).removeprefix('torch.')}"
+                               f"{' / compiled' if cfg.compile else ''}"),
+            ("training step", f"{r['step_ms']:.1f} ms (median of steps after warm-up)"),
+            ("training tokens/s", f"{r['train_tokens_per_s']:,.0f}"),
+            ("MFU", f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "unknown (--peak_flops)"),
+            ("peak memory", f"{r['peak_memory_mb']:,.0f} MiB"),
+            (f"generation tokens/s, {cfg.max_new_tokens} new, KV cache",
+             f"{r['generate_tokens_per_s_cache']:,.0f}"),
+            (f"generation tokens/s, {cfg.max_new_tokens} new, no cache",
+             f"{r['generate_tokens_per_s_no_cache']:,.0f}")]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print0(f"{name:<{width}} | {value}")
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        raise TinyLLMError(f"no metrics at {path}; train first or point --out_dir at a run")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_metrics(out: Path) -> Path:
+    """out_dir/loss.png: training loss at each log step, val (and EMA val) loss at each eval."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TinyLLMError("--plot needs matplotlib: pip install matplotlib") from None
+    records = read_metrics(out)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, label in (("loss", "train (log steps)"), ("val_loss", "val"), ("ema_val_loss", "val, EMA")):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(out.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(out / "loss.png", lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return out / "loss.png"
+
+
+def auto_plot(run: Run) -> None:
+    """At the end of training, when matplotlib is installed."""
+    if run.dist.rank != 0:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    print0(f"plot: {plot_metrics(run.out)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1806,8 +2220,15 @@ def generate_from_checkpoint(explicit: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         explicit = parse_args(argv)
-        if explicit.get("generate_only"):
+        cfg = build_config(explicit)  # refuse bad settings before any work, whatever the mode
+        if cfg.generate_only:
             generate_from_checkpoint(explicit)
+        elif cfg.eval_only:
+            evaluate_checkpoint(explicit)
+        elif cfg.benchmark:
+            benchmark(explicit)
+        elif cfg.plot:
+            print0(f"plot: {plot_metrics(Path(cfg.out_dir))}")
         else:
             train(explicit)
     except TinyLLMError as e:
