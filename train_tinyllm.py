@@ -205,6 +205,12 @@ class Config:
     wandb: bool = opt(False, "Also log metrics to Weights & Biases.", "evaluation, metrics and export")
     wandb_project: str = opt("tinyllm", "Weights & Biases project name.",
                              "evaluation, metrics and export")
+    export: str = opt("none", "Export a checkpoint (--ckpt, else out_dir's best) and exit: hf "
+                              "(transformers directory), safetensors, onnx, torchscript, tiktoken "
+                              "(BPE tokenizers).", "evaluation, metrics and export",
+                      ("none", "hf", "safetensors", "onnx", "torchscript", "tiktoken"))
+    export_dir: str = opt("", "Where --export writes; default out_dir/export-FORMAT.",
+                          "evaluation, metrics and export")
 
 
 
@@ -216,7 +222,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Keys that say what to do in this invocation; they never carry over from a checkpoint's config.
 RUN_KEYS = ("resume", "overwrite", "generate_only", "ckpt", "stop_at_step", "eval_only", "eval_data",
-            "benchmark", "plot")
+            "benchmark", "plot", "export", "export_dir")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ARCH_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["arch"])
 
@@ -374,8 +380,8 @@ def validate(cfg: Config) -> None:
         (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must be in (0, 1]"),
         (cfg.max_nonfinite < 1, "--max_nonfinite must be at least 1"),
         (cfg.resume and cfg.overwrite, "--resume and --overwrite contradict each other; pick one"),
-        (sum([cfg.generate_only, cfg.eval_only, cfg.benchmark, cfg.plot]) > 1,
-         "--generate_only, --eval_only, --benchmark and --plot are separate modes; give one"),
+        (sum([cfg.generate_only, cfg.eval_only, cfg.benchmark, cfg.plot, cfg.export != "none"]) > 1,
+         "--generate_only, --eval_only, --benchmark, --plot and --export are separate modes; give one"),
         (cfg.peak_flops < 0, "--peak_flops must be 0 (automatic) or positive"),
         (cfg.time_budget_s < 0, "--time_budget_s must be 0 (off) or positive"),
         (cfg.stop_at_step < 0, "--stop_at_step must be 0 (off) or positive"),
@@ -895,7 +901,8 @@ class RotaryPositions(nn.Module):
         T, half = x.size(1), x.size(-1) // 2
         cos = self.cos[start:start + T].view(1, T, 1, half)
         sin = self.sin[start:start + T].view(1, T, 1, half)
-        x1, x2 = x.float()[..., :half], x.float()[..., half:]
+        x32 = x.float()
+        x1, x2 = x32[..., :half], x32[..., half:]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
@@ -966,7 +973,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, start+T, D)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            q, k, v, attn_mask=mask, is_causal=mask is None and start == 0,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != H_kv)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.out_proj(y))
@@ -1425,7 +1432,10 @@ CKPT_FORMAT = 1
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load with weights_only=True: a checkpoint can never run code while it is read."""
+    """Load with weights_only=True: a checkpoint can never run code while it is read. A
+    .safetensors export (no pickle at all) loads too, for sampling and evaluation."""
+    if path.suffix == ".safetensors" and path.is_file():
+        return load_safetensors(path)
     if not path.is_file():
         raise TinyLLMError(f"no checkpoint at {path}; train first (or give --ckpt PATH / the right "
                            f"--out_dir)")
@@ -2214,6 +2224,478 @@ def auto_plot(run: Run) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Export: HuggingFace transformers, safetensors, ONNX, TorchScript, tiktoken
+# ----------------------------------------------------------------------------------------------
+
+def hf_layout(cfg: Config) -> str:
+    """'gpt2' or 'llama': the transformers architecture that computes exactly what this config
+    computes, or TinyLLMError naming the first setting that neither can express (a checkpoint
+    that loads but computes something else would be worse than no export)."""
+    other = "export_safetensors/export_onnx keep every setting"
+    if cfg.qk_norm:
+        raise TinyLLMError(f"--qk_norm has no switch in transformers' GPT-2 or Llama; {other}, "
+                           f"or train without --qk_norm for a HuggingFace export")
+    if cfg.parallel_block:
+        raise TinyLLMError(f"--parallel_block has no switch in transformers' GPT-2 or Llama; "
+                           f"{other}, or train without --parallel_block for a HuggingFace export")
+    if cfg.sliding_window:
+        raise TinyLLMError(f"--sliding_window {cfg.sliding_window} has no switch in transformers' "
+                           f"GPT-2 or Llama; {other}, or train with --sliding_window 0 for a "
+                           f"HuggingFace export")
+    parts = (cfg.norm, cfg.mlp, cfg.pos_encoding)
+    if parts == ("layernorm", "gelu", "learned"):
+        return "gpt2"
+    if parts == ("rmsnorm", "swiglu", "rope"):
+        return "llama"
+    raise TinyLLMError(f"--norm {cfg.norm} --mlp {cfg.mlp} --pos_encoding {cfg.pos_encoding} is "
+                       f"neither GPT-2 (layernorm, gelu, learned) nor Llama (rmsnorm, swiglu, rope), "
+                       f"the two layouts transformers can load; {other}, or train with --arch gpt2 "
+                       f"or --arch llama for a HuggingFace export")
+
+
+def weight_or_zeros(layer: nn.Module, name: str, size: int) -> torch.Tensor:
+    """A bias (or norm weight) that the layer may lack: zeros compute exactly what no bias does,
+    which lets a --no-bias model load into GPT-2, whose layers always have biases."""
+    value = getattr(layer, name, None)
+    return value.detach() if value is not None else torch.zeros(size, dtype=layer.weight.dtype)
+
+
+def split_qkv(attn: CausalSelfAttention) -> dict[str, torch.Tensor]:
+    """The fused qkv projection as separate q, k, v weights (out, in) and biases (out,) or None."""
+    H, H_kv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    sizes = [H * D, H_kv * D, H_kv * D]
+    out = dict(zip(("q", "k", "v"), attn.qkv.weight.detach().split(sizes, dim=0)))
+    biases = attn.qkv.bias.detach().split(sizes) if attn.qkv.bias is not None else (None,) * 3
+    out.update({f"{n}_bias": b for n, b in zip(("q", "k", "v"), biases)})
+    return out
+
+
+def repeat_kv_heads(w: torch.Tensor | None, n_head: int, n_kv_head: int) -> torch.Tensor | None:
+    """k or v rows (H_kv*D, ...) -> (H*D, ...): each key/value head copied to the query heads
+    that read it (query head h reads kv head h // group), so GQA/MQA runs as plain multi-head
+    attention in layouts that have no num_key_value_heads (GPT-2). Exact, at the cost of size."""
+    if w is None or n_head == n_kv_head:
+        return w
+    group = n_head // n_kv_head
+    return w.reshape(n_kv_head, -1, *w.shape[1:]).repeat_interleave(group, dim=0).flatten(0, 1)
+
+
+def hf_gpt2_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under GPT2LMHeadModel's names. GPT-2's Conv1D stores (in, out), the transpose
+    of nn.Linear's (out, in); its c_attn is fused q, k, v like our qkv."""
+    C, hidden = model.cfg.n_embd, mlp_hidden_size(model.cfg)
+    t = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.positions.wpe.weight,
+         "transformer.ln_f.weight": model.norm_f.weight,
+         "transformer.ln_f.bias": weight_or_zeros(model.norm_f, "bias", C)}
+    for i, block in enumerate(model.blocks):
+        p, attn, mlp = f"transformer.h.{i}.", block.attn, block.mlp
+        qkv = split_qkv(attn)
+        w = torch.cat([qkv["q"]] + [repeat_kv_heads(qkv[n], attn.n_head, attn.n_kv_head)
+                                    for n in ("k", "v")])  # (3C, C)
+        b = torch.zeros(3 * C, dtype=w.dtype) if qkv["q_bias"] is None else torch.cat(
+            [qkv["q_bias"]] + [repeat_kv_heads(qkv[n], attn.n_head, attn.n_kv_head)
+                               for n in ("k_bias", "v_bias")])  # (3C,)
+        t |= {p + "attn.c_attn.weight": w.t(), p + "attn.c_attn.bias": b}
+        for ours, theirs, size in ((block.norm_1, "ln_1", C), (block.norm_2, "ln_2", C)):
+            t |= {f"{p}{theirs}.weight": ours.weight,
+                  f"{p}{theirs}.bias": weight_or_zeros(ours, "bias", size)}
+        for ours, theirs, size in ((attn.out_proj, "attn.c_proj", C), (mlp.fc, "mlp.c_fc", hidden),
+                                   (mlp.out_proj, "mlp.c_proj", C)):
+            t |= {f"{p}{theirs}.weight": ours.weight.t(),
+                  f"{p}{theirs}.bias": weight_or_zeros(ours, "bias", size)}
+    if not model.cfg.tie_weights:
+        t["lm_head.weight"] = model.lm_head.weight
+    return t
+
+
+def hf_llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under LlamaForCausalLM's names. Our rotary embedding already pairs the two
+    halves of each head (rotate-half), as HF Llama does, so q and k need no permutation."""
+    t = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": model.norm_f.weight}
+    for i, block in enumerate(model.blocks):
+        p, attn, mlp = f"model.layers.{i}.", block.attn, block.mlp
+        qkv = split_qkv(attn)
+        t |= {p + "input_layernorm.weight": block.norm_1.weight,
+              p + "post_attention_layernorm.weight": block.norm_2.weight,
+              p + "self_attn.q_proj.weight": qkv["q"], p + "self_attn.k_proj.weight": qkv["k"],
+              p + "self_attn.v_proj.weight": qkv["v"], p + "self_attn.o_proj.weight": attn.out_proj.weight,
+              p + "mlp.gate_proj.weight": mlp.gate.weight, p + "mlp.up_proj.weight": mlp.up.weight,
+              p + "mlp.down_proj.weight": mlp.out_proj.weight}
+        if model.cfg.bias:
+            t |= {p + "self_attn.q_proj.bias": qkv["q_bias"], p + "self_attn.k_proj.bias": qkv["k_bias"],
+                  p + "self_attn.v_proj.bias": qkv["v_bias"], p + "self_attn.o_proj.bias": attn.out_proj.bias,
+                  p + "mlp.gate_proj.bias": mlp.gate.bias, p + "mlp.up_proj.bias": mlp.up.bias,
+                  p + "mlp.down_proj.bias": mlp.out_proj.bias}
+    if not model.cfg.tie_weights:
+        t["lm_head.weight"] = model.lm_head.weight
+    return t
+
+
+def hf_config(model: GPT, tok: TextTokenizer, layout: str) -> dict[str, Any]:
+    """config.json for the layout, written by hand so that exporting needs no transformers; keys
+    that both transformers 4.x and 5.x read. Dropout carries over for fine-tuning."""
+    cfg = model.cfg
+    dtype = str(model.wte.weight.dtype).removeprefix("torch.")
+    common = {"vocab_size": model.vocab_size, "bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id,
+              "pad_token_id": None, "tie_word_embeddings": cfg.tie_weights, "initializer_range": 0.02,
+              "use_cache": True, "torch_dtype": dtype}
+    if layout == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
+                "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                "n_positions": cfg.block_size, "n_inner": mlp_hidden_size(cfg),
+                "activation_function": "gelu",  # exact erf GELU, as F.gelu; GPT-2's default is tanh
+                "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
+                "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+            "hidden_size": cfg.n_embd, "intermediate_size": mlp_hidden_size(cfg),
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head or cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
+            "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
+            "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+            "attention_dropout": cfg.dropout, "pretraining_tp": 1,
+            # rope_theta for transformers 4.x, rope_parameters for 5.x
+            "rope_theta": cfg.rope_theta, "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+
+
+def hf_generation_config(cfg: Config, tok: TextTokenizer) -> dict[str, Any]:
+    """generation_config.json with this run's sampling settings, so that model.generate() samples
+    as --generate_only does: same processors in the same order (repetition penalty, temperature,
+    top-k, top-p). top_k is written even when 0 because transformers' default is 50."""
+    out: dict[str, Any] = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id,
+                           "max_new_tokens": cfg.max_new_tokens,
+                           "repetition_penalty": cfg.repetition_penalty}
+    if cfg.temperature == 0:
+        return out | {"do_sample": False}
+    return out | {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k,
+                  "top_p": cfg.top_p}
+
+
+def hf_tokenizer_files(tok: TextTokenizer, block_size: int) -> dict[str, str]:
+    """tokenizer.json as it is, plus the tokenizer_config.json and special_tokens_map.json that
+    AutoTokenizer reads: end-of-text is BOS and EOS (as in GPT-2); a char-level tokenizer has no
+    special tokens. Spaces are never 'cleaned up' on decode: decoding must give back the text."""
+    special = {"bos_token": EOT, "eos_token": EOT} if tok.eot_id is not None else {}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+              **special}
+    return {"tokenizer.json": tok.to_str(),
+            "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+            "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
+
+
+def save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write through atomic_write. safetensors refuses tensors that share memory (tied weights,
+    slices of the fused qkv) and non-contiguous ones (transposes): every tensor is a fresh copy."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def make_export_dir(out_dir: Path) -> Path:
+    """out_dir, created; a file in its place is refused (mkdir would raise FileExistsError)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TinyLLMError(f"export directory {out_dir} is an existing file; pick a directory path")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def export_file(path: Path) -> Path:
+    """path, with its folder created; a directory in its place is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise TinyLLMError(f"export path {path} is a directory; give a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def export_hf(model: GPT, tok: TextTokenizer, out_dir: Path) -> None:
+    """A directory that transformers loads with AutoModelForCausalLM/AutoTokenizer.from_pretrained:
+    GPT2LMHeadModel for layernorm+gelu+learned models, LlamaForCausalLM for rmsnorm+swiglu+rope
+    ones, computing the same logits (fp32). Tied embeddings are stored once (safetensors refuses
+    shared tensors) and tie_word_embeddings re-ties them on load."""
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        raise TinyLLMError("exporting to HuggingFace needs safetensors: pip install safetensors") from None
+    layout = hf_layout(model.cfg)
+    if model.vocab_size < tok.vocab_size:
+        raise TinyLLMError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
+                           f"{model.vocab_size}; export the tokenizer the model was trained with")
+    out = make_export_dir(out_dir)
+    tensors = hf_gpt2_tensors(model) if layout == "gpt2" else hf_llama_tensors(model)
+    save_safetensors_file(tensors, out / "model.safetensors", {"format": "pt"})
+    files = {"config.json": hf_config(model, tok, layout),
+             "generation_config.json": hf_generation_config(model.cfg, tok)}
+    for name, value in files.items():
+        write_text_atomic(out / name, json.dumps(value, indent=2) + "\n")
+    for name, text in hf_tokenizer_files(tok, model.cfg.block_size).items():
+        write_text_atomic(out / name, text)
+
+
+SAFETENSORS_FORMAT = "tinyllm-1"
+
+
+def export_safetensors(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, step: int = -1) -> None:
+    """One .safetensors file that is a whole sampling checkpoint: the weights (no pickle, so
+    loading can never run code), and in the string-to-string metadata our config JSON, the
+    vocabulary size and the tokenizer JSON. A tied output head is stored once, as wte.weight."""
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        raise TinyLLMError("--export safetensors needs safetensors: pip install safetensors") from None
+    mismatched = [k for k in ARCH_KEYS if getattr(cfg, k) != getattr(model.cfg, k)]
+    if mismatched:
+        raise TinyLLMError(f"the config given to export_safetensors differs from the model's in "
+                           f"{', '.join(mismatched)}; pass the model's own config")
+    tensors = {k: v for k, v in model.state_dict().items()
+               if not (cfg.tie_weights and k == "lm_head.weight")}
+    metadata = {"format": "pt", "tinyllm": SAFETENSORS_FORMAT, "config": json.dumps(asdict(cfg)),
+                "vocab_size": str(model.vocab_size), "tokenizer": tok.to_str(), "step": str(step)}
+    save_safetensors_file(tensors, export_file(path), metadata)
+
+
+def load_safetensors(path: Path) -> dict[str, Any]:
+    """export_safetensors' file in the shape of a checkpoint (config, vocab_size, tokenizer,
+    model, step), so that --generate_only and --eval_only take either. A tied head is restored
+    as wte.weight under both names."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise TinyLLMError("reading a .safetensors file needs safetensors: pip install "
+                           "safetensors") from None
+    if not Path(path).is_file():
+        raise TinyLLMError(f"no file at {path}; give the path of a .safetensors file written by "
+                           f"export_safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError) as e:
+        raise TinyLLMError(f"{path} cannot be read as safetensors ({e}); it is corrupt or truncated: "
+                           f"export it again") from None
+    if meta.get("tinyllm") != SAFETENSORS_FORMAT:
+        raise TinyLLMError(f"{path} is not a tinyllm safetensors export (no '{SAFETENSORS_FORMAT}' "
+                           f"metadata); use a file written by export_safetensors")
+    cfg = json.loads(meta["config"])
+    if cfg.get("tie_weights"):
+        state["lm_head.weight"] = state["wte.weight"]
+    return {"format": CKPT_FORMAT, "config": cfg, "vocab_size": int(meta["vocab_size"]),
+            "tokenizer": meta["tokenizer"], "model": state, "step": int(meta.get("step", "-1"))}
+
+
+class LogitsOnly(nn.Module):
+    """GPT.forward as a pure function of the token ids, (B, T) -> (B, T, V) logits: the one
+    output that tracers and exporters want (no loss, no cache)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)[0]
+
+
+def export_copy(model: GPT) -> LogitsOnly:
+    """A CPU fp32 eval copy to trace: exporting never disturbs the live model (its device, its
+    dtype, train mode), and the graph does not bake in dropout."""
+    return LogitsOnly(copy.deepcopy(model).float().cpu()).eval()
+
+
+def export_onnx(model: GPT, path: Path) -> None:
+    """ONNX graph of the forward pass: input_ids (batch, seq) int64 -> logits (batch, seq, vocab)
+    float32; batch is dynamic, seq too from 1 to block_size (past it there are no positions).
+    No KV cache: each call recomputes the whole sequence. torch's dynamo exporter (torch.export,
+    then onnxscript); the older TorchScript-based one cannot translate RMSNorm."""
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter translates through it)
+    except ImportError:
+        raise TinyLLMError("--export onnx needs onnx and onnxscript: pip install onnx "
+                           "onnxscript") from None
+    if model.cfg.block_size < 2:
+        raise TinyLLMError("ONNX export needs --block_size of at least 2 (torch.export treats an "
+                           "example axis of size 1 as fixed)")
+    wrapper = export_copy(model)
+    example = torch.zeros(2, min(model.cfg.block_size, 8), dtype=torch.long)  # (B, T)
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=1, max=model.cfg.block_size)
+    big = sum(p.numel() * 4 for p in wrapper.parameters()) >= 2**31  # protobuf's 2 GB limit
+    program = torch.onnx.export(wrapper, (example,), input_names=["input_ids"],
+                                output_names=["logits"], dynamo=True, external_data=big,
+                                dynamic_shapes={"idx": {0: batch, 1: seq}}, verbose=False)
+    path = export_file(path)
+    if big:  # the weights go to a side file named after the graph file: no temporary name
+        program.save(str(path), external_data=True)
+    else:
+        atomic_write(path, lambda p: program.save(str(p), external_data=False))
+
+
+def export_torchscript(model: GPT, path: Path) -> None:
+    """torch.jit.trace of the logits-only forward (LogitsOnly), loadable with torch.jit.load
+    and no tinyllm code. Traced at batch 2 x seq 8, it runs any batch and any seq from 1 to
+    block_size: the trace records sizes as graph ops and LogitsOnly has no Python branch on
+    them. No KV cache. torch deprecates torch.jit (use export_onnx, or torch.export, for new
+    work); its deprecation warnings are silenced here, any other tracer warning is shown."""
+    import warnings
+    if model.cfg.block_size < 2:
+        raise TinyLLMError("TorchScript export needs --block_size of at least 2")
+    wrapper = export_copy(model)
+    example = torch.zeros(2, min(model.cfg.block_size, 8), dtype=torch.long)  # (B, T)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", message="`torch.jit", category=DeprecationWarning)
+        traced = torch.jit.trace(wrapper, (example,), check_trace=False)
+        atomic_write(export_file(path), lambda p: torch.jit.save(traced, str(p)))
+
+
+# The regular expression of HF's ByteLevel pre-tokenizer with use_regex=True, which is GPT-2's:
+# contractions, letters, digits and other symbols (each with one optional leading space), then
+# whitespace runs that leave their last space to the next word.
+GPT2_SPLIT_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+
+
+def byte_level_chars() -> dict[str, int]:
+    """The byte-level BPE alphabet: the character that spells each byte in a vocabulary. Bytes
+    that are printable Latin-1 and not space stand for themselves; the other 68 become
+    U+0100.. in byte order, so that every token is a printable string."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    chars, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + shifted)] = b
+            shifted += 1
+    return chars
+
+
+def check_tiktoken_compatible(spec: dict[str, Any]) -> None:
+    """tiktoken does regex splitting then rank-ordered byte merges, nothing else: refuse any
+    tokenizer.json that does more or differently, naming the part."""
+    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+    fix = "tiktoken can only express GPT-2-style byte-level BPE; use the tokenizer.json instead"
+    if model.get("type") == "WordLevel":
+        raise TinyLLMError(f"a char-level tokenizer has no byte-level merges for tiktoken to run "
+                           f"(it maps whole characters, not UTF-8 bytes); {fix}")
+    if model.get("type") != "BPE":
+        raise TinyLLMError(f"the tokenizer is {model.get('type')}, not BPE; {fix}")
+    if pre != {**pre, "type": "ByteLevel", "add_prefix_space": False, "use_regex": True}:
+        raise TinyLLMError(f"the tokenizer's pre-tokenizer is {json.dumps(pre)}, not ByteLevel with "
+                           f"use_regex and no add_prefix_space; {fix}")
+    extras = [k for k in ("normalizer",) if spec.get(k)] + \
+        [k for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix") if model.get(k)] + \
+        ["byte_fallback"] * bool(model.get("byte_fallback"))
+    if extras:
+        raise TinyLLMError(f"the tokenizer uses {', '.join(extras)}, which tiktoken does not have; {fix}")
+
+
+def tiktoken_tables(tok: TextTokenizer) -> tuple[dict[bytes, int], dict[str, int]]:
+    """(mergeable ranks, special tokens) with ranks = our token ids, so both give the same ids."""
+    spec = json.loads(tok.to_str())
+    check_tiktoken_compatible(spec)
+    added = tok.hf.get_added_tokens_decoder()  # {id: AddedToken}; the trainer also puts them in the vocab
+    plain = [a.content for a in added.values() if not a.special]
+    if plain:
+        raise TinyLLMError(f"the tokenizer has added tokens that are not special ({plain[:5]}); "
+                           f"tiktoken only knows special tokens: use the tokenizer.json instead")
+    chars = byte_level_chars()
+    try:
+        ranks = {bytes(chars[c] for c in token): i for token, i in
+                 tok.hf.get_vocab(with_added_tokens=False).items() if i not in added}
+    except KeyError as e:
+        raise TinyLLMError(f"the vocabulary has a token with {e.args[0]!r}, which is not in the "
+                           f"byte-level alphabet; use the tokenizer.json instead") from None
+    missing = 256 - sum(len(b) == 1 for b in ranks)
+    if missing:
+        raise TinyLLMError(f"the tokenizer lacks {missing} of the 256 single-byte tokens, so "
+                           f"tiktoken could not encode every text; train it with the full byte "
+                           f"alphabet (train_bpe_tokenizer does)")
+    check_merge_order(tok, spec["model"]["merges"], ranks, chars)
+    return ranks, {a.content: i for i, a in added.items()}
+
+
+def check_merge_order(tok: TextTokenizer, merges: list[Any], ranks: dict[bytes, int],
+                      chars: dict[str, int]) -> None:
+    """What tiktoken needs of a BPE to encode as HF does: merges made tokens in id order
+    (tiktoken ranks a pair by the id of the token it makes, HF by the merge's place in the list),
+    and every token is what HF's merges make of its own bytes (tiktoken takes a pre-token that is
+    a whole token as it is, without merging). Tokenizers from train_bpe_tokenizer pass."""
+    spell = {b: c for c, b in chars.items()}
+    last = -1
+    for merge in merges:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge  # old and new format
+        made = bytes(chars[c] for c in left + right)
+        if ranks.get(made, -1) <= last:
+            raise TinyLLMError(f"the merge {left!r} + {right!r} does not make a token with a larger id "
+                               f"than the merge before it, so tiktoken would merge in another order; "
+                               f"use the tokenizer.json instead")
+        last = ranks[made]
+    for token, i in ranks.items():
+        if len(token) > 1 and [t.id for t in tok.hf.model.tokenize("".join(spell[b] for b in token))] != [i]:
+            raise TinyLLMError(f"token {i} ({token!r}) is not what the tokenizer's own merges make of "
+                               f"its bytes, so tiktoken (which looks whole pre-tokens up) would encode "
+                               f"differently; use the tokenizer.json instead")
+
+
+def export_tiktoken(tok: TextTokenizer, path: Path) -> None:
+    """The byte-level BPE tokenizer for tiktoken: `path` holds the mergeable ranks in tiktoken's
+    own format (base64 of the token's bytes, space, rank; one a line), `path`.json the split
+    pattern, the special tokens and the ranks file's sha256. Load it with:
+
+        import json, tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+        meta = json.load(open("tokenizer.tiktoken.json"))
+        enc = tiktoken.Encoding(
+            name=meta["name"], pat_str=meta["pat_str"], special_tokens=meta["special_tokens"],
+            mergeable_ranks=load_tiktoken_bpe("tokenizer.tiktoken", expected_hash=meta["sha256"]))
+        enc.encode("some text<|endoftext|>", allowed_special="all")
+
+    (expected_hash matters: load_tiktoken_bpe caches every path it reads, local ones too, in
+    $TIKTOKEN_CACHE_DIR or /tmp/data-gym-cache, and without a hash a re-exported file would be
+    read from the stale cache.) tiktoken merges by the rank of the merged bytes and first looks
+    a whole pre-token up in the ranks, where HF applies its merge list in order; the two agree
+    on tokenizers that train_bpe_tokenizer makes, see the tests."""
+    ranks, special = tiktoken_tables(tok)
+    import base64
+    lines = "".join(f"{base64.b64encode(b).decode('ascii')} {i}\n" for b, i in
+                    sorted(ranks.items(), key=lambda item: item[1]))
+    path = export_file(path)
+    atomic_write(path, lambda p: p.write_bytes(lines.encode("ascii")))
+    meta = {"name": path.name.split(".")[0] or "tinyllm", "pat_str": GPT2_SPLIT_PATTERN,
+            "special_tokens": special, "mergeable_ranks": path.name,
+            "sha256": hashlib.sha256(lines.encode("ascii")).hexdigest(),
+            "n_vocab": tok.vocab_size}
+    write_text_atomic(path.with_name(path.name + ".json"), json.dumps(meta, indent=2) + "\n")
+
+
+EXPORT_FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torchscript": "model.pt",
+                "tiktoken": "tokenizer.tiktoken"}
+
+
+def export_checkpoint(explicit: dict[str, Any]) -> Path:
+    """--export FORMAT: the checkpoint (--ckpt, else out_dir's best, else latest) into
+    --export_dir (default out_dir/export-FORMAT)."""
+    use = load_for_use(explicit)
+    fmt = use.cfg.export
+    folder = make_export_dir(Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}"))
+    target = folder / EXPORT_FILES.get(fmt, "")
+    model = use.model.cpu().float()
+    if fmt == "hf":
+        export_hf(model, use.tok, folder)
+    elif fmt == "safetensors":
+        export_safetensors(model, use.tok, use.cfg, target, use.step)
+    elif fmt == "onnx":
+        export_onnx(model, target)
+    elif fmt == "torchscript":
+        export_torchscript(model, target)
+    else:
+        export_tiktoken(use.tok, target)
+    print0(f"exported {use.path} (step {use.step}) as {fmt}: {target if fmt != 'hf' else folder}")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
 # main()
 # ----------------------------------------------------------------------------------------------
 
@@ -2229,6 +2711,8 @@ def main(argv: list[str] | None = None) -> int:
             benchmark(explicit)
         elif cfg.plot:
             print0(f"plot: {plot_metrics(Path(cfg.out_dir))}")
+        elif cfg.export != "none":
+            export_checkpoint(explicit)
         else:
             train(explicit)
     except TinyLLMError as e:
