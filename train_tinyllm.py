@@ -14,10 +14,12 @@ sampling -> training parts -> train() -> main(). Importing it does nothing; main
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import copy
 import dataclasses
 import difflib
+import glob
 import hashlib
 import json
 import math
@@ -577,7 +579,9 @@ class TextTokenizer:
 
     def unknown_chars(self, text: str) -> list[str]:
         """Characters a char-level vocabulary cannot encode (none for byte-level BPE)."""
-        return sorted(set(text) - self.vocab.keys()) if self.kind == "char" else []
+        if self.kind != "char":
+            return []
+        return sorted(set(text.replace(EOT, "")) - self.vocab.keys())
 
     def start_ids(self) -> list[int]:
         """What an empty prompt starts from: end-of-text, else a newline, else token 0."""
@@ -586,13 +590,18 @@ class TextTokenizer:
         return [self.vocab["\n"]] if "\n" in self.vocab else [0]
 
 
-def train_char_tokenizer(text: str) -> TextTokenizer:
-    """One token per distinct character, as a WordLevel model over single-character pieces."""
+def train_char_tokenizer(texts: str | Iterator[str]) -> TextTokenizer:
+    """One token per distinct character (a WordLevel model over single-character pieces), plus
+    <|endoftext|> as the special token that separates documents."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    vocab = {ch: i for i, ch in enumerate(sorted(set(text)))}
+    chars: set[str] = set()
+    for text in [texts] if isinstance(texts, str) else texts:
+        chars.update(text)
+    vocab = {ch: i for i, ch in enumerate(sorted(chars))}
     hf = Tokenizer(models.WordLevel(vocab, unk_token=None))
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     hf.decoder = decoders.Fuse()
+    hf.add_special_tokens([EOT])
     return TextTokenizer(hf)
 
 
@@ -625,13 +634,27 @@ def load_tokenizer_file(path: str) -> TextTokenizer:
 # ----------------------------------------------------------------------------------------------
 
 DEFAULT_CORPUS = "data/tiny_corpus.txt"
+READ_SIZE = 1 << 22  # corpus files are read 4 MB at a time, never whole
+MIN_DOCS_FOR_DOC_SPLIT = 100  # fewer documents than this: the val split is the tail instead
 
 
 @dataclass
 class Corpus:
-    text: str
+    """Where the training text comes from: files read in pieces (each file a document, further
+    split at <|endoftext|> markers), or the built-in sample text held in memory."""
     name: str
+    files: list[Path]
     fingerprint: str
+    text: str = ""  # the built-in corpus only
+    documents: int = 1
+    n_bytes: int = 0
+
+    def sources(self) -> Iterator[tuple[str, Iterator[str]]]:
+        """(name, decoded blocks) per file, or the built-in text as one source."""
+        if not self.files:
+            yield "builtin", iter([self.text])
+        for path in self.files:
+            yield str(path), read_blocks(path)
 
 
 def builtin_corpus() -> Corpus:
@@ -639,76 +662,226 @@ def builtin_corpus() -> Corpus:
     that every Python install has, so the default run never needs the network."""
     from pydoc_data.topics import topics
     text = "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
-    return Corpus(text, "pydoc_data (Python's built-in documentation topics)", sha256_hex(text))
+    return Corpus("pydoc_data (Python's built-in documentation topics)", [], sha256_hex(text), text,
+                  n_bytes=len(text.encode("utf-8")))
+
+
+def read_blocks(path: Path, flag: str = "--data_path") -> Iterator[str]:
+    """A UTF-8 file as decoded blocks of about READ_SIZE bytes; a decoding error or a NUL byte
+    (a binary file) is a TinyLLMError naming the byte offset."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(READ_SIZE)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise TinyLLMError(f"{flag} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                   f"offset {offset + e.start}); convert it to UTF-8 or pick a text "
+                                   f"file") from None
+            if "\x00" in text:
+                raise TinyLLMError(f"{flag} {path} looks binary (it contains NUL bytes near offset "
+                                   f"{offset}); point {flag} at a text file")
+            if text:
+                yield text
+            if not raw:
+                return
+            offset += len(raw)
 
 
 def read_text_file(path: str, flag: str = "--data_path") -> str:
-    p = Path(path)
-    if not p.exists():
-        raise TinyLLMError(f"{flag} {path} does not exist; point {flag} at a UTF-8 text "
-                           f"file")
-    if p.is_dir():
-        raise TinyLLMError(f"{flag} {path} is a directory; point {flag} at a UTF-8 text "
-                           f"file")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise TinyLLMError(f"{flag} {path} cannot be read ({e.strerror}); check its "
-                           f"permissions") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TinyLLMError(f"{flag} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
-                           f"offset {e.start}); convert it to UTF-8 or pick a text file") from None
+    """A whole (small) text file, with the same checks as a corpus file."""
+    check_text_file(Path(path), flag)
+    text = "".join(read_blocks(Path(path), flag))
     if not text.strip():
-        raise TinyLLMError(f"{flag} {path} is empty; give it some text to train on")
-    if "\x00" in text:
-        raise TinyLLMError(f"{flag} {path} looks binary (it contains NUL bytes at offset "
-                           f"{text.index(chr(0))}); point {flag} at a text file")
+        raise TinyLLMError(f"{flag} {path} is empty; give it some text")
     return text
 
 
+def check_text_file(p: Path, flag: str) -> None:
+    if not p.exists():
+        raise TinyLLMError(f"{flag} {p} does not exist; point {flag} at a UTF-8 text file, a "
+                           f"directory, a glob or a URL")
+    if p.is_dir():
+        raise TinyLLMError(f"{flag} {p} is a directory; point {flag} at a UTF-8 text file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise TinyLLMError(f"{flag} {p} cannot be read ({e.strerror}); check its permissions") from None
+
+
+def download(url: str, folder: Path = Path("data")) -> Path:
+    """Fetch a URL once into data/ (atomically, with a progress bar) and reuse it afterwards."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    name = Path(urllib.parse.urlparse(url).path).name or f"download-{sha256_hex(url)[:12]}.txt"
+    dest = folder / name
+    if dest.is_file():
+        print0(f"data: reusing {dest} (downloaded from {url})")
+        return dest
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            bar = byte_bar(total, f"downloading {name}")
+            atomic_write(dest, lambda p: copy_stream(response, p, bar))
+            if bar is not None:
+                bar.close()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise TinyLLMError(f"--data_path {url} could not be downloaded ({reason}); check the URL and "
+                           f"the network, or download the file into data/ yourself") from None
+    print0(f"data: downloaded {url} to {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+    return dest
+
+
+def copy_stream(source: Any, path: Path, bar: Any) -> None:
+    with open(path, "wb") as f:
+        while chunk := source.read(1 << 20):
+            f.write(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+
+
+def resolve_data_path(spec: str) -> list[Path]:
+    """--data_path: files, directories (their .txt and .md files, sorted), globs and http(s)
+    URLs, comma-separated, in the order given."""
+    files: list[Path] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if item.startswith(("http://", "https://")):
+            found = [download(item)]
+        elif any(ch in item for ch in "*?["):
+            found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+            if not found:
+                raise TinyLLMError(f"--data_path {item} matches no files; check the pattern")
+        elif Path(item).is_dir():
+            found = sorted(p for p in Path(item).rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+            if not found:
+                raise TinyLLMError(f"--data_path {item} is a directory with no .txt or .md files; "
+                                   f"point --data_path at your text files")
+        else:
+            found = [Path(item)]
+        files += [f for f in found if f not in files]
+    return files
+
+
+def file_fingerprint(p: Path) -> str:
+    """Size, mtime and a hash of the first and last MB: cheap for a 2 GB file, and changes
+    whenever the file does in practice."""
+    st = p.stat()
+    with open(p, "rb") as f:
+        head = f.read(1 << 20)
+        f.seek(max(0, st.st_size - (1 << 20)))
+        tail = f.read(1 << 20)
+    return sha256_hex(str(p.resolve()), str(st.st_size), str(st.st_mtime_ns), head, tail)
+
+
+def scan_files(files: list[Path]) -> tuple[int, int]:
+    """One pass over the files before any work: every check (UTF-8, binary, empty) happens
+    here, and the documents and bytes are counted. Returns (documents, bytes)."""
+    documents = n_bytes = 0
+    for p in files:
+        check_text_file(p, "--data_path")
+        carry, has_text = "", False
+        for block in read_blocks(p):
+            text = carry + block
+            documents += text.count(EOT) - carry.count(EOT)
+            carry = text[-(len(EOT) - 1):]
+            has_text = has_text or bool(block.strip())
+        if not has_text:
+            raise TinyLLMError(f"--data_path {p} is empty; give it some text to train on")
+        documents += 1
+        n_bytes += p.stat().st_size
+    return documents, n_bytes
+
+
 def load_corpus(cfg: Config) -> Corpus:
-    path = cfg.data_path or (DEFAULT_CORPUS if Path(DEFAULT_CORPUS).exists() else "")
-    if not path:
+    spec = cfg.data_path or (DEFAULT_CORPUS if Path(DEFAULT_CORPUS).exists() else "")
+    if not spec:
         corpus = builtin_corpus()
         print0(f"data: no --data_path and no {DEFAULT_CORPUS}: training on {corpus.name}, "
-               f"{len(corpus.text) / 1e6:.2f} MB; pass --data_path your.txt to train on your own text")
+               f"{corpus.n_bytes / 1e6:.2f} MB; pass --data_path your.txt to train on your own text")
         return corpus
-    text = read_text_file(path)
-    print0(f"data: {path}, {len(text) / 1e6:.2f} MB")
-    return Corpus(text, path, sha256_hex(text))
+    files = resolve_data_path(spec)
+    if not files:
+        raise TinyLLMError(f"--data_path {spec!r} names no files; give a file, directory, glob or URL")
+    documents, n_bytes = scan_files(files)
+    name = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+    print0(f"data: {name}, {n_bytes / 1e6:.2f} MB, {documents:,} document(s)")
+    return Corpus(name, files, sha256_hex(*map(file_fingerprint, files)), documents=documents,
+                  n_bytes=n_bytes)
+
+
+def safe_cut(text: str, limit: int) -> int:
+    """The largest cut at most `limit` after which byte-level pre-tokenization of the two parts
+    equals that of the whole: after a newline, or before a space that starts a word, with no
+    other whitespace around. 0 when there is none."""
+    for i in range(min(limit, len(text) - 1), 1, -1):
+        a, b, c = text[i - 2], text[i - 1], text[i]
+        if b == "\n" and not a.isspace() and not c.isspace():
+            return i
+        if c == " " and not b.isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+            return i
+    return 0
 
 
 def text_chunks(text: str, size: int = 1 << 16) -> list[str]:
-    """Cut text into pieces of about `size` characters, only after a newline that sits between
-    two non-space characters, so that byte-level pre-tokenization of the pieces equals that of
-    the whole text."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = min(start + size, len(text))
-        while end < len(text) and not (text[end - 1] == "\n" and not text[end].isspace()
-                                       and end >= 2 and not text[end - 2].isspace()):
-            end += 1
-        pieces.append(text[start:end])
-        start = end
-    return pieces
+    """Cut text into pieces of about `size` characters at safe cuts (see safe_cut)."""
+    pieces = []
+    while len(text) > size:
+        cut = safe_cut(text, size) or safe_cut(text, len(text) - 1) or len(text)
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return pieces + ([text] if text else [])
+
+
+def document_pieces(corpus: Corpus, size: int = 1 << 16) -> Iterator[tuple[str, str, bool]]:
+    """(document key, piece of text, whether the piece ends its document), streaming: each file
+    is a document, split further at <|endoftext|> markers; pieces end at safe cuts, so encoding
+    them one by one gives the tokens of the whole document. Keys are 'file:index'."""
+    for source, blocks in corpus.sources():
+        index, carry, started = 0, "", False
+        for block in blocks:
+            parts = (carry + block).split(EOT)
+            for part in parts[:-1]:  # documents closed by a marker
+                part = part.strip() if not started else part.rstrip()
+                if part or started:
+                    yield from ((f"{source}:{index}", p, False) for p in text_chunks(part, size))
+                    yield f"{source}:{index}", "", True
+                index, started = index + 1, False
+            carry = parts[-1] if started else parts[-1].lstrip()
+            cut = safe_cut(carry, len(carry) - len(EOT)) if len(carry) > 2 * size else 0
+            if cut:  # a long document: hand on what is complete, keep the rest (a marker may be starting)
+                yield from ((f"{source}:{index}", p, False) for p in text_chunks(carry[:cut], size))
+                carry, started = carry[cut:], True
+        if carry.strip() or started:
+            yield from ((f"{source}:{index}", p, False) for p in text_chunks(carry.rstrip(), size))
+            yield f"{source}:{index}", "", True
+
+
+def training_texts(corpus: Corpus) -> Iterator[str]:
+    """The corpus text without markers, for training a tokenizer."""
+    return (piece for _, piece, _ in document_pieces(corpus, 1 << 20) if piece)
 
 
 def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
     """Load --tokenizer_path, or train the configured tokenizer on the corpus (cached)."""
     if cfg.tokenizer_path:
         return load_tokenizer_file(cfg.tokenizer_path)
-    spec = f"{cfg.tokenizer}:{cfg.bpe_vocab_size if cfg.tokenizer == 'bpe' else ''}"
+    spec = f"{cfg.tokenizer}:{cfg.bpe_vocab_size if cfg.tokenizer == 'bpe' else 'eot'}"
     cached = Path(cfg.cache_dir) / f"tokenizer-{sha256_hex(corpus.fingerprint, spec)[:20]}.json"
     if cached.exists():
         print0(f"tokenizer: reusing {cached}")
         return TextTokenizer.from_str(cached.read_text(encoding="utf-8"))
     t0 = time.time()
     if cfg.tokenizer == "char":
-        tok = train_char_tokenizer(corpus.text)
+        tok = train_char_tokenizer(training_texts(corpus))
     else:
-        tok = train_bpe_tokenizer(iter(text_chunks(corpus.text)), cfg.bpe_vocab_size)
+        tok = train_bpe_tokenizer(training_texts(corpus), cfg.bpe_vocab_size)
     print0(f"tokenizer: trained {cfg.tokenizer}, {tok.vocab_size} tokens, in {time.time() - t0:.1f}s")
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cached, tok.to_str())
@@ -745,58 +918,150 @@ def byte_bar(total: int, what: str) -> Any:
     if not (sys.stdout.isatty() and is_rank0()):
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1000)
+    return tqdm(total=total or None, desc=what, unit="B", unit_scale=True, unit_divisor=1000)
 
 
-def encode_corpus(corpus: Corpus, tok: TextTokenizer) -> np.ndarray:
-    """Tokenize the corpus in newline-aligned pieces with the tokenizer's parallel batch encoder."""
-    unknown = tok.unknown_chars(corpus.text)
+def check_known_chars(tok: TextTokenizer, text: str, name: str) -> None:
+    unknown = tok.unknown_chars(text)
     if unknown:
         shown = " ".join(repr(c) for c in unknown[:10])
-        raise TinyLLMError(f"{corpus.name} has {len(unknown)} characters outside the char-level "
+        raise TinyLLMError(f"{name} has {len(unknown)} characters outside the char-level "
                            f"vocabulary of this tokenizer/checkpoint ({shown}); train a new model "
                            f"on this corpus (another --out_dir) or remove those characters")
-    t0, dtype = time.time(), token_dtype(tok.vocab_size)
-    pieces = text_chunks(corpus.text)
-    arrays = []
-    bar = byte_bar(len(corpus.text.encode("utf-8")), "tokenizing")
-    for i in range(0, len(pieces), 64):
-        batch = pieces[i:i + 64]
-        arrays += [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(batch)]
-        if bar is not None:
-            bar.update(sum(len(p.encode("utf-8")) for p in batch))
+
+
+def encode_text(tok: TextTokenizer, text: str, name: str) -> np.ndarray:
+    """A small text (an --eval_data file) to tokens."""
+    check_known_chars(tok, text, name)
+    ids = [i for piece in tok.encode_batch(text_chunks(text)) for i in piece]
+    return np.asarray(ids, dtype=token_dtype(tok.vocab_size))
+
+
+def is_val_document(key: str, val_fraction: float) -> bool:
+    """Deterministic, order-independent document split: a hash of the document's key."""
+    return int(sha256_hex(key)[:8], 16) / 2**32 < val_fraction
+
+
+class TokenWriter:
+    """Appends encoded documents to the train and val token files, with the end-of-text token
+    between documents, encoding pieces in batches with the tokenizer's parallel encoder."""
+
+    def __init__(self, folder: Path, tok: TextTokenizer, by_document: bool, val_fraction: float):
+        self.tok, self.by_document, self.val_fraction = tok, by_document, val_fraction
+        self.dtype = token_dtype(tok.vocab_size)
+        self.paths = {s: folder / f".{s}.bin.tmp{os.getpid()}" for s in ("train", "val")}
+        self.files = {s: open(p, "wb") for s, p in self.paths.items()}
+        self.started = {"train": False, "val": False}
+        self.pending: list[tuple[str, str, bool]] = []
+        self.val_bytes = 0
+
+    def add(self, key: str, piece: str, ends: bool) -> int:
+        """Queue a piece; returns the bytes encoded when the queue was flushed."""
+        split = "val" if self.by_document and is_val_document(key, self.val_fraction) else "train"
+        self.pending.append((split, piece, ends))
+        return self.flush() if len(self.pending) >= 256 else 0
+
+    def flush(self) -> int:
+        pieces = [p for _, p, _ in self.pending]
+        for piece in pieces:
+            check_known_chars(self.tok, piece, "the corpus")
+        n_bytes = 0
+        for (split, piece, ends), ids in zip(self.pending, self.tok.encode_batch(pieces)):
+            between = self.files[split].tell() and self.tok.eot_id is not None
+            if piece and not self.started[split] and between:
+                ids = [self.tok.eot_id, *ids]  # between documents, never after the last
+            self.started[split] = self.started[split] or bool(piece)
+            self.files[split].write(np.asarray(ids, dtype=self.dtype).tobytes())
+            if ends:
+                self.started[split] = False
+            size = len(piece.encode("utf-8"))
+            self.val_bytes += size if split == "val" else 0
+            n_bytes += size
+        self.pending.clear()
+        return n_bytes
+
+    def close(self) -> None:
+        self.flush()
+        for f in self.files.values():
+            f.close()
+
+
+def move_tail_to_val(train: Path, val: Path, fraction: float, dtype: np.dtype) -> None:
+    """Without documents to split by: the last `fraction` of the tokens become the val split,
+    copied in bounded chunks, then cut off the train file."""
+    n = train.stat().st_size // dtype.itemsize
+    start = n - max(1, int(n * fraction))
+    source = np.memmap(train, dtype, mode="r")
+    with open(val, "wb") as f:
+        for i in range(start, n, 1 << 24):
+            f.write(np.asarray(source[i:min(n, i + (1 << 24))]).tobytes())
+    del source
+    os.truncate(train, start * dtype.itemsize)
+
+
+def decoded_bytes(path: Path, tok: TextTokenizer, dtype: np.dtype) -> int:
+    """UTF-8 bytes that a token file decodes to, decoded a million tokens at a time."""
+    data = np.memmap(path, dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+    return sum(len(tok.decode(data[i:i + (1 << 20)].tolist()).encode("utf-8"))
+               for i in range(0, len(data), 1 << 20))
+
+
+def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction: float) -> dict[str, Any]:
+    """Stream the corpus through the tokenizer into train/val token files in `folder`, in
+    bounded memory. Split by documents (hash of their keys) when there are enough of them,
+    else by the tail. Returns the metadata of the split."""
+    t0 = time.time()
+    by_document = corpus.documents >= MIN_DOCS_FOR_DOC_SPLIT
+    writer = TokenWriter(folder, tok, by_document, val_fraction)
+    bar = byte_bar(corpus.n_bytes, "tokenizing")
+    try:
+        for key, piece, ends in document_pieces(corpus):
+            done = writer.add(key, piece, ends)
+            if bar is not None and done:
+                bar.update(done)
+        writer.close()
+    except BaseException:
+        writer.close()
+        for p in writer.paths.values():
+            p.unlink(missing_ok=True)
+        raise
     if bar is not None:
         bar.close()
-    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+    final = {s: folder / f"{s}.bin" for s in ("train", "val")}
+    for split, tmp in writer.paths.items():
+        os.replace(tmp, final[split])
+    if not by_document:
+        move_tail_to_val(final["train"], final["val"], val_fraction, writer.dtype)
+    itemsize = writer.dtype.itemsize
+    meta = {"corpus": corpus.name, "dtype": writer.dtype.name,
+            "split": "documents" if by_document else "tail",
+            "train_tokens": final["train"].stat().st_size // itemsize,
+            "val_tokens": final["val"].stat().st_size // itemsize,
+            "val_bytes": writer.val_bytes if by_document else decoded_bytes(final["val"], tok, writer.dtype)}
     seconds = time.time() - t0
-    print0(f"data: encoded {len(corpus.text) / 1e6:.2f} MB into {len(tokens):,} tokens in "
-           f"{seconds:.1f}s ({len(corpus.text) / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
-    return tokens
+    print0(f"data: encoded {corpus.n_bytes / 1e6:.2f} MB into {meta['train_tokens'] + meta['val_tokens']:,} "
+           f"tokens in {seconds:.1f}s ({corpus.n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s), split by "
+           f"{meta['split']}")
+    return meta
 
 
-TOKEN_CACHE_FORMAT = 2  # bump when the layout of the token cache changes: old entries are ignored
+TOKEN_CACHE_FORMAT = 3  # bump when the layout of the token cache changes: old entries are ignored
 
 
 def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, TokenSplit]:
     """Train/val token files for this corpus and tokenizer, made once and then reused."""
     key = sha256_hex(str(TOKEN_CACHE_FORMAT), corpus.fingerprint, tok.to_str(), repr(cfg.val_fraction))[:20]
     folder = Path(cfg.cache_dir) / f"tokens-{key}"
-    dtype = token_dtype(tok.vocab_size)
     if (folder / "meta.json").exists():
         print0(f"data: reusing token files in {folder}")
     else:
-        tokens = encode_corpus(corpus, tok)
-        n_val = max(1, int(len(tokens) * cfg.val_fraction))
         folder.mkdir(parents=True, exist_ok=True)
-        for name, part in (("train", tokens[:-n_val]), ("val", tokens[-n_val:])):
-            atomic_write(folder / f"{name}.bin", lambda p, part=part: part.tofile(p))
-        val_bytes = len(tok.decode(tokens[-n_val:].tolist()).encode("utf-8"))
-        meta = {"corpus": corpus.name, "tokens": len(tokens), "dtype": dtype.name,
-                "val_tokens": int(n_val), "val_bytes": val_bytes}
+        meta = encode_corpus(corpus, tok, folder, cfg.val_fraction)
         write_text_atomic(folder / "meta.json", json.dumps(meta))  # written last: marks complete
+    meta = json.loads((folder / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
     splits = {name: TokenSplit(folder / f"{name}.bin", dtype, cfg.memmap_dataset)
               for name in ("train", "val")}
-    meta = json.loads((folder / "meta.json").read_text())
     splits["val"].tokens_per_byte = meta["val_tokens"] / max(1, meta["val_bytes"])
     for name, split in splits.items():
         if len(split) < cfg.block_size + 1:
@@ -1130,35 +1395,48 @@ def next_logits_cached(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.T
 
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, s: SampleSettings, generator: torch.Generator | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Continue idx (B, T) by s.max_new_tokens tokens; on_token sees each new (B, 1) column."""
+             on_token: Callable[[torch.Tensor], None] | None = None, stop_id: int | None = None
+             ) -> torch.Tensor:
+    """Continue idx (B, T) by up to s.max_new_tokens tokens; on_token sees each new (B, 1)
+    column. With stop_id (end-of-text), a row that produces it is finished: it is padded with
+    stop_id, and generation ends when every row is finished."""
     was_training = model.training
     model.eval()
     cache = model.new_cache(idx.size(0), idx.device, model.wte.weight.dtype) if s.kv_cache else None
+    done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
     for _ in range(s.max_new_tokens):
         logits = next_logits_cached(model, idx, cache) if cache else next_logits_uncached(model, idx)
         nxt = choose_next(logits, idx, s, generator)
+        if stop_id is not None:
+            nxt = nxt.masked_fill(done, stop_id)
+            done |= nxt == stop_id
         idx = torch.cat([idx, nxt], dim=1)
         if on_token is not None:
             on_token(nxt)
+        if stop_id is not None and bool(done.all()):
+            break
     model.train(was_training)
     return idx
 
 
 class TextStreamer:
-    """Prints decoded text as tokens arrive, holding back bytes of an unfinished character."""
+    """Prints text as tokens arrive. Only the tokens not yet printed are decoded (both our
+    tokenizers decode a run of tokens to exactly its own bytes), and a run that ends inside a
+    UTF-8 character waits for the rest. The end-of-text token ends a sample; it is not printed."""
 
-    def __init__(self, tok: TextTokenizer, prompt_ids: list[int]):
-        self.tok, self.ids = tok, list(prompt_ids)
-        self.printed = len(tok.decode(self.ids))
+    def __init__(self, tok: TextTokenizer):
+        self.tok, self.pending = tok, []
 
     def __call__(self, nxt: torch.Tensor) -> None:
-        self.ids.append(int(nxt[0, 0]))
-        text = self.tok.decode(self.ids)
+        token = int(nxt[0, 0])
+        if token == self.tok.eot_id:
+            return
+        self.pending.append(token)
+        text = self.tok.decode(self.pending)
         if not text.endswith("\ufffd"):
-            sys.stdout.write(text[self.printed:])
+            sys.stdout.write(text)
             sys.stdout.flush()
-            self.printed = len(text)
+            self.pending.clear()
 
 
 def encode_prompt(tok: TextTokenizer, prompt: str) -> list[int]:
@@ -1180,8 +1458,8 @@ def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.dev
         if is_rank0():
             print(f"--- sample {i + 1}/{cfg.num_samples} ---\n{cfg.prompt}", end="", flush=True)
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        streamer = TextStreamer(tok, prompt_ids) if is_rank0() else None
-        generate(model, idx, settings, generator, streamer)
+        streamer = TextStreamer(tok) if is_rank0() else None
+        generate(model, idx, settings, generator, streamer, stop_id=tok.eot_id)
         print0()
 
 
@@ -2089,8 +2367,7 @@ def eval_tokens_for(use: Loaded) -> tuple[np.ndarray, float, str]:
     """Tokens to evaluate, tokens per byte, and a name: --eval_data, else the run's val split."""
     if use.cfg.eval_data:
         text = read_text_file(use.cfg.eval_data, "--eval_data")
-        corpus = Corpus(text, use.cfg.eval_data, "")
-        tokens = encode_corpus(corpus, use.tok)
+        tokens = encode_text(use.tok, text, use.cfg.eval_data)
         return tokens, len(tokens) / len(text.encode("utf-8")), use.cfg.eval_data
     splits = prepare_data(use.cfg, load_corpus(use.cfg), use.tok)
     return splits["val"].tokens(), splits["val"].tokens_per_byte, "the val split"

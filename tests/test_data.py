@@ -19,7 +19,7 @@ def test_token_files_cached_and_split_deterministic(tmp_path, corpus, capsys):
     _, _, again = prepared(tmp_path, corpus)
     second = capsys.readouterr().out
     assert "reusing token files" in second and "encoded" not in second and "trained" not in second
-    whole = np.asarray(tok.encode(corpus.read_text()), dtype=np.uint16)
+    whole = np.asarray(tok.encode(corpus.read_text().strip()), dtype=np.uint16)  # one document
     n_val = int(len(whole) * cfg.val_fraction)
     assert np.array_equal(again["train"].tokens(), whole[:-n_val])
     assert np.array_equal(again["val"].tokens(), whole[-n_val:])

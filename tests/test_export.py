@@ -101,7 +101,7 @@ def test_hf_greedy_generation_matches(arch, char_tok, tmp_path):
     export_hf(model, char_tok, tmp_path)
     hf = load_hf(tmp_path)
     prompt = torch.randint(char_tok.vocab_size, (2, 4))
-    ours = generate(model, prompt, SampleSettings(max_new_tokens=10, temperature=0))
+    ours = generate(model, prompt, SampleSettings(max_new_tokens=10, temperature=0), stop_id=char_tok.eot_id)
     with torch.no_grad():
         theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
                              do_sample=False)
@@ -127,16 +127,13 @@ def test_hf_tokenizer_matches(kind, char_tok, bpe_tok, tmp_path):
     tok = char_tok if kind == "char" else bpe_tok
     export_hf(random_model(tok.vocab_size, arch="gpt2"), tok, tmp_path)
     hf_tok = AutoTokenizer.from_pretrained(tmp_path)
-    text = MIXED + EOT + "after" if kind == "bpe" else MIXED
+    text = MIXED + EOT + "after"  # both kinds separate documents with <|endoftext|>
     ids = tok.encode(text)
     assert hf_tok.encode(text) == ids
     assert hf_tok(text)["input_ids"] == ids  # the default call adds no BOS/EOS either
     assert hf_tok.decode(ids) == tok.decode(ids) == text
-    if kind == "bpe":
-        assert hf_tok.eos_token == hf_tok.bos_token == EOT
-        assert hf_tok.eos_token_id == tok.eot_id
-    else:
-        assert hf_tok.eos_token is None
+    assert hf_tok.eos_token == hf_tok.bos_token == EOT
+    assert hf_tok.eos_token_id == tok.eot_id
 
 
 REFUSED = {

@@ -35,7 +35,8 @@ def test_metrics_jsonl_has_every_field_and_appends_across_resume(run_args, tmp_p
     assert all(EVAL_KEYS <= r.keys() for r in evals)
     r = logs[-1]
     assert r["tokens"] == 6 * 4 * 16 and r["grad_norm"] > 0 and r["elapsed_s"] > 0
-    fpt = tl.flops_per_token(tl.GPT(tl.build_config(tl.parse_args(run_args())), 21), 16)
+    vocab = tl.TextTokenizer.from_str((tmp_path / "out" / "tokenizer.json").read_text()).vocab_size
+    fpt = tl.flops_per_token(tl.GPT(tl.build_config(tl.parse_args(run_args())), vocab), 16)
     assert r["mfu"] == pytest.approx(fpt * r["tokens_per_s"] / 1e11, rel=1e-6)
     e = evals[-1]
     assert e["val_ppl"] == pytest.approx(math.exp(e["val_loss"]))

@@ -45,11 +45,15 @@ def bad_inputs(t: dict[str, Path]) -> list[tuple[str, list[str], str]]:
     (root / "unknown.json").write_text('{"n_layers": 2}')
     (root / "typed.json").write_text('{"n_layer": "two"}')
     (root / "a_file").write_text("not a directory")
+    (root / "no_text").mkdir(exist_ok=True)
+    (root / "no_text" / "image.png").write_bytes(b"\x89PNG")
     fresh = ["--out_dir", out, "--overwrite", "--cache_dir", str(root / "cache"), *TINY]
     gen = ["--generate_only", "--out_dir", out]
     return [
         ("missing data file", ["--data_path", str(root / "nope.txt"), *fresh], "does not exist"),
-        ("data path is a directory", ["--data_path", str(root), *fresh], "is a directory"),
+        ("directory without text files", ["--data_path", str(root / "no_text"), *fresh],
+         "is a directory with no .txt or .md files"),
+        ("glob matching nothing", ["--data_path", str(root / "*.nothing"), *fresh], "matches no files"),
         ("empty data file", ["--data_path", str(root / "empty.txt"), *fresh], "is empty"),
         ("not UTF-8", ["--data_path", str(root / "latin1.txt"), *fresh], "is not UTF-8 text"),
         ("binary with NUL bytes", ["--data_path", str(root / "nul.txt"), *fresh], "looks binary"),
@@ -93,9 +97,13 @@ def test_bad_inputs_one_line_exit_2_out_dir_untouched(trained, capsys):
 
 
 def test_unreadable_data_file(trained, capsys, monkeypatch):
-    def denied(self):
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    real_open = open
+
+    def denied(path, *args, **kwargs):  # what a file without read permission gives (tests run as root)
+        if Path(path) == trained["corpus"]:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(tl, "open", denied, raising=False)
     assert tl.main(["--data_path", str(trained["corpus"]), "--out_dir", str(trained["root"] / "x")]) == 2
     assert "cannot be read (Permission denied); check its permissions" in capsys.readouterr().err
 
@@ -123,7 +131,7 @@ def test_subprocess_bad_input_has_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: --data_path {tmp_path / 'missing.txt'} does not exist; point --data_path at a UTF-8 "
-        f"text file"]
+        f"text file, a directory, a glob or a URL"]
 
 
 class Evil:

@@ -30,7 +30,21 @@ def test_temperature_zero_is_argmax_and_seed_repeats():
 def test_streamer_holds_back_partial_utf8(capsys):
     tok = tl.train_bpe_tokenizer(iter(["plain text only " * 50]), 270)
     ids = tok.encode("日本")  # unseen characters: several byte tokens each
-    streamer = tl.TextStreamer(tok, [])
-    for i in ids:
+    streamer = tl.TextStreamer(tok)
+    for i in [*ids, tok.eot_id]:
         streamer(torch.tensor([[i]]))
-    assert capsys.readouterr().out == "日本"
+    assert capsys.readouterr().out == "日本"  # whole characters only, and no end-of-text marker
+
+
+def test_generation_stops_at_end_of_text(monkeypatch):
+    """A row that produces the stop token is padded with it; generation ends when all rows are
+    done (as transformers' generate does with its EOS token)."""
+    model = tl.GPT(tl.Config(n_layer=1, n_embd=32, block_size=16), 10).eval()
+    script = iter([[[7], [3]], [[3], [7]], [[1], [1]]])
+    monkeypatch.setattr(tl, "choose_next", lambda *a: torch.tensor(next(script)))
+    prompt = torch.zeros(2, 2, dtype=torch.long)
+    out = tl.generate(model, prompt, tl.SampleSettings(max_new_tokens=20, temperature=0), stop_id=7)
+    assert out[:, 2:].tolist() == [[7, 7], [3, 7]]
+    script = iter([[[7], [3]]] * 5)
+    out = tl.generate(model, prompt, tl.SampleSettings(max_new_tokens=5, temperature=0))
+    assert out.shape == (2, 7)  # without a stop token: all max_new_tokens

@@ -8,7 +8,8 @@ def test_char_round_trip():
     tok = tl.train_char_tokenizer(TEXT)
     ids = tok.encode(TEXT)
     assert len(ids) == len(TEXT) and tok.decode(ids) == TEXT
-    assert tok.vocab_size == len(set(TEXT))
+    assert tok.vocab_size == len(set(TEXT)) + 1  # and <|endoftext|>, the document separator
+    assert tok.decode([tok.eot_id]) == "<|endoftext|>" and tok.encode("a<|endoftext|>b")[1] == tok.eot_id
     assert tok.unknown_chars("Hez!Q") == ["Q", "z"]
 
 
