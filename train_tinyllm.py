@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -57,8 +58,10 @@ def opt(default: Any, help: str, group: str, choices: tuple[str, ...] | None = N
 @dataclass
 class Config:
     # data and I/O
-    data_path: str = opt("", "UTF-8 text file to train on. Empty: data/tiny_corpus.txt if it exists, "
-                             "else a sample corpus that ships with Python (pydoc_data).", "data and I/O")
+    data_path: str = opt("", "UTF-8 text to train on: a file, a directory (its .txt/.md files), a "
+                             "glob, an http(s) URL (downloaded once into data/), or several, "
+                             "comma-separated. Empty: data/tiny_corpus.txt if it exists, else a "
+                             "sample corpus that ships with Python (pydoc_data).", "data and I/O")
     out_dir: str = opt("out/tinyllm", "Run directory: checkpoints, tokenizer, configs, metrics.",
                        "data and I/O")
     cache_dir: str = opt("data/cache", "Where tokenizers and token files are cached, keyed by corpus "
@@ -730,7 +733,8 @@ def download(url: str, folder: Path = Path("data")) -> Path:
             if bar is not None:
                 bar.close()
     except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
+        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else \
+            getattr(e, "reason", None) or e
         raise TinyLLMError(f"--data_path {url} could not be downloaded ({reason}); check the URL and "
                            f"the network, or download the file into data/ yourself") from None
     print0(f"data: downloaded {url} to {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
@@ -816,24 +820,32 @@ def load_corpus(cfg: Config) -> Corpus:
                   n_bytes=n_bytes)
 
 
+# Places where byte-level pre-tokenization of the two parts equals that of the whole: after a
+# newline, or before a space that starts a word, with no other whitespace around.
+SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+
+
 def safe_cut(text: str, limit: int) -> int:
-    """The largest cut at most `limit` after which byte-level pre-tokenization of the two parts
-    equals that of the whole: after a newline, or before a space that starts a word, with no
-    other whitespace around. 0 when there is none."""
-    for i in range(min(limit, len(text) - 1), 1, -1):
-        a, b, c = text[i - 2], text[i - 1], text[i]
-        if b == "\n" and not a.isspace() and not c.isspace():
-            return i
-        if c == " " and not b.isspace() and i + 1 < len(text) and not text[i + 1].isspace():
-            return i
+    """The last safe cut at or before `limit` (0 when there is none)."""
+    for lo in (max(0, limit - 4096), 0):  # look near the limit first: that is where cuts are
+        cuts = [m.start() for m in SAFE_CUT.finditer(text, lo, min(len(text), limit + 2))
+                if m.start() <= limit]
+        if cuts:
+            return cuts[-1]
     return 0
 
 
+def next_safe_cut(text: str, start: int) -> int:
+    """The first safe cut after `start` (0 when there is none)."""
+    m = SAFE_CUT.search(text, start + 1)
+    return m.start() if m else 0
+
+
 def text_chunks(text: str, size: int = 1 << 16) -> list[str]:
-    """Cut text into pieces of about `size` characters at safe cuts (see safe_cut)."""
+    """Cut text into pieces of about `size` characters at safe cuts (see SAFE_CUT)."""
     pieces = []
     while len(text) > size:
-        cut = safe_cut(text, size) or safe_cut(text, len(text) - 1) or len(text)
+        cut = safe_cut(text, size) or next_safe_cut(text, size) or len(text)
         pieces.append(text[:cut])
         text = text[cut:]
     return pieces + ([text] if text else [])
