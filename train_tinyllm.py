@@ -1173,6 +1173,12 @@ class RotaryPositions(nn.Module):
     def embed(self, x: torch.Tensor, start: int) -> torch.Tensor:
         return x
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RotaryPositions:
+        """Move with the model but stay float32: angles in bf16 would blur positions."""
+        super()._apply(fn, recurse)
+        self.cos, self.sin = self.cos.float(), self.sin.float()
+        return self
+
     def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: (B, T, H, D); positions start..start+T-1 (start is the KV-cache position)."""
         T, half = x.size(1), x.size(-1) // 2
@@ -1460,10 +1466,21 @@ def encode_prompt(tok: TextTokenizer, prompt: str) -> list[int]:
     return tok.encode(prompt) if prompt else tok.start_ids()
 
 
+def sampling_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """Generation reads every weight for every token, so it is bound by memory bandwidth:
+    weights in bf16 (where the device has it natively) halve that. fp16 only on CUDA."""
+    dtype = pick_dtype(cfg, device)
+    return dtype if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type == "cuda") \
+        else torch.float32
+
+
 def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.device,
                   max_new_tokens: int | None = None, seed: int | None = None) -> None:
-    """Stream cfg.num_samples samples of cfg.prompt to stdout; same seed, same text."""
+    """Stream cfg.num_samples samples of cfg.prompt to stdout; same seed, same text. Runs on a
+    copy in the sampling dtype, so training never sees its weights rounded."""
     prompt_ids = encode_prompt(tok, cfg.prompt)
+    dtype = sampling_dtype(cfg, device)
+    model = copy.deepcopy(model).to(dtype) if dtype != model.wte.weight.dtype else model
     generator = torch.Generator(device=device).manual_seed(cfg.seed if seed is None else seed)
     settings = SampleSettings.from_config(cfg, max_new_tokens)
     for i in range(cfg.num_samples):

@@ -1,3 +1,4 @@
+import copy
 import itertools
 import math
 
@@ -114,3 +115,18 @@ def test_rope_is_rotate_half_and_relative():
     x[..., 0] = 1.0  # pairs with index 4 (rotate-half), not index 1 (interleaved)
     y = rope.rotate(x, 1)
     assert y[..., 4].abs() > 0 and y[..., 1] == 0
+
+
+def test_bf16_sampling_copy_keeps_rope_in_fp32_and_training_model_untouched(capsys):
+    model = tiny(pos="rope")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert half.positions.cos.dtype == torch.float32 and half.wte.weight.dtype == torch.bfloat16
+    greedy = tl.SampleSettings(max_new_tokens=12, temperature=0)
+    idx = torch.randint(VOCAB, (2, 3))
+    with_cache = tl.generate(half, idx, greedy)
+    greedy.kv_cache = False
+    assert torch.equal(with_cache, tl.generate(half, idx, greedy))
+    tok = tl.train_char_tokenizer("abcdefghij \n" * 5)
+    small = tl.GPT(tl.Config(n_layer=1, n_embd=32, block_size=16), tok.vocab_size)
+    tl.print_samples(small, tok, tl.Config(dtype="bfloat16", max_new_tokens=5), torch.device("cpu"))
+    assert small.wte.weight.dtype == torch.float32 and "sample 1/1" in capsys.readouterr().out
