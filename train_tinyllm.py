@@ -79,8 +79,8 @@ class Config:
                               arch=True)
     tokenizer_path: str = opt("", "Use this tokenizer.json (any HuggingFace tokenizer file) instead "
                                   "of training one.", "data and I/O")
-    val_fraction: float = opt(0.1, "Fraction of the corpus (its tail) held out for validation.",
-                              "data and I/O")
+    val_fraction: float = opt(0.1, "Fraction held out for validation: whole documents chosen by hash "
+                                    "when the corpus has 100 or more, else its tail.", "data and I/O")
     device: str = opt("auto", "auto picks cuda, then mps, then cpu; or name one (cpu, cuda, cuda:1, "
                               "mps).", "data and I/O")
     # model
@@ -225,9 +225,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama": {"norm": "rmsnorm", "mlp": "swiglu", "pos_encoding": "rope", "bias": False,
               "tie_weights": True},
 }
-# Keys that say what to do in this invocation; they never carry over from a checkpoint's config.
-RUN_KEYS = ("resume", "overwrite", "generate_only", "ckpt", "stop_at_step", "eval_only", "eval_data",
-            "benchmark", "plot", "export", "export_dir")
+# Keys that say what to do in this invocation, and where; they never carry over from a
+# checkpoint's config (a model trained on a GPU must sample on a laptop).
+RUN_KEYS = ("device", "resume", "overwrite", "generate_only", "ckpt", "stop_at_step", "eval_only",
+            "eval_data", "benchmark", "plot", "export", "export_dir")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ARCH_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["arch"])
 
@@ -1964,8 +1965,9 @@ class Run:
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.load_state_dict(ckpt["ema"])
         s = self.state
-        s.step, s.best_val, s.elapsed = ckpt["step"], ckpt["best_val_loss"], ckpt["elapsed_s"]
-        s.overflow_skips, s.nonfinite_skips = ckpt["overflow_skips"], ckpt["nonfinite_skips"]
+        s.step, s.best_val, s.elapsed = ckpt["step"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0)
+        # counters added to the format later: older checkpoints start them at zero
+        s.overflow_skips, s.nonfinite_skips = ckpt.get("overflow_skips", 0), ckpt.get("nonfinite_skips", 0)
         s.saved_step = s.step
         set_rng_states(ckpt["rng"])
         self.batch_gen.set_state(ckpt["batch_rng"])

@@ -98,3 +98,23 @@ def test_command_line_train_then_generate(run_args, tmp_path):
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("the cat") == 2 and first.stdout == again.stdout
     assert "ckpt_best.pt" in first.stderr
+
+
+def test_checkpoint_device_does_not_carry_over(run_args, tmp_path):
+    """A model trained on a GPU must sample on a CPU-only machine without extra flags."""
+    tl.train(tl.parse_args(run_args()))
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    ckpt["config"]["device"] = "cuda"  # as if trained on a GPU
+    torch.save(ckpt, tmp_path / "gpu_ckpt.pt")
+    use = tl.load_for_use(tl.parse_args(["--ckpt", str(tmp_path / "gpu_ckpt.pt")]))
+    assert use.cfg.device == "auto" and use.device.type == tl.pick_device("auto").type
+
+
+def test_resume_accepts_checkpoints_without_newer_counters(run_args, tmp_path):
+    tl.train(tl.parse_args(run_args()))
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    for key in ("nonfinite_skips", "overflow_skips", "elapsed_s"):
+        del ckpt[key]
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    history = tl.train(tl.parse_args(run_args("--resume", "--max_steps", "7")))
+    assert [r["step"] for r in history if "loss" in r] == [7]
