@@ -21,6 +21,8 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -428,6 +430,16 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise TinyLLMError("--device mps: MPS is not available here; use --device cpu or auto")
     return torch.device(name)
+
+
+def require(module: str, what: str, install: str | None = None) -> Any:
+    """Import an optional library when a feature needs it, or stop with one line that says how
+    to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise TinyLLMError(f"{what} needs {module.split('.')[0]}: pip install "
+                           f"{install or module.split('.')[0]}") from None
 
 
 def has_native_bf16(device: torch.device) -> bool:
@@ -1661,11 +1673,7 @@ def adamw(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torc
 
 
 def adamw8bit(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise TinyLLMError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes "
-                           "(or pick --optimizer adamw)") from None
+    bnb = require("bitsandbytes", "--optimizer adamw8bit", "bitsandbytes (or pick --optimizer adamw)")
     return bnb.optim.AdamW8bit(decay_groups(params, cfg.weight_decay), lr=cfg.learning_rate,
                                betas=(cfg.beta1, cfg.beta2))
 
@@ -1857,10 +1865,8 @@ class Progress:
 
 class TensorBoardSink:
     def __init__(self, out: Path, cfg: Config):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TinyLLMError("--tensorboard needs tensorboard: pip install tensorboard") from None
+        require("tensorboard", "--tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
@@ -1874,12 +1880,8 @@ class TensorBoardSink:
 
 class WandbSink:
     def __init__(self, out: Path, cfg: Config):
-        try:
-            import wandb
-        except ImportError:
-            raise TinyLLMError("--wandb needs wandb: pip install wandb (then wandb login)") from None
-        self.wandb = wandb
-        self.run = wandb.init(project=cfg.wandb_project, dir=str(out), config=asdict(cfg),
+        self.wandb = require("wandb", "--wandb", "wandb (then wandb login)")
+        self.run = self.wandb.init(project=cfg.wandb_project, dir=str(out), config=asdict(cfg),
                               name=out.name, resume="allow")
 
     def log(self, record: dict[str, Any]) -> None:
@@ -2497,12 +2499,8 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
 
 def plot_metrics(out: Path) -> Path:
     """out_dir/loss.png: training loss at each log step, val (and EMA val) loss at each eval."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise TinyLLMError("--plot needs matplotlib: pip install matplotlib") from None
+    require("matplotlib", "--plot").use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
     records = read_metrics(out)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key, label in (("loss", "train (log steps)"), ("val_loss", "val"), ("ema_val_loss", "val, EMA")):
@@ -2524,9 +2522,7 @@ def auto_plot(run: Run) -> None:
     """At the end of training, when matplotlib is installed."""
     if run.dist.rank != 0:
         return
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         return
     print0(f"plot: {plot_metrics(run.out)}")
 
@@ -2724,10 +2720,7 @@ def export_hf(model: GPT, tok: TextTokenizer, out_dir: Path) -> None:
     GPT2LMHeadModel for layernorm+gelu+learned models, LlamaForCausalLM for rmsnorm+swiglu+rope
     ones, computing the same logits (fp32). Tied embeddings are stored once (safetensors refuses
     shared tensors) and tie_word_embeddings re-ties them on load."""
-    try:
-        import safetensors  # noqa: F401
-    except ImportError:
-        raise TinyLLMError("exporting to HuggingFace needs safetensors: pip install safetensors") from None
+    require("safetensors", "exporting to HuggingFace")
     layout = hf_layout(model.cfg)
     if model.vocab_size < tok.vocab_size:
         raise TinyLLMError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
@@ -2750,10 +2743,7 @@ def export_safetensors(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, 
     """One .safetensors file that is a whole sampling checkpoint: the weights (no pickle, so
     loading can never run code), and in the string-to-string metadata our config JSON, the
     vocabulary size and the tokenizer JSON. A tied output head is stored once, as wte.weight."""
-    try:
-        import safetensors  # noqa: F401
-    except ImportError:
-        raise TinyLLMError("--export safetensors needs safetensors: pip install safetensors") from None
+    require("safetensors", "--export safetensors")
     mismatched = [k for k in ARCH_KEYS if getattr(cfg, k) != getattr(model.cfg, k)]
     if mismatched:
         raise TinyLLMError(f"the config given to export_safetensors differs from the model's in "
@@ -2769,11 +2759,8 @@ def load_safetensors(path: Path) -> dict[str, Any]:
     """export_safetensors' file in the shape of a checkpoint (config, vocab_size, tokenizer,
     model, step), so that --generate_only and --eval_only take either. A tied head is restored
     as wte.weight under both names."""
-    try:
-        from safetensors import SafetensorError, safe_open
-    except ImportError:
-        raise TinyLLMError("reading a .safetensors file needs safetensors: pip install "
-                           "safetensors") from None
+    require("safetensors", "reading a .safetensors file")
+    from safetensors import SafetensorError, safe_open
     if not Path(path).is_file():
         raise TinyLLMError(f"no file at {path}; give the path of a .safetensors file written by "
                            f"export_safetensors")
@@ -2817,11 +2804,7 @@ def export_onnx(model: GPT, path: Path) -> None:
     float32; batch is dynamic, seq too from 1 to block_size (past it there are no positions).
     No KV cache: each call recomputes the whole sequence. torch's dynamo exporter (torch.export,
     then onnxscript); the older TorchScript-based one cannot translate RMSNorm."""
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter translates through it)
-    except ImportError:
-        raise TinyLLMError("--export onnx needs onnx and onnxscript: pip install onnx "
-                           "onnxscript") from None
+    require("onnxscript", "--export onnx", "onnx onnxscript")  # the dynamo exporter translates through it
     if model.cfg.block_size < 2:
         raise TinyLLMError("ONNX export needs --block_size of at least 2 (torch.export treats an "
                            "example axis of size 1 as fixed)")
