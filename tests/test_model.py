@@ -126,6 +126,11 @@ def test_bf16_sampling_copy_keeps_rope_in_fp32_and_training_model_untouched(caps
     with_cache = tl.generate(half, idx, greedy)
     greedy.kv_cache = False
     assert torch.equal(with_cache, tl.generate(half, idx, greedy))
+    cache = half.new_cache(2, idx.device, tl.cache_dtype(torch.bfloat16, idx.device))
+    assert cache.k.dtype == torch.float32  # attention in fp32 on CPU, the weights stay bf16
+    logits = tl.next_logits_cached(half, idx, cache)
+    assert logits.dtype == torch.bfloat16
+    assert torch.allclose(logits.float(), tl.next_logits_uncached(half, idx).float(), atol=3e-2)
     tok = tl.train_char_tokenizer("abcdefghij \n" * 5)
     small = tl.GPT(tl.Config(n_layer=1, n_embd=32, block_size=16), tok.vocab_size)
     tl.print_samples(small, tok, tl.Config(dtype="bfloat16", max_new_tokens=5), torch.device("cpu"))
