@@ -155,6 +155,39 @@ def test_adamw8bit_missing_is_a_clear_error(monkeypatch):
                            tl.Config(optimizer="adamw8bit"), torch.device("cpu"))
 
 
+def test_adamw_is_fused_on_cpu():
+    opt = tl.make_optimizers(tl.GPT(tl.Config(n_layer=1, n_embd=32), 10), tl.Config(),
+                             torch.device("cpu"))[0]
+    assert opt.defaults["fused"] is True
+
+
+FAULTS = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import train_tinyllm as tl
+kept = tl.keep_freed_memory(tl.Config(keep_freed_memory={flag}), torch.device("cpu"))
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)  # 64 MB: over glibc's 32 MB limit for heap blocks; freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(kept, min(faults() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
+def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
+    def run(flag):
+        code = FAULTS.format(root=str(Path(SCRIPT).parent), flag=flag)
+        kept, faults = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout.split()
+        return kept == "True", int(faults)
+    (kept_on, faults_on), (kept_off, faults_off) = run(True), run(False)
+    assert kept_on and not kept_off
+    assert faults_on < 1000 and faults_on < faults_off  # 64 MB is 16,384 pages of 4 KB
+    assert not tl.keep_freed_memory(tl.Config(), torch.device("meta"))  # CPU runs only
+
+
 # ---- schedules and regularization -------------------------------------------------------------
 
 def test_schedules():
