@@ -348,10 +348,12 @@ def build_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Refuse impossible settings before any work, naming the option and the fix."""
+Check = tuple[bool, str]  # (is it bad, the one-line message that names the option and the fix)
+
+
+def model_checks(cfg: Config) -> list[Check]:
     kv = cfg.n_kv_head or cfg.n_head
-    checks = [
+    return [
         (cfg.n_layer < 1, "--n_layer must be at least 1"),
         (cfg.n_head < 1, "--n_head must be at least 1"),
         (cfg.n_embd < 1, "--n_embd must be at least 1"),
@@ -371,9 +373,19 @@ def validate(cfg: Config) -> None:
         (cfg.mlp_hidden < 0, "--mlp_hidden must be 0 (automatic) or positive"),
         (cfg.rope_theta <= 0, "--rope_theta must be positive"),
         (cfg.sliding_window < 0, "--sliding_window must be 0 (off) or a positive window"),
+    ]
+
+
+def data_checks(cfg: Config) -> list[Check]:
+    return [
         (cfg.bpe_vocab_size < 258 or cfg.bpe_vocab_size > 2**32,
          "--bpe_vocab_size must be at least 258 (256 bytes, the end-of-text token and one merge)"),
         (not 0 < cfg.val_fraction < 1, f"--val_fraction must be in (0, 1), got {cfg.val_fraction}"),
+    ]
+
+
+def training_checks(cfg: Config) -> list[Check]:
+    return [
         (cfg.max_steps < 1, "--max_steps must be at least 1"),
         (cfg.batch_size < 1, f"--batch_size must be at least 1, got {cfg.batch_size}"),
         (cfg.grad_accum_steps < 1, "--grad_accum_steps must be at least 1"),
@@ -388,18 +400,8 @@ def validate(cfg: Config) -> None:
         (cfg.eval_iters < 1, "--eval_iters must be at least 1"),
         (cfg.log_interval < 1, "--log_interval must be at least 1"),
         (cfg.sample_interval < 0, "--sample_interval must be 0 (only at the end) or positive"),
-        (cfg.max_new_tokens < 0, f"--max_new_tokens must be 0 or more, got {cfg.max_new_tokens}"),
-        (cfg.temperature < 0, f"--temperature must be 0 (greedy) or more, got {cfg.temperature}"),
-        (cfg.top_k < 0, "--top_k must be 0 (off) or positive"),
-        (not 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}"),
-        (cfg.repetition_penalty <= 0, "--repetition_penalty must be positive (1 = off)"),
-        (cfg.num_samples < 1, "--num_samples must be at least 1"),
         (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must be in (0, 1]"),
         (cfg.max_nonfinite < 1, "--max_nonfinite must be at least 1"),
-        (cfg.resume and cfg.overwrite, "--resume and --overwrite contradict each other; pick one"),
-        (sum([cfg.generate_only, cfg.eval_only, cfg.benchmark, cfg.plot, cfg.export != "none"]) > 1,
-         "--generate_only, --eval_only, --benchmark, --plot and --export are separate modes; give one"),
-        (cfg.peak_flops < 0, "--peak_flops must be 0 (automatic) or positive"),
         (cfg.time_budget_s < 0, "--time_budget_s must be 0 (off) or positive"),
         (cfg.stop_at_step < 0, "--stop_at_step must be 0 (off) or positive"),
         (not 0 <= cfg.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
@@ -408,12 +410,38 @@ def validate(cfg: Config) -> None:
         (cfg.curriculum and not 1 <= cfg.curriculum_start_block_size < cfg.block_size,
          f"--curriculum_start_block_size must be in [1, block_size={cfg.block_size})"),
         (cfg.curriculum_steps < 0, "--curriculum_steps must be 0 (a third of max_steps) or positive"),
+    ]
+
+
+def sampling_checks(cfg: Config) -> list[Check]:
+    return [
+        (cfg.max_new_tokens < 0, f"--max_new_tokens must be 0 or more, got {cfg.max_new_tokens}"),
+        (cfg.temperature < 0, f"--temperature must be 0 (greedy) or more, got {cfg.temperature}"),
+        (cfg.top_k < 0, "--top_k must be 0 (off) or positive"),
+        (not 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}"),
+        (cfg.repetition_penalty <= 0, "--repetition_penalty must be positive (1 = off)"),
+        (cfg.num_samples < 1, "--num_samples must be at least 1"),
+    ]
+
+
+def run_checks(cfg: Config) -> list[Check]:
+    """Modes and runtime options that do not shape the model or its training."""
+    return [
+        (cfg.resume and cfg.overwrite, "--resume and --overwrite contradict each other; pick one"),
+        (sum([cfg.generate_only, cfg.eval_only, cfg.benchmark, cfg.plot, cfg.export != "none"]) > 1,
+         "--generate_only, --eval_only, --benchmark, --plot and --export are separate modes; give one"),
+        (cfg.peak_flops < 0, "--peak_flops must be 0 (automatic) or positive"),
         (not is_valid_device(cfg.device),
          f"--device {cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"),
     ]
-    for bad, message in checks:
-        if bad:
-            raise TinyLLMError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible settings before any work, naming the option and the fix."""
+    for checks in (model_checks, data_checks, training_checks, sampling_checks, run_checks):
+        for bad, message in checks(cfg):
+            if bad:
+                raise TinyLLMError(message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2359,7 +2387,9 @@ def train_loop(run: Run, catcher: SignalCatcher) -> None:
         run.progress.step()
         steps_since_log += 1
         now = time.time()
-        s.elapsed = agreed(run, s.elapsed + now - t_step)
+        s.elapsed += now - t_step
+        if cfg.time_budget_s:  # the clock then steers the schedule and the stop: one clock for all ranks
+            s.elapsed = agreed(run, s.elapsed)
         if s.step % cfg.log_interval == 0:  # the only host sync of a plain step
             log_step(run, mean_over_ranks(run, loss_sum) / steps_since_log, lr, now - t_log,
                      steps_since_log)
