@@ -50,10 +50,28 @@ import torch.utils.checkpoint
 
 GROUPS = ("data and I/O", "model", "training", "generation", "evaluation, metrics and export")
 
+# Extension points. Each registry maps a value of its flag to what implements it, and the flag's
+# choices are the registry's keys: an entry added where its kind is defined (further down) is a
+# new value of the flag, in --help, JSON configs and validation alike.
+PRESETS: dict[str, dict[str, Any]] = {  # --arch: model fields that a preset sets
+    "gpt2": {"norm": "layernorm", "mlp": "gelu", "pos_encoding": "learned", "bias": True,
+             "tie_weights": True},
+    "llama": {"norm": "rmsnorm", "mlp": "swiglu", "pos_encoding": "rope", "bias": False,
+              "tie_weights": True},
+}
+TOKENIZERS: dict[str, Callable[[Iterator[str], Config], TextTokenizer]] = {}  # --tokenizer: trainers
+NORMS: dict[str, Callable[[int, Config], nn.Module]] = {}  # --norm: (width, config) -> layer
+MLPS: dict[str, type[nn.Module]] = {}  # --mlp: feed-forward blocks
+POSITIONS: dict[str, type[nn.Module]] = {}  # --pos_encoding: position encodings
+SCHEDULES: dict[str, Callable[[float, float], float]] = {}  # --lr_schedule: shape after warmup
+OPTIMIZERS: dict[str, Callable[[GPT, Config, torch.device], list[torch.optim.Optimizer]]] = {}  # --optimizer
+EXPORTERS: dict[str, Exporter] = {}  # --export: formats
 
-def opt(default: Any, help: str, group: str, choices: tuple[str, ...] | None = None,
+
+def opt(default: Any, help: str, group: str, choices: tuple[Any, ...] | dict[str, Any] | None = None,
         arch: bool = False) -> Any:
-    """A config field; `arch` marks fields that a checkpoint's weights depend on."""
+    """A config field; `choices` are values, registries (their keys count) or both; `arch` marks
+    fields that a checkpoint's weights depend on."""
     return field(default=default, metadata={"help": help, "group": group, "choices": choices,
                                             "arch": arch})
 
@@ -77,7 +95,7 @@ class Config:
     memmap_dataset: bool = opt(False, "Read token files through numpy.memmap instead of loading "
                                       "them into RAM.", "data and I/O")
     tokenizer: str = opt("char", "char: one token per character of the corpus; bpe: byte-level BPE "
-                                 "trained on the corpus.", "data and I/O", ("char", "bpe"), arch=True)
+                                 "trained on the corpus.", "data and I/O", TOKENIZERS, arch=True)
     bpe_vocab_size: int = opt(2048, "Vocabulary size of the trained BPE tokenizer.", "data and I/O",
                               arch=True)
     tokenizer_path: str = opt("", "Use this tokenizer.json (any HuggingFace tokenizer file) instead "
@@ -89,7 +107,7 @@ class Config:
     # model
     arch: str = opt("llama", "Preset of model fields; explicit flags override it. gpt2: layernorm, "
                              "gelu, learned positions, bias, tied. llama: rmsnorm, swiglu, rope, "
-                             "no bias, tied.", "model", ("gpt2", "llama"))
+                             "no bias, tied.", "model", PRESETS)
     n_layer: int = opt(4, "Transformer blocks.", "model", arch=True)
     n_head: int = opt(4, "Query heads per attention layer.", "model", arch=True)
     n_kv_head: int = opt(0, "Key/value heads (grouped-query attention): 0 = n_head (MHA), 1 = MQA. "
@@ -99,13 +117,13 @@ class Config:
     dropout: float = opt(0.0, "Dropout on attention, residual and embedding outputs, in [0, 1).",
                          "model")
     bias: bool = opt(False, "Biases in linear layers and layer norms.", "model", arch=True)
-    norm: str = opt("rmsnorm", "Normalization layer.", "model", ("layernorm", "rmsnorm"), arch=True)
+    norm: str = opt("rmsnorm", "Normalization layer.", "model", NORMS, arch=True)
     norm_eps: float = opt(1e-5, "Epsilon of the normalization layers.", "model", arch=True)
-    mlp: str = opt("swiglu", "Feed-forward block.", "model", ("gelu", "swiglu"), arch=True)
+    mlp: str = opt("swiglu", "Feed-forward block.", "model", MLPS, arch=True)
     mlp_hidden: int = opt(0, "Feed-forward hidden size; 0 = 4*n_embd for gelu, about 8/3*n_embd "
                              "(rounded up to a multiple of 32) for swiglu.", "model", arch=True)
     pos_encoding: str = opt("rope", "Position encoding: learned absolute embeddings or rotary.",
-                            "model", ("learned", "rope"), arch=True)
+                            "model", POSITIONS, arch=True)
     rope_theta: float = opt(10000.0, "Base of the rotary frequencies.", "model", arch=True)
     qk_norm: bool = opt(False, "Normalize queries and keys per head before attention.", "model",
                         arch=True)
@@ -138,10 +156,10 @@ class Config:
                                   "use a learning rate 3-10x smaller and weight decay 3-10x larger "
                                   "than AdamW's); muon "
                                   "(torch Muon for 2-D hidden weights, AdamW for the rest).",
-                         "training", ("adamw", "adamw8bit", "lion", "muon"))
+                         "training", OPTIMIZERS)
     lr_schedule: str = opt("cosine", "After linear warmup: cosine decay to min_lr; wsd (warmup-stable-"
                                      "decay): constant, then linear decay to min_lr over the last "
-                                     "decay_fraction; constant.", "training", ("cosine", "wsd", "constant"))
+                                     "decay_fraction; constant.", "training", SCHEDULES)
     decay_fraction: float = opt(0.2, "Share of the run that the wsd schedule spends decaying.",
                                 "training")
     time_budget_s: float = opt(0.0, "Stop training after this many seconds (then final eval, "
@@ -223,18 +241,11 @@ class Config:
     export: str = opt("none", "Export a checkpoint (--ckpt, else out_dir's best) and exit: hf "
                               "(transformers directory), safetensors, onnx, torchscript, tiktoken "
                               "(BPE tokenizers).", "evaluation, metrics and export",
-                      ("none", "hf", "safetensors", "onnx", "torchscript", "tiktoken"))
+                      ("none", EXPORTERS))
     export_dir: str = opt("", "Where --export writes; default out_dir/export-FORMAT.",
                           "evaluation, metrics and export")
 
 
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2": {"norm": "layernorm", "mlp": "gelu", "pos_encoding": "learned", "bias": True,
-             "tie_weights": True},
-    "llama": {"norm": "rmsnorm", "mlp": "swiglu", "pos_encoding": "rope", "bias": False,
-              "tie_weights": True},
-}
 # Keys that say what to do in this invocation, and where; they never carry over from a
 # checkpoint's config (a model trained on a GPU must sample on a laptop).
 RUN_KEYS = ("device", "resume", "overwrite", "generate_only", "ckpt", "stop_at_step", "eval_only",
@@ -267,6 +278,15 @@ def field_type(name: str) -> type:
     return {"bool": bool, "int": int, "float": float, "str": str}[FIELDS[name].type]
 
 
+def choices_of(name: str) -> tuple[str, ...] | None:
+    """A field's allowed values, registries read when asked (so every entry counts), or None."""
+    spec = FIELDS[name].metadata["choices"]
+    if spec is None:
+        return None
+    return tuple(key for part in ([spec] if isinstance(spec, dict) else spec)
+                 for key in (part if isinstance(part, dict) else (part,)))
+
+
 def check_value(name: str, value: Any, where: str) -> Any:
     """Type- and choice-check one setting from a JSON file; ints are accepted for floats."""
     want = field_type(name)
@@ -278,7 +298,7 @@ def check_value(name: str, value: Any, where: str) -> Any:
                    str: 'a string in "quotes"'}[want]
         raise TinyLLMError(f"{where}: key '{name}' must be {want.__name__}, got {json.dumps(value)}; "
                            f"write it as {example}")
-    choices = FIELDS[name].metadata["choices"]
+    choices = choices_of(name)
     if choices and value not in choices:
         raise TinyLLMError(f"{where}: key '{name}' must be one of {', '.join(choices)}, got "
                            f"{json.dumps(value)}")
@@ -326,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs.update(type=kind, choices=f.metadata["choices"], metavar=None if
-                          f.metadata["choices"] else kind.__name__.upper())
+            kwargs.update(type=kind, choices=choices_of(name),
+                          metavar=None if choices_of(name) else kind.__name__.upper())
         groups[f.metadata["group"]].add_argument(f"--{name}", **kwargs)
     return p
 
@@ -686,6 +706,12 @@ def train_bpe_tokenizer(chunks: Iterator[str], vocab_size: int) -> TextTokenizer
     return TextTokenizer(hf)
 
 
+TOKENIZERS.update({
+    "char": lambda texts, cfg: train_char_tokenizer(texts),
+    "bpe": lambda texts, cfg: train_bpe_tokenizer(texts, cfg.bpe_vocab_size),
+})
+
+
 def load_tokenizer_file(path: str) -> TextTokenizer:
     try:
         return TextTokenizer.from_str(Path(path).read_text(encoding="utf-8"))
@@ -722,7 +748,7 @@ class Corpus:
         if not self.files:
             yield "builtin", iter([self.text])
         for path in self.files:
-            yield str(path), read_blocks(path)
+            yield str(path), blocks_of(path)
 
 
 def builtin_corpus() -> Corpus:
@@ -755,6 +781,30 @@ def read_blocks(path: Path, flag: str = "--data_path") -> Iterator[str]:
             if not raw:
                 return
             offset += len(raw)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A kind of corpus file: the name endings a directory listing picks up, and a function that
+    yields a file's text in blocks, documents separated by <|endoftext|> (each file is a
+    document of its own, further split at the markers in it)."""
+    suffixes: tuple[str, ...]
+    blocks: Callable[[Path], Iterator[str]]
+
+
+READERS: dict[str, Reader] = {"text": Reader((".txt", ".md"), read_blocks)}
+
+
+def reader_for(path: Path) -> Reader | None:
+    """The reader whose longest suffix ends the file's name, or None."""
+    matches = [(len(sfx), r) for r in READERS.values() for sfx in r.suffixes if path.name.endswith(sfx)]
+    return max(matches, key=lambda m: m[0])[1] if matches else None
+
+
+def blocks_of(path: Path) -> Iterator[str]:
+    """A corpus file's text blocks, read by the reader of its kind; a file named directly whose
+    ending no reader claims is read as plain text."""
+    return (reader_for(path) or READERS["text"]).blocks(path)
 
 
 def read_text_file(path: str, flag: str = "--data_path") -> str:
@@ -828,10 +878,12 @@ def resolve_data_path(spec: str) -> list[Path]:
             if not found:
                 raise TinyLLMError(f"--data_path {item} matches no files; check the pattern")
         elif Path(item).is_dir():
-            found = sorted(p for p in Path(item).rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+            found = sorted(p for p in Path(item).rglob("*") if reader_for(p) and p.is_file())
             if not found:
-                raise TinyLLMError(f"--data_path {item} is a directory with no .txt or .md files; "
-                                   f"point --data_path at your text files")
+                known = [sfx for r in READERS.values() for sfx in r.suffixes]
+                raise TinyLLMError(f"--data_path {item} is a directory with no "
+                                   f"{', '.join(known[:-1])} or {known[-1]} files; point --data_path at "
+                                   f"your text files")
         else:
             found = [Path(item)]
         files += [f for f in found if f not in files]
@@ -856,7 +908,7 @@ def scan_files(files: list[Path]) -> tuple[int, int]:
     for p in files:
         check_text_file(p, "--data_path")
         carry, has_text = "", False
-        for block in read_blocks(p):
+        for block in blocks_of(p):
             text = carry + block
             documents += text.count(EOT) - carry.count(EOT)
             carry = text[-(len(EOT) - 1):]
@@ -955,10 +1007,7 @@ def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
         print0(f"tokenizer: reusing {cached}")
         return TextTokenizer.from_str(cached.read_text(encoding="utf-8"))
     t0 = time.time()
-    if cfg.tokenizer == "char":
-        tok = train_char_tokenizer(training_texts(corpus))
-    else:
-        tok = train_bpe_tokenizer(training_texts(corpus), cfg.bpe_vocab_size)
+    tok = TOKENIZERS[cfg.tokenizer](training_texts(corpus), cfg)
     print0(f"tokenizer: trained {cfg.tokenizer}, {tok.vocab_size} tokens, in {time.time() - t0:.1f}s")
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cached, tok.to_str())
@@ -1169,10 +1218,10 @@ def get_batch(split: TokenSplit, batch_size: int, block_size: int, generator: to
 # Model: one GPT class; norms, MLPs and position encodings come from small registries
 # ----------------------------------------------------------------------------------------------
 
-NORMS: dict[str, Callable[[int, Config], nn.Module]] = {
+NORMS.update({
     "layernorm": lambda dim, cfg: nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias),
     "rmsnorm": lambda dim, cfg: nn.RMSNorm(dim, eps=cfg.norm_eps),
-}
+})
 
 
 def mlp_hidden_size(cfg: Config) -> int:
@@ -1205,7 +1254,7 @@ class SwiGLUMLP(nn.Module):
         return self.out_proj(F.silu(self.gate(x)) * self.up(x))
 
 
-MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "swiglu": SwiGLUMLP}
+MLPS.update({"gelu": GeluMLP, "swiglu": SwiGLUMLP})
 
 
 class LearnedPositions(nn.Module):
@@ -1254,7 +1303,7 @@ class RotaryPositions(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
-POSITIONS: dict[str, type[nn.Module]] = {"learned": LearnedPositions, "rope": RotaryPositions}
+POSITIONS.update({"learned": LearnedPositions, "rope": RotaryPositions})
 
 
 def attention_mask(start: int, T: int, window: int, device: torch.device) -> torch.Tensor | None:
@@ -1669,12 +1718,12 @@ def bits_per_byte(loss: float, tokens_per_byte: float) -> float:
 # Training parts: schedules, curriculum, optimizers, EMA, evaluation, checkpoints
 # ----------------------------------------------------------------------------------------------
 
-SCHEDULES: dict[str, Callable[[float, float], float]] = {
+SCHEDULES.update({
     # progress in [0, 1] after warmup, decay_fraction -> share of the way from min_lr to the peak
     "cosine": lambda p, d: 0.5 * (1 + math.cos(math.pi * p)),
     "wsd": lambda p, d: 1.0 if p < 1 - d else (1 - p) / d,
     "constant": lambda p, d: 1.0,
-}
+})
 
 
 def schedule_progress(step: int, elapsed: float, cfg: Config) -> float:
@@ -1737,7 +1786,7 @@ def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[s
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def adamw(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+def adamw_over(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.AdamW:
     # one fused kernel per tensor: on this CPU 6 ms a step for 10.65M parameters, against 13 ms
     # for torch's default (a loop of small ops) and 23 ms for foreach
     fused = True if device.type in ("cuda", "cpu") else None
@@ -1745,31 +1794,37 @@ def adamw(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torc
                              betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def adamw8bit(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+def adamw(model: GPT, cfg: Config, device: torch.device) -> list[torch.optim.Optimizer]:
+    return [adamw_over(list(model.parameters()), cfg, device)]
+
+
+def adamw8bit(model: GPT, cfg: Config, device: torch.device) -> list[torch.optim.Optimizer]:
     bnb = require("bitsandbytes", "--optimizer adamw8bit", "bitsandbytes (or pick --optimizer adamw)")
-    return bnb.optim.AdamW8bit(decay_groups(params, cfg.weight_decay), lr=cfg.learning_rate,
-                               betas=(cfg.beta1, cfg.beta2))
+    return [bnb.optim.AdamW8bit(decay_groups(list(model.parameters()), cfg.weight_decay),
+                                lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))]
 
 
-def lion(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    return Lion(decay_groups(params, cfg.weight_decay), lr=cfg.learning_rate,
-                betas=(cfg.beta1, cfg.beta2))
+def lion(model: GPT, cfg: Config, device: torch.device) -> list[torch.optim.Optimizer]:
+    return [Lion(decay_groups(list(model.parameters()), cfg.weight_decay), lr=cfg.learning_rate,
+                 betas=(cfg.beta1, cfg.beta2))]
 
 
-OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], Config, torch.device], torch.optim.Optimizer]] = {
-    "adamw": adamw, "adamw8bit": adamw8bit, "lion": lion}
+def muon(model: GPT, cfg: Config, device: torch.device) -> list[torch.optim.Optimizer]:
+    """Muon for the 2-D weights inside the blocks, AdamW for the embeddings, the output head,
+    norms and biases (Muon accepts only matrices)."""
+    hidden = [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2]
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    return [torch.optim.Muon(hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             adjust_lr_fn="match_rms_adamw"),  # lets one learning rate serve both
+            adamw_over(rest, cfg, device)]
+
+
+OPTIMIZERS.update({"adamw": adamw, "adamw8bit": adamw8bit, "lion": lion, "muon": muon})
 
 
 def make_optimizers(model: GPT, cfg: Config, device: torch.device) -> list[torch.optim.Optimizer]:
-    """One optimizer, or for muon two: Muon takes the 2-D weights inside the blocks, AdamW the
-    embeddings, the output head, norms and biases (Muon accepts only matrices)."""
-    if cfg.optimizer != "muon":
-        return [OPTIMIZERS[cfg.optimizer](list(model.parameters()), cfg, device)]
-    hidden = [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2]
-    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
-    muon = torch.optim.Muon(hidden, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                            adjust_lr_fn="match_rms_adamw")  # lets one learning rate serve both
-    return [muon, adamw(rest, cfg, device)]
+    """The optimizers of --optimizer: one, or two when it splits the parameters (muon)."""
+    return OPTIMIZERS[cfg.optimizer](model, cfg, device)
 
 
 class EMA:
@@ -3041,29 +3096,33 @@ def export_tiktoken(tok: TextTokenizer, path: Path) -> None:
     write_text_atomic(path.with_name(path.name + ".json"), json.dumps(meta, indent=2) + "\n")
 
 
-EXPORT_FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torchscript": "model.pt",
-                "tiktoken": "tokenizer.tiktoken"}
+@dataclass(frozen=True)
+class Exporter:
+    """A format of --export: the file it writes in the export directory ("" when the directory
+    itself is the export), and the writer, called as write(model, tokenizer, step, target)."""
+    filename: str
+    write: Callable[[GPT, TextTokenizer, int, Path], None]
+
+
+EXPORTERS.update({
+    "hf": Exporter("", lambda model, tok, step, target: export_hf(model, tok, target)),
+    "safetensors": Exporter("model.safetensors", lambda model, tok, step, target:
+                            export_safetensors(model, tok, model.cfg, target, step)),
+    "onnx": Exporter("model.onnx", lambda model, tok, step, target: export_onnx(model, target)),
+    "torchscript": Exporter("model.pt", lambda model, tok, step, target: export_torchscript(model, target)),
+    "tiktoken": Exporter("tokenizer.tiktoken", lambda model, tok, step, target: export_tiktoken(tok, target)),
+})
 
 
 def export_checkpoint(explicit: dict[str, Any]) -> Path:
     """--export FORMAT: the checkpoint (--ckpt, else out_dir's best, else latest) into
     --export_dir (default out_dir/export-FORMAT)."""
     use = load_for_use(explicit)
-    fmt = use.cfg.export
+    fmt, exporter = use.cfg.export, EXPORTERS[use.cfg.export]
     folder = make_export_dir(Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}"))
-    target = folder / EXPORT_FILES.get(fmt, "")
-    model = use.model.cpu().float()
-    if fmt == "hf":
-        export_hf(model, use.tok, folder)
-    elif fmt == "safetensors":
-        export_safetensors(model, use.tok, use.cfg, target, use.step)
-    elif fmt == "onnx":
-        export_onnx(model, target)
-    elif fmt == "torchscript":
-        export_torchscript(model, target)
-    else:
-        export_tiktoken(use.tok, target)
-    print0(f"exported {use.path} (step {use.step}) as {fmt}: {target if fmt != 'hf' else folder}")
+    target = folder / exporter.filename if exporter.filename else folder
+    exporter.write(use.model.cpu().float(), use.tok, use.step, target)
+    print0(f"exported {use.path} (step {use.step}) as {fmt}: {target}")
     return folder
 
 
