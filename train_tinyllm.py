@@ -359,11 +359,17 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     return {**from_file, **flags}
 
 
-def build_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> Config:
+def merge_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> Config:
     """Defaults < base (a checkpoint's config) < the explicit --arch preset < explicit settings."""
     base = {k: v for k, v in (base or {}).items() if k in FIELDS and k not in RUN_KEYS}
     preset = PRESETS[explicit["arch"]] if "arch" in explicit else {}
-    cfg = Config(**{**base, **preset, **explicit})
+    return Config(**{**base, **preset, **explicit})
+
+
+def build_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> Config:
+    """A merged and validated config from settings, for code that builds models by hand (tests,
+    notebooks); the program itself goes through resolve()."""
+    cfg = merge_config(explicit, base)
     validate(cfg)
     return cfg
 
@@ -430,6 +436,7 @@ def training_checks(cfg: Config) -> list[Check]:
         (cfg.curriculum and not 1 <= cfg.curriculum_start_block_size < cfg.block_size,
          f"--curriculum_start_block_size must be in [1, block_size={cfg.block_size})"),
         (cfg.curriculum_steps < 0, "--curriculum_steps must be 0 (a third of max_steps) or positive"),
+        (cfg.peak_flops < 0, "--peak_flops must be 0 (automatic) or positive"),
     ]
 
 
@@ -445,23 +452,64 @@ def sampling_checks(cfg: Config) -> list[Check]:
 
 
 def run_checks(cfg: Config) -> list[Check]:
-    """Modes and runtime options that do not shape the model or its training."""
+    """The mode and where it runs: RUN_KEYS only, which never come from a checkpoint."""
     return [
         (cfg.resume and cfg.overwrite, "--resume and --overwrite contradict each other; pick one"),
-        (sum([cfg.generate_only, cfg.eval_only, cfg.benchmark, cfg.plot, cfg.export != "none"]) > 1,
+        (len(modes_asked(cfg)) > 1,
          "--generate_only, --eval_only, --benchmark, --plot and --export are separate modes; give one"),
-        (cfg.peak_flops < 0, "--peak_flops must be 0 (automatic) or positive"),
         (not is_valid_device(cfg.device),
          f"--device {cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"),
     ]
 
 
-def validate(cfg: Config) -> None:
+SETTING_CHECKS = (model_checks, data_checks, training_checks, sampling_checks)
+
+
+def validate(cfg: Config, groups: tuple[Callable[[Config], list[Check]], ...] = (run_checks, *SETTING_CHECKS)
+             ) -> None:
     """Refuse impossible settings before any work, naming the option and the fix."""
-    for checks in (model_checks, data_checks, training_checks, sampling_checks, run_checks):
+    for checks in groups:
         for bad, message in checks(cfg):
             if bad:
                 raise TinyLLMError(message)
+
+
+def modes_asked(cfg: Config) -> list[str]:
+    """The modes whose flags are set (run_checks allows one); none means training."""
+    asked = {"generate": cfg.generate_only, "eval": cfg.eval_only, "benchmark": cfg.benchmark,
+             "plot": cfg.plot, "export": cfg.export != "none"}
+    return [mode for mode, on in asked.items() if on]
+
+
+@dataclass
+class Resolved:
+    """One invocation, resolved once: its mode, its config, and the checkpoint it starts from
+    (loaded) for --resume, --generate_only, --eval_only and --export."""
+    mode: str
+    cfg: Config
+    ckpt: dict[str, Any] | None = None
+    ckpt_path: Path | None = None
+
+
+def resolve(argv: list[str] | None) -> Resolved:
+    """The config of this invocation, merged and validated once, and its checkpoint. Precedence:
+    defaults < --arch preset < --config file < flags; when the mode starts from a checkpoint, its
+    config takes the place of the defaults. Every mode takes what this returns."""
+    explicit = parse_args(argv)
+    cfg = merge_config(explicit)
+    validate(cfg, (run_checks,))  # the mode first: it decides whether a checkpoint is read
+    mode = (modes_asked(cfg) or ["train"])[0]
+    path = checkpoint_to_use(cfg, mode)
+    if path is None:
+        validate(cfg, SETTING_CHECKS)
+        if mode == "train":
+            refuse_existing_run(cfg)
+        return Resolved(mode, cfg)
+    ckpt = load_checkpoint(path)
+    cfg = merge_config(explicit, base=ckpt["config"])
+    validate(cfg, SETTING_CHECKS)
+    check_compatible(cfg, explicit, ckpt, path)
+    return Resolved(mode, cfg, ckpt, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1895,13 +1943,37 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def check_compatible(cfg: Config, ckpt_cfg: dict[str, Any], path: Path) -> None:
+def find_checkpoint(cfg: Config) -> Path:
+    if cfg.ckpt:
+        return Path(cfg.ckpt)
+    out = Path(cfg.out_dir)
+    best = out / "ckpt_best.pt"
+    return best if best.is_file() else out / "ckpt.pt"
+
+
+def checkpoint_to_use(cfg: Config, mode: str) -> Path | None:
+    """What the mode starts from: out_dir/ckpt.pt to resume training; for generate, eval and
+    export --ckpt, else out_dir's best, else its latest; None for a new run, benchmark, plot."""
+    if mode == "train" and cfg.resume:
+        path = Path(cfg.out_dir) / "ckpt.pt"
+        if not path.is_file():
+            raise TinyLLMError(f"--resume: no checkpoint at {path}; train without --resume first, or "
+                               f"point --out_dir at the run to continue")
+        return path
+    return find_checkpoint(cfg) if mode in ("generate", "eval", "export") else None
+
+
+def check_compatible(cfg: Config, explicit: dict[str, Any], ckpt: dict[str, Any], path: Path) -> None:
     """Refuse settings that would not fit the checkpoint's weights or tokenizer."""
     for key in ARCH_KEYS:
-        if key in ckpt_cfg and getattr(cfg, key) != ckpt_cfg[key]:
+        if key in ckpt["config"] and getattr(cfg, key) != ckpt["config"][key]:
             raise TinyLLMError(f"--{key} {getattr(cfg, key)!r} does not match the checkpoint "
-                               f"{path} ({ckpt_cfg[key]!r}); drop the flag, or use a new --out_dir "
+                               f"{path} ({ckpt['config'][key]!r}); drop the flag, or use a new --out_dir "
                                f"to train a different model")
+    if "tokenizer_path" in explicit and cfg.tokenizer_path and \
+            load_tokenizer_file(cfg.tokenizer_path).to_str() != ckpt["tokenizer"]:
+        raise TinyLLMError(f"--tokenizer_path {cfg.tokenizer_path} is not the tokenizer of {path}; "
+                           f"drop the flag to keep the checkpoint's, or train anew in another --out_dir")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], cfg: Config, device: torch.device) -> GPT:
@@ -2104,26 +2176,6 @@ class Run:
         self.batch_gen.set_state(ckpt["batch_rng"])
 
 
-def setup_run(explicit: dict[str, Any]) -> tuple[Config, dict[str, Any] | None]:
-    """The run's config; with --resume, the checkpoint's config overridden by explicit settings."""
-    cfg = build_config(explicit)
-    if not cfg.resume:
-        refuse_existing_run(cfg)
-        return cfg, None
-    path = Path(cfg.out_dir) / "ckpt.pt"
-    if not path.is_file():
-        raise TinyLLMError(f"--resume: no checkpoint at {path}; train without --resume first, or "
-                           f"point --out_dir at the run to continue")
-    ckpt = load_checkpoint(path)
-    cfg = build_config(explicit, base=ckpt["config"])
-    check_compatible(cfg, ckpt["config"], path)
-    if "tokenizer_path" in explicit and cfg.tokenizer_path and \
-            load_tokenizer_file(cfg.tokenizer_path).to_str() != ckpt["tokenizer"]:
-        raise TinyLLMError(f"--tokenizer_path {cfg.tokenizer_path} is not the tokenizer of {path}; "
-                           f"drop the flag to keep the checkpoint's, or train anew in another --out_dir")
-    return cfg, ckpt
-
-
 def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE_PROCESS
                    ) -> tuple[TextTokenizer, dict[str, TokenSplit]]:
     """Tokenizer and token files. Rank 0 builds the cache first; the other ranks then read it."""
@@ -2148,8 +2200,8 @@ def wrap_model(model: GPT, cfg: Config, dist: Dist, device: torch.device) -> nn.
     return wrapped
 
 
-def build_run(explicit: dict[str, Any]) -> Run:
-    cfg, ckpt = setup_run(explicit)
+def build_run(r: Resolved) -> Run:
+    cfg, ckpt = r.cfg, r.ckpt
     dist = init_distributed(cfg)
     device = pick_device(cfg.device, dist.local_rank)
     out = prepare_out_dir(cfg.out_dir) if dist.rank == 0 else Path(cfg.out_dir)
@@ -2403,9 +2455,10 @@ def sampling_model(run: Run) -> GPT:
     return run.ema.model if run.ema is not None else run.model
 
 
-def train(explicit: dict[str, Any]) -> list[dict[str, Any]]:
-    """Train as configured; returns the log and eval records (also in out_dir/metrics.jsonl)."""
-    run = build_run(explicit)
+def train(r: Resolved) -> list[dict[str, Any]]:
+    """Train as configured, resuming from r.ckpt when there is one; returns the log and eval
+    records (also in out_dir/metrics.jsonl)."""
+    run = build_run(r)
     try:
         describe_run(run)
         run.progress = Progress(None if run.cfg.time_budget_s else run.cfg.max_steps, run.state.step,
@@ -2418,7 +2471,6 @@ def train(explicit: dict[str, Any]) -> list[dict[str, Any]]:
         if run.state.step < run.cfg.max_steps and not run.cfg.time_budget_s:
             print0(f"continue with: --out_dir {run.out} --resume")
         print_samples(sampling_model(run), run.tok, run.cfg, run.device)
-        auto_plot(run)
     finally:
         if run.progress is not None:
             run.progress.close()
@@ -2470,14 +2522,6 @@ def train_loop(run: Run, catcher: SignalCatcher) -> None:
 # Using a trained model: generate, evaluate, benchmark, plot
 # ----------------------------------------------------------------------------------------------
 
-def find_checkpoint(cfg: Config) -> Path:
-    if cfg.ckpt:
-        return Path(cfg.ckpt)
-    out = Path(cfg.out_dir)
-    best = out / "ckpt_best.pt"
-    return best if best.is_file() else out / "ckpt.pt"
-
-
 @dataclass
 class Loaded:
     """A checkpoint ready to use: its config merged with this invocation's settings."""
@@ -2489,22 +2533,18 @@ class Loaded:
     device: torch.device
 
 
-def load_for_use(explicit: dict[str, Any]) -> Loaded:
-    """The checkpoint's model and tokenizer; sampling and evaluation settings from this call."""
-    path = find_checkpoint(build_config(explicit))
-    ckpt = load_checkpoint(path)
-    cfg = build_config(explicit, base=ckpt["config"])
-    check_compatible(cfg, ckpt["config"], path)
-    device = pick_device(cfg.device)
-    tok = TextTokenizer.from_str(ckpt["tokenizer"])
-    return Loaded(cfg, path, ckpt["step"], tok, model_from_checkpoint(ckpt, cfg, device).eval(), device)
+def load_for_use(r: Resolved) -> Loaded:
+    """The resolved checkpoint's model, in eval mode on the chosen device, and its tokenizer."""
+    device = pick_device(r.cfg.device)
+    tok = TextTokenizer.from_str(r.ckpt["tokenizer"])
+    model = model_from_checkpoint(r.ckpt, r.cfg, device).eval()
+    return Loaded(r.cfg, r.ckpt_path, r.ckpt["step"], tok, model, device)
 
 
-def generate_from_checkpoint(explicit: dict[str, Any]) -> None:
+def generate_from_checkpoint(r: Resolved) -> None:
     """--generate_only: stream samples to stdout (the "loaded" line goes to stderr)."""
-    cfg = build_config(explicit)
-    use = load_for_use(explicit)
-    encode_prompt(use.tok, cfg.prompt)  # refuse a bad prompt before any output
+    use = load_for_use(r)
+    encode_prompt(use.tok, use.cfg.prompt)  # refuse a bad prompt before any output
     print0(f"loaded {use.path} (step {use.step}, {use.model.num_params() / 1e6:.2f}M parameters)",
            file=sys.stderr)
     print_samples(use.model, use.tok, use.cfg, use.device)
@@ -2539,9 +2579,9 @@ def eval_tokens_for(use: Loaded) -> tuple[np.ndarray, float, str]:
     return splits["val"].tokens(), splits["val"].tokens_per_byte, "the val split"
 
 
-def evaluate_checkpoint(explicit: dict[str, Any]) -> dict[str, float]:
+def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
     """--eval_only: loss, perplexity, bits per byte and accuracy of a checkpoint."""
-    use = load_for_use(explicit)
+    use = load_for_use(r)
     tokens, per_byte, name = eval_tokens_for(use)
     if len(tokens) < use.cfg.block_size + 1:
         raise TinyLLMError(f"{name} has {len(tokens)} tokens; --eval_only needs at least block_size "
@@ -2573,10 +2613,10 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def benchmark(explicit: dict[str, Any], warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
     """--benchmark: time real training steps (data, forward, backward, optimizer) after a
     warm-up, then generation with and without the KV cache. Nothing is written to out_dir."""
-    cfg = build_config(explicit)
+    cfg = r.cfg
     device = pick_device(cfg.device)
     tok, splits = prepare_inputs(cfg, None)
     seed_everything(cfg.seed)
@@ -2654,13 +2694,17 @@ def plot_metrics(out: Path) -> Path:
     return out / "loss.png"
 
 
-def auto_plot(run: Run) -> None:
-    """At the end of training, when matplotlib is installed."""
-    if run.dist.rank != 0:
-        return
-    if importlib.util.find_spec("matplotlib") is None:
-        return
-    print0(f"plot: {plot_metrics(run.out)}")
+def plot_run(r: Resolved) -> None:
+    """--plot: draw out_dir/loss.png from its metrics.jsonl."""
+    print0(f"plot: {plot_metrics(Path(r.cfg.out_dir))}")
+
+
+def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
+    """The default mode: train, then draw out_dir/loss.png when matplotlib is installed."""
+    history = train(r)
+    if is_rank0() and importlib.util.find_spec("matplotlib") is not None:
+        plot_run(r)
+    return history
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3114,10 +3158,10 @@ EXPORTERS.update({
 })
 
 
-def export_checkpoint(explicit: dict[str, Any]) -> Path:
+def export_checkpoint(r: Resolved) -> Path:
     """--export FORMAT: the checkpoint (--ckpt, else out_dir's best, else latest) into
     --export_dir (default out_dir/export-FORMAT)."""
-    use = load_for_use(explicit)
+    use = load_for_use(r)
     fmt, exporter = use.cfg.export, EXPORTERS[use.cfg.export]
     folder = make_export_dir(Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}"))
     target = folder / exporter.filename if exporter.filename else folder
@@ -3130,22 +3174,15 @@ def export_checkpoint(explicit: dict[str, Any]) -> Path:
 # main()
 # ----------------------------------------------------------------------------------------------
 
+MODES: dict[str, Callable[[Resolved], Any]] = {
+    "train": train_and_plot, "generate": generate_from_checkpoint, "eval": evaluate_checkpoint,
+    "benchmark": benchmark, "plot": plot_run, "export": export_checkpoint}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        explicit = parse_args(argv)
-        cfg = build_config(explicit)  # refuse bad settings before any work, whatever the mode
-        if cfg.generate_only:
-            generate_from_checkpoint(explicit)
-        elif cfg.eval_only:
-            evaluate_checkpoint(explicit)
-        elif cfg.benchmark:
-            benchmark(explicit)
-        elif cfg.plot:
-            print0(f"plot: {plot_metrics(Path(cfg.out_dir))}")
-        elif cfg.export != "none":
-            export_checkpoint(explicit)
-        else:
-            train(explicit)
+        r = resolve(argv)  # every setting checked, and the checkpoint read, before any work
+        MODES[r.mode](r)
     except TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -89,3 +89,43 @@ def test_device_auto_picks_cpu_without_gpu():
     assert tl.pick_device("cpu").type == "cpu"
     with pytest.raises(tl.TinyLLMError, match="not a device"):
         tl.build_config({"device": "tpu"})
+
+
+def test_config_is_resolved_once_per_invocation(run_args, tmp_path, monkeypatch, capsys):
+    """Whatever the mode, each group of checks runs once and the checkpoint is read once."""
+    assert tl.main(run_args()) == 0
+    real_load, real_validate = tl.load_checkpoint, tl.validate
+    seen: dict[str, list] = {"loads": [], "checks": []}
+
+    def load(path):
+        seen["loads"].append(path)
+        return real_load(path)
+
+    def validate(cfg, groups=(tl.run_checks, *tl.SETTING_CHECKS)):
+        seen["checks"] += [g.__name__ for g in groups]
+        return real_validate(cfg, groups)
+    monkeypatch.setattr(tl, "load_checkpoint", load)
+    monkeypatch.setattr(tl, "validate", validate)
+    every_group = sorted(g.__name__ for g in (tl.run_checks, *tl.SETTING_CHECKS))
+    out = ["--out_dir", str(tmp_path / "out")]
+    for argv, loads in ((["--generate_only", "--max_new_tokens", "4"], 1), (["--eval_only"], 1),
+                        (["--export", "safetensors"], 1), (["--resume", "--max_steps", "7"], 1),
+                        (["--plot"], 0), (run_args("--benchmark", out="bench"), 0)):
+        seen["loads"].clear(), seen["checks"].clear()
+        assert tl.main([*out, *argv]) == 0, argv
+        assert len(seen["loads"]) == loads and sorted(seen["checks"]) == every_group, argv
+
+
+def test_resume_validates_the_merged_config(run_args):
+    """--min_lr above the default learning rate is fine when the checkpoint's is higher still."""
+    assert tl.main(run_args("--learning_rate", "0.02", "--min_lr", "0.001")) == 0
+    assert tl.main(run_args("--resume", "--max_steps", "7", "--min_lr", "0.01")) == 0
+    assert tl.main(run_args("--resume", "--max_steps", "8", "--min_lr", "0.03")) == 2
+
+
+def test_every_mode_has_an_entry():
+    modes = {"--generate_only": "generate", "--eval_only": "eval", "--benchmark": "benchmark",
+             "--plot": "plot", "--export=hf": "export"}
+    for flag, mode in modes.items():
+        assert tl.modes_asked(tl.merge_config(tl.parse_args([flag]))) == [mode]
+    assert set(tl.MODES) == {"train", *modes.values()}

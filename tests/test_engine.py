@@ -32,7 +32,7 @@ def test_dtype_choice(monkeypatch):
 
 
 def test_bf16_autocast_trains(run_args, capsys):
-    history = tl.train(tl.parse_args(run_args("--dtype", "bfloat16", "--max_steps", "20",
+    history = tl.train(tl.resolve(run_args("--dtype", "bfloat16", "--max_steps", "20",
                                               "--learning_rate", "1e-2", "--warmup_steps", "0")))
     assert "bfloat16 autocast" in capsys.readouterr().out
     assert losses(history)[-1] < losses(history)[0] - 0.5
@@ -41,7 +41,7 @@ def test_bf16_autocast_trains(run_args, capsys):
 def test_fp16_overflow_steps_are_skipped_and_counted(run_args, monkeypatch, tmp_path, capsys):
     real = torch.amp.GradScaler
     monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: real(*a, init_scale=2.0**80, **k))
-    history = tl.train(tl.parse_args(run_args("--dtype", "float16", "--max_steps", "3")))
+    history = tl.train(tl.resolve(run_args("--dtype", "float16", "--max_steps", "3")))
     assert [r["overflow_skips"] for r in history if "loss" in r] == [1, 2, 3]
     assert "fp16 overflow skips 3" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
@@ -58,8 +58,8 @@ def test_compile_once_per_curriculum_stage(run_args, tmp_path):
     counters.clear()
     args = ("--curriculum", "--curriculum_start_block_size", "8", "--curriculum_steps", "3",
             "--max_steps", "6", "--eval_interval", "2", "--sample_interval", "3", "--dtype", "float32")
-    compiled = tl.train(tl.parse_args(run_args(*args, "--compile", out="c")))
-    eager = tl.train(tl.parse_args(run_args(*args, out="e")))
+    compiled = tl.train(tl.resolve(run_args(*args, "--compile", out="c")))
+    eager = tl.train(tl.resolve(run_args(*args, out="e")))
     assert counters["stats"]["unique_graphs"] == 2  # contexts 8 and 16
     assert losses(compiled) == pytest.approx(losses(eager), abs=1e-4)
     keys = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["model"].keys()
@@ -214,8 +214,8 @@ def test_label_smoothing_and_z_loss_change_training_loss_only():
 
 def test_logged_val_loss_is_plain_cross_entropy(run_args, tmp_path):
     frozen = ("--max_steps", "3", "--eval_interval", "3", "--learning_rate", "1e-9", "--min_lr", "0")
-    regular = tl.train(tl.parse_args(run_args(*frozen, out="r")))
-    smoothed = tl.train(tl.parse_args(run_args(*frozen, "--label_smoothing", "0.5", "--z_loss", "0.1",
+    regular = tl.train(tl.resolve(run_args(*frozen, out="r")))
+    smoothed = tl.train(tl.resolve(run_args(*frozen, "--label_smoothing", "0.5", "--z_loss", "0.1",
                                                out="s")))
     # a near-zero learning rate keeps the weights the same: only the objective differs
     assert losses(smoothed)[0] > losses(regular)[0]
@@ -239,7 +239,7 @@ def test_ema_update_rule():
 
 
 def test_ema_run_logs_both_and_saves_it(run_args, tmp_path):
-    history = tl.train(tl.parse_args(run_args("--ema", "--ema_decay", "0.9", "--max_steps", "9")))
+    history = tl.train(tl.resolve(run_args("--ema", "--ema_decay", "0.9", "--max_steps", "9")))
     evals = [r for r in history if "val_loss" in r]
     assert all("ema_val_loss" in r for r in evals)
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
@@ -255,16 +255,16 @@ def test_exact_resume_with_everything_on(run_args):
     dropout, EMA, gradient accumulation and fp16 GradScaler state."""
     common = ("--max_steps", "8", "--dropout", "0.1", "--ema", "--grad_accum_steps", "2",
               "--dtype", "float16", "--eval_interval", "2")
-    straight = tl.train(tl.parse_args(run_args(*common, out="a")))
-    tl.train(tl.parse_args(run_args(*common, "--stop_at_step", "4", out="b")))
-    resumed = tl.train(tl.parse_args(run_args(*common, "--resume", "--stop_at_step", "0", out="b")))
+    straight = tl.train(tl.resolve(run_args(*common, out="a")))
+    tl.train(tl.resolve(run_args(*common, "--stop_at_step", "4", out="b")))
+    resumed = tl.train(tl.resolve(run_args(*common, "--resume", "--stop_at_step", "0", out="b")))
     assert losses(straight)[4:] == losses(resumed)
     ema = [[r["ema_val_loss"] for r in h if "ema_val_loss" in r][-1] for h in (straight, resumed)]
     assert ema[0] == ema[1]
 
 
 def test_time_budget_ends_decayed(run_args, tmp_path, capsys):
-    history = tl.train(tl.parse_args(run_args("--time_budget_s", "2", "--max_steps", "1000000",
+    history = tl.train(tl.resolve(run_args("--time_budget_s", "2", "--max_steps", "1000000",
                                               "--warmup_steps", "0", "--eval_interval", "1000000")))
     steps = [r for r in history if "loss" in r]
     assert 2 <= steps[-1]["elapsed_s"] < 4 and steps[-1]["step"] < 1000000
@@ -286,7 +286,7 @@ def test_ddp_two_processes_match_one(run_args, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout and two.stdout.count("eval step 4") == 1  # rank 0 prints
-    one = tl.train(tl.parse_args(run_args(*common, "--batch_size", "4", out="one")))
+    one = tl.train(tl.resolve(run_args(*common, "--batch_size", "4", out="one")))
     metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in metrics if "loss" in r] == pytest.approx(losses(one), rel=1e-5)
     assert torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["step"] == 4

@@ -344,7 +344,7 @@ def test_cli_export_every_format_and_sample_from_safetensors(run_args, tmp_path,
     from transformers import AutoModelForCausalLM, AutoTokenizer
     hf = AutoModelForCausalLM.from_pretrained(out / "export-hf").eval()
     hf_tok = AutoTokenizer.from_pretrained(out / "export-hf")
-    ours = tl.load_for_use(tl.parse_args(["--out_dir", str(out)]))
+    ours = tl.load_for_use(tl.resolve(["--generate_only", "--out_dir", str(out)]))
     ids = ours.tok.encode("the cat sat on")
     assert hf_tok("the cat sat on")["input_ids"] == ids
     with torch.no_grad():

@@ -28,7 +28,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def test_metrics_jsonl_has_every_field_and_appends_across_resume(run_args, tmp_path):
-    tl.train(tl.parse_args(run_args()))
+    tl.train(tl.resolve(run_args()))
     first = metrics(tmp_path / "out")
     logs, evals = [r for r in first if "loss" in r], [r for r in first if "val_loss" in r]
     assert logs and evals and all(LOG_KEYS <= r.keys() for r in logs)
@@ -40,9 +40,9 @@ def test_metrics_jsonl_has_every_field_and_appends_across_resume(run_args, tmp_p
     assert r["mfu"] == pytest.approx(fpt * r["tokens_per_s"] / 1e11, rel=1e-6)
     e = evals[-1]
     assert e["val_ppl"] == pytest.approx(math.exp(e["val_loss"]))
-    tl.train(tl.parse_args(run_args("--resume", "--max_steps", "8")))
+    tl.train(tl.resolve(run_args("--resume", "--max_steps", "8")))
     assert metrics(tmp_path / "out")[:len(first)] == first and metrics(tmp_path / "out")[-1]["step"] == 8
-    tl.train(tl.parse_args(run_args("--overwrite", "--max_steps", "2")))
+    tl.train(tl.resolve(run_args("--overwrite", "--max_steps", "2")))
     assert max(r["step"] for r in metrics(tmp_path / "out")) == 2  # a new run, a new log
 
 
@@ -73,7 +73,7 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 
 def test_bits_per_byte_logged_and_consistent(run_args, tmp_path):
-    tl.train(tl.parse_args(run_args()))
+    tl.train(tl.resolve(run_args()))
     meta = json.loads(next((tmp_path / "cache").glob("tokens-*/meta.json")).read_text())
     val = np.fromfile(next((tmp_path / "cache").glob("tokens-*/val.bin")), dtype=np.uint16)
     tok = tl.TextTokenizer.from_str((tmp_path / "out" / "tokenizer.json").read_text())
@@ -118,7 +118,7 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(run_args, tmp_path):
 
 
 def test_loss_plot_written_at_end_and_on_demand(run_args, tmp_path, capsys):
-    tl.train(tl.parse_args(run_args()))
+    assert tl.main(run_args()) == 0
     png = tmp_path / "out" / "loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     png.unlink()
@@ -129,7 +129,7 @@ def test_loss_plot_written_at_end_and_on_demand(run_args, tmp_path, capsys):
 
 def test_tensorboard_receives_the_metrics(run_args, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    tl.train(tl.parse_args(run_args("--tensorboard")))
+    tl.train(tl.resolve(run_args("--tensorboard")))
     acc = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
     acc.Reload()
     assert {"loss", "val_loss", "val_bpb", "lr", "mfu"} <= set(acc.Tags()["scalars"])
@@ -143,25 +143,25 @@ def test_wandb_is_called_only_when_asked(run_args, monkeypatch):
             finish=lambda: calls.append(("finish",))),
         log=lambda data, step: calls.append(("log", step, data)))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    tl.train(tl.parse_args(run_args("--wandb", "--wandb_project", "demo")))
+    tl.train(tl.resolve(run_args("--wandb", "--wandb_project", "demo")))
     assert calls[0][0] == "init" and calls[0][1]["project"] == "demo" and calls[-1] == ("finish",)
     assert [c[1] for c in calls if c[0] == "log" and "loss" in c[2]] == [1, 2, 3, 4, 5, 6]
     calls.clear()
-    tl.train(tl.parse_args(run_args(out="plain")))
+    tl.train(tl.resolve(run_args(out="plain")))
     assert calls == []
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(tl.TinyLLMError, match="pip install wandb"):
-        tl.train(tl.parse_args(run_args("--wandb", out="missing")))
+        tl.train(tl.resolve(run_args("--wandb", out="missing")))
 
 
 def test_eval_only_on_val_split_and_on_a_file(run_args, tmp_path, corpus, capsys):
-    tl.train(tl.parse_args(run_args()))
+    tl.train(tl.resolve(run_args()))
     capsys.readouterr()
-    on_val = tl.evaluate_checkpoint(tl.parse_args(["--eval_only", "--out_dir", str(tmp_path / "out")]))
+    on_val = tl.evaluate_checkpoint(tl.resolve(["--eval_only", "--out_dir", str(tmp_path / "out")]))
     assert 0 < on_val["accuracy"] < 1 and on_val["perplexity"] == pytest.approx(math.exp(on_val["loss"]))
     text = "the cat sat on a mat and ran far away\n" * 40
     (tmp_path / "held_out.txt").write_text(text)
-    on_file = tl.evaluate_checkpoint(tl.parse_args(["--eval_only", "--out_dir", str(tmp_path / "out"),
+    on_file = tl.evaluate_checkpoint(tl.resolve(["--eval_only", "--out_dir", str(tmp_path / "out"),
                                                     "--eval_data", str(tmp_path / "held_out.txt")]))
     assert on_file["bpb"] == pytest.approx(on_file["loss"] / math.log(2))  # ASCII: 1 char = 1 byte
     assert on_file["tokens"] == (len(text) - 1) // 16 * 16
@@ -173,7 +173,7 @@ def test_eval_only_on_val_split_and_on_a_file(run_args, tmp_path, corpus, capsys
 
 
 def test_benchmark_prints_a_table_and_writes_nothing(run_args, tmp_path, capsys):
-    result = tl.benchmark(tl.parse_args(run_args("--benchmark", "--max_new_tokens", "20")),
+    result = tl.benchmark(tl.resolve(run_args("--benchmark", "--max_new_tokens", "20")),
                           warmup=1, repeats=2)
     assert not (tmp_path / "out").exists()
     for key in ("train_tokens_per_s", "mfu", "peak_memory_mb", "generate_tokens_per_s_cache",

@@ -188,7 +188,7 @@ def test_signal_saves_and_resume_continues(tmp_path, corpus, sig):
     step = int(stdout.split(" at step ")[1].split(":")[0])
     ckpt = tl.load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert ckpt["step"] == step >= 5
-    history = tl.train(tl.parse_args(["--out_dir", str(tmp_path / "out"), "--resume",
+    history = tl.train(tl.resolve(["--out_dir", str(tmp_path / "out"), "--resume",
                                       "--max_steps", str(step + 3)]))
     assert [r["step"] for r in history if "loss" in r] == [step + 1, step + 2, step + 3]
 
@@ -207,7 +207,7 @@ def test_kill_9_leaves_a_loadable_checkpoint(tmp_path, corpus):
         assert proc.returncode == -signal.SIGKILL
         steps.append(tl.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"])
     assert steps[0] >= 1 and steps[0] < steps[1] < steps[2]  # every resume went further
-    history = tl.train(tl.parse_args(["--out_dir", str(tmp_path / "out"), "--resume",
+    history = tl.train(tl.resolve(["--out_dir", str(tmp_path / "out"), "--resume",
                                       "--max_steps", str(steps[-1] + 1)]))
     assert history[0]["step"] == steps[-1] + 1
     assert not list((tmp_path / "out").glob(".*.tmp*"))  # a half-written temp file is cleaned up
@@ -216,7 +216,7 @@ def test_kill_9_leaves_a_loadable_checkpoint(tmp_path, corpus):
 def test_stale_temp_files_are_removed(run_args, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / ".ckpt.pt.tmp999").write_bytes(b"half a checkpoint")
-    tl.train(tl.parse_args(run_args("--max_steps", "1")))
+    tl.train(tl.resolve(run_args("--max_steps", "1")))
     assert not (tmp_path / "out" / ".ckpt.pt.tmp999").exists()
 
 
@@ -236,7 +236,7 @@ def poison_steps(monkeypatch, bad_calls: set[int]) -> None:
 
 def test_nonfinite_steps_are_skipped_and_counted(run_args, monkeypatch, tmp_path, capsys):
     poison_steps(monkeypatch, {3, 4})
-    history = tl.train(tl.parse_args(run_args("--dtype", "float32")))
+    history = tl.train(tl.resolve(run_args("--dtype", "float32")))
     assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert "update skipped (2 in a row, 2 in all)" in capsys.readouterr().out
     ckpt = tl.load_checkpoint(tmp_path / "out" / "ckpt.pt")

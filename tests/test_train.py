@@ -39,7 +39,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_train_writes_run_directory(run_args, tmp_path):
-    history = tl.train(tl.parse_args(run_args()))
+    history = tl.train(tl.resolve(run_args()))
     out = tmp_path / "out"
     for name in ("ckpt.pt", "ckpt_best.pt", "tokenizer.json", "effective_config.json", "metrics.jsonl"):
         assert (out / name).is_file(), name
@@ -57,9 +57,9 @@ def test_resume_gives_same_losses_as_uninterrupted(run_args):
     Dropout is on so the global RNG matters; a constant LR keeps both schedules equal."""
     common = ("--dropout", "0.1", "--min_lr", "1e-3", "--learning_rate", "1e-3", "--warmup_steps", "0",
               "--eval_interval", "4")
-    straight = tl.train(tl.parse_args(run_args(*common, "--max_steps", "8", out="a")))
-    tl.train(tl.parse_args(run_args(*common, "--max_steps", "4", out="b")))
-    resumed = tl.train(tl.parse_args(run_args(*common, "--max_steps", "8", "--resume", out="b")))
+    straight = tl.train(tl.resolve(run_args(*common, "--max_steps", "8", out="a")))
+    tl.train(tl.resolve(run_args(*common, "--max_steps", "4", out="b")))
+    resumed = tl.train(tl.resolve(run_args(*common, "--max_steps", "8", "--resume", out="b")))
     tail = [r["loss"] for r in straight if "loss" in r and r["step"] > 4]
     assert len(tail) == 4 and tail == [r["loss"] for r in resumed if "loss" in r]
 
@@ -67,7 +67,7 @@ def test_resume_gives_same_losses_as_uninterrupted(run_args):
 def test_resume_refuses_other_architecture(run_args, capsys):
     assert tl.main(run_args("--resume")) == 2
     assert "--resume: no checkpoint" in capsys.readouterr().err
-    tl.train(tl.parse_args(run_args()))
+    tl.train(tl.resolve(run_args()))
     assert tl.main(run_args("--resume", "--n_layer", "3")) == 2
     assert "--n_layer 3 does not match the checkpoint" in capsys.readouterr().err
     assert tl.main(run_args("--resume", "--tokenizer", "bpe")) == 2
@@ -79,7 +79,7 @@ def test_generate_only_without_checkpoint(tmp_path, capsys):
 
 
 def test_prompt_outside_char_vocab_refused(run_args, tmp_path, capsys):
-    tl.train(tl.parse_args(run_args()))
+    tl.train(tl.resolve(run_args()))
     assert tl.main(["--generate_only", "--out_dir", str(tmp_path / "out"), "--prompt", "cat ∑"]) == 2
     assert "'∑'" in capsys.readouterr().err
 
@@ -102,19 +102,19 @@ def test_command_line_train_then_generate(run_args, tmp_path):
 
 def test_checkpoint_device_does_not_carry_over(run_args, tmp_path):
     """A model trained on a GPU must sample on a CPU-only machine without extra flags."""
-    tl.train(tl.parse_args(run_args()))
+    tl.train(tl.resolve(run_args()))
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     ckpt["config"]["device"] = "cuda"  # as if trained on a GPU
     torch.save(ckpt, tmp_path / "gpu_ckpt.pt")
-    use = tl.load_for_use(tl.parse_args(["--ckpt", str(tmp_path / "gpu_ckpt.pt")]))
+    use = tl.load_for_use(tl.resolve(["--generate_only", "--ckpt", str(tmp_path / "gpu_ckpt.pt")]))
     assert use.cfg.device == "auto" and use.device.type == tl.pick_device("auto").type
 
 
 def test_resume_accepts_checkpoints_without_newer_counters(run_args, tmp_path):
-    tl.train(tl.parse_args(run_args()))
+    tl.train(tl.resolve(run_args()))
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     for key in ("nonfinite_skips", "overflow_skips", "elapsed_s"):
         del ckpt[key]
     torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
-    history = tl.train(tl.parse_args(run_args("--resume", "--max_steps", "7")))
+    history = tl.train(tl.resolve(run_args("--resume", "--max_steps", "7")))
     assert [r["step"] for r in history if "loss" in r] == [7]
