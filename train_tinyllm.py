@@ -597,6 +597,15 @@ class Dist:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @classmethod
+    def from_environment(cls) -> Dist | None:
+        """This process's place as torchrun describes it (RANK, LOCAL_RANK, WORLD_SIZE), or None
+        when torchrun did not start it: the one place the rank is read."""
+        env = os.environ
+        if "RANK" not in env:
+            return None
+        return cls(int(env["RANK"]), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1")))
+
 
 SINGLE_PROCESS = Dist()
 
@@ -604,23 +613,24 @@ SINGLE_PROCESS = Dist()
 def init_distributed(cfg: Config) -> Dist:
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE,
     MASTER_ADDR...): nccl on CUDA, gloo on CPU; single-node and multi-node alike."""
-    if "RANK" not in os.environ:
+    place = Dist.from_environment()
+    if place is None:
         if cfg.ddp:
             raise TinyLLMError("--ddp needs torchrun to start the processes: torchrun --standalone "
                                "--nproc_per_node=N train_tinyllm.py ...")
         return SINGLE_PROCESS
     import torch.distributed as dist
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(place.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size())
+    return place
 
 
 def is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    place = Dist.from_environment()
+    return place is None or place.rank == 0
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
@@ -1807,6 +1817,11 @@ def batch_at(context: int, cfg: Config) -> int:
     return max(1, cfg.batch_size * cfg.block_size // context)
 
 
+def tokens_per_step(cfg: Config, world_size: int = 1) -> int:
+    """Tokens in one optimizer step, over every rank (at the full context length)."""
+    return cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * world_size
+
+
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023): step by the sign of an interpolation of momentum and gradient,
     with decoupled weight decay. Wants a 3-10x smaller learning rate than AdamW."""
@@ -2027,9 +2042,18 @@ def refuse_existing_run(cfg: Config) -> None:
                            f"continue it, --overwrite to start over, or pick another --out_dir")
 
 
-# ----------------------------------------------------------------------------------------------
-# train()
-# ----------------------------------------------------------------------------------------------
+def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE_PROCESS
+                   ) -> tuple[TextTokenizer, dict[str, TokenSplit]]:
+    """Tokenizer and token files. Rank 0 builds the cache first; the other ranks then read it."""
+    if dist.rank != 0:
+        torch.distributed.barrier()
+    corpus = load_corpus(cfg)
+    tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
+    splits = prepare_data(cfg, corpus, tok)
+    if dist.rank == 0 and dist.enabled:
+        torch.distributed.barrier()
+    return tok, splits
+
 
 class Progress:
     """A live tqdm bar (step, loss, lr, tokens/s, MFU, ETA) when stdout is a terminal on rank 0;
@@ -2082,7 +2106,7 @@ class WandbSink:
     def __init__(self, out: Path, cfg: Config):
         self.wandb = require("wandb", "--wandb", "wandb (then wandb login)")
         self.run = self.wandb.init(project=cfg.wandb_project, dir=str(out), config=asdict(cfg),
-                              name=out.name, resume="allow")
+                                   name=out.name, resume="allow")
 
     def log(self, record: dict[str, Any]) -> None:
         self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
@@ -2091,12 +2115,34 @@ class WandbSink:
         self.run.finish()
 
 
-def metric_sinks(cfg: Config, out: Path, rank: int) -> list[Any]:
-    """Where metrics go besides metrics.jsonl; each library is imported only when asked for."""
-    if rank != 0:
-        return []
-    kinds = [(cfg.tensorboard, TensorBoardSink), (cfg.wandb, WandbSink)]
-    return [sink(out, cfg) for wanted, sink in kinds if wanted]
+class Metrics:
+    """A run's records: kept in memory (train() returns them), appended to out_dir/metrics.jsonl
+    on rank 0, and sent to TensorBoard and W&B when asked (each imported only then)."""
+
+    def __init__(self, path: Path | None = None, sinks: list[Any] | None = None):
+        self.path, self.sinks, self.history = path, sinks or [], []
+
+    @classmethod
+    def for_run(cls, cfg: Config, out: Path, rank: int) -> Metrics:
+        if rank != 0:
+            return cls()
+        kinds = [(cfg.tensorboard, TensorBoardSink), (cfg.wandb, WandbSink)]
+        return cls(out / "metrics.jsonl", [sink(out, cfg) for wanted, sink in kinds if wanted])
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        for sink in self.sinks:
+            sink.log(record)
+        if self.path is not None:
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                print(f"warning: could not append to {self.path} ({e.strerror})", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 @dataclass
@@ -2110,10 +2156,9 @@ class RunState:
     skips_in_a_row: int = 0
     saved_step: int = -1  # step of the last checkpoint written
     grad_norm: torch.Tensor | None = None  # of the last step, kept on the device until logged
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """Everything one training run holds. Three handles on the model: the raw `model` (state
     dicts, EMA, evaluation, sampling), and `train_model`, which may be compiled and DDP-wrapped."""
@@ -2130,24 +2175,12 @@ class Run:
     scaler: torch.amp.GradScaler
     ema: EMA | None
     batch_gen: torch.Generator
-    state: RunState
-    lock: Any = None
-    sinks: list[Any] = field(default_factory=list)
-    progress: Progress | None = None
+    state: RunState = field(default_factory=RunState)
+    metrics: Metrics = field(default_factory=Metrics)
+    progress: Progress = field(default_factory=lambda: Progress(None, 0, enabled=False))
     peak: float | None = None  # device FLOP/s for MFU
     memory_kept: bool = False  # keep_freed_memory took effect
-
-    def record(self, record: dict[str, Any]) -> None:
-        self.state.history.append(record)
-        for sink in self.sinks:
-            sink.log(record)
-        if self.dist.rank == 0:
-            try:
-                with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:
-                print(f"warning: could not append to {self.out / 'metrics.jsonl'} ({e.strerror})",
-                      file=sys.stderr, flush=True)
+    lock: Any = None  # out_dir's lock, held while training
 
     def checkpoint(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Everything needed to resume exactly, as plain data that loads with weights_only=True."""
@@ -2175,18 +2208,36 @@ class Run:
         set_rng_states(ckpt["rng"])
         self.batch_gen.set_state(ckpt["batch_rng"])
 
+    def close(self) -> None:
+        """Let go of what the run holds open: the progress bar, metric sinks, out_dir's lock."""
+        self.progress.close()
+        self.metrics.close()
+        if self.lock is not None:
+            self.lock.close()
 
-def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE_PROCESS
-                   ) -> tuple[TextTokenizer, dict[str, TokenSplit]]:
-    """Tokenizer and token files. Rank 0 builds the cache first; the other ranks then read it."""
-    if dist.rank != 0:
-        torch.distributed.barrier()
-    corpus = load_corpus(cfg)
-    tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
-    splits = prepare_data(cfg, corpus, tok)
-    if dist.rank == 0 and dist.enabled:
-        torch.distributed.barrier()
-    return tok, splits
+
+def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], device: torch.device,
+            out: Path, dist: Dist = SINGLE_PROCESS, ckpt: dict[str, Any] | None = None,
+            metrics: Metrics | None = None) -> Run:
+    """A run ready to step, for training and --benchmark alike: the model (the same initial
+    weights on every rank), its optimizers, GradScaler, EMA and batch generator, restored from
+    `ckpt` when given, then wrapped for training (compiled, DDP)."""
+    memory_kept = keep_freed_memory(cfg, device)  # glibc keeps freed memory for the next step
+    dtype = pick_dtype(cfg, device)
+    peak = peak_flops(cfg, device, dtype)  # on a CPU: measured once, then read from the cache
+    seed_everything(cfg.seed)
+    model = GPT(cfg, tok.vocab_size).to(device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    run = Run(cfg=cfg, dist=dist, device=device, dtype=dtype, out=out, tok=tok, splits=splits,
+              model=model, train_model=model, optimizers=make_optimizers(model, cfg, device),
+              scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+              ema=EMA(model, cfg.ema_decay) if cfg.ema else None,
+              batch_gen=torch.Generator().manual_seed(cfg.seed), metrics=metrics or Metrics(),
+              peak=peak, memory_kept=memory_kept)
+    if ckpt is not None:
+        run.restore(ckpt)
+    run.train_model = wrap_model(model, cfg, dist, device)
+    return run
 
 
 def wrap_model(model: GPT, cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
@@ -2198,212 +2249,6 @@ def wrap_model(model: GPT, cfg: Config, dist: Dist, device: torch.device) -> nn.
         wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda"
                                           else None)
     return wrapped
-
-
-def build_run(r: Resolved) -> Run:
-    cfg, ckpt = r.cfg, r.ckpt
-    dist = init_distributed(cfg)
-    device = pick_device(cfg.device, dist.local_rank)
-    out = prepare_out_dir(cfg.out_dir) if dist.rank == 0 else Path(cfg.out_dir)
-    lock = lock_out_dir(out) if dist.rank == 0 else None
-    tok, splits = prepare_inputs(cfg, ckpt, dist)
-    if dist.rank == 0:
-        write_text_atomic(out / "tokenizer.json", tok.to_str())
-        write_text_atomic(out / "effective_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-        if not ckpt:
-            (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
-    seed_everything(cfg.seed)  # the same initial weights on every rank
-    model = GPT(cfg, tok.vocab_size).to(device)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    dtype = pick_dtype(cfg, device)
-    run = Run(cfg, dist, device, dtype, out, tok, splits, model, model,
-              make_optimizers(model, cfg, device),
-              torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-              EMA(model, cfg.ema_decay) if cfg.ema else None,
-              torch.Generator().manual_seed(cfg.seed), RunState(), lock,
-              metric_sinks(cfg, out, dist.rank), peak=peak_flops(cfg, device, dtype),
-              memory_kept=keep_freed_memory(cfg, device))
-    if ckpt:
-        run.restore(ckpt)
-        print0(f"resume: continuing {out / 'ckpt.pt'} from step {run.state.step}")
-    run.train_model = wrap_model(model, cfg, dist, device)
-    return run
-
-
-def describe_run(run: Run) -> None:
-    cfg = run.cfg
-    tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * run.dist.world_size
-    print0(f"model: {run.model.num_params() / 1e6:.2f}M parameters, vocab {run.tok.vocab_size}, "
-           f"{cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.norm}/{cfg.mlp}/{cfg.pos_encoding}")
-    print0(f"engine: device {run.device}, {str(run.dtype).removeprefix('torch.')}"
-           f"{' autocast' if run.dtype != torch.float32 else ''}, optimizer {cfg.optimizer}, "
-           f"{'compiled' if cfg.compile else 'eager'}, {run.dist.world_size} process(es)"
-           f"{', freed memory kept' if run.memory_kept else ''}")
-    limit = f"{cfg.max_steps} steps" + (f" or {cfg.time_budget_s:g}s" if cfg.time_budget_s else "")
-    print0(f"training: {limit} of {tokens:,} tokens ({cfg.batch_size} x {cfg.block_size} x "
-           f"{cfg.grad_accum_steps} accum x {run.dist.world_size} ranks); writing {run.out}")
-    peak = f"{run.peak / 1e12:.3g} TFLOP/s peak" if run.peak else "peak unknown (--peak_flops)"
-    print0(f"measuring: {flops_per_token(run.model, cfg.block_size) / 1e6:.2f} MFLOPs per token, {peak}")
-
-
-def micro_step(run: Run, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
-    """Forward and backward of one micro-batch; DDP syncs gradients only when `sync`."""
-    no_sync = run.train_model.no_sync if run.dist.enabled and not sync else contextlib.nullcontext
-    with no_sync():
-        with autocast(run.device, run.dtype):
-            loss = run.train_model(x, y, label_smoothing=run.cfg.label_smoothing,
-                                   z_loss=run.cfg.z_loss)[1] / run.cfg.grad_accum_steps
-        run.scaler.scale(loss).backward()
-    return loss.detach()
-
-
-def optimizer_step(run: Run, lr: float) -> None:
-    """Clip (after the gradient sync and unscaling), step every optimizer, update the EMA. A
-    step whose gradient norm is not finite is skipped: by the GradScaler under fp16, here
-    otherwise (the norm is identical on every rank after the sync, so all ranks agree)."""
-    params = [p for p in run.model.parameters() if p.grad is not None]
-    for opt in run.optimizers:
-        for group in opt.param_groups:
-            group["lr"] = lr
-        run.scaler.unscale_(opt)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if run.scaler.is_enabled():  # fp16: the scale drops when the step overflowed and was skipped
-        skipped = scaled_step(run, norm)
-        run.state.overflow_skips += skipped
-    else:
-        skipped = not torch.isfinite(norm).item()  # one host sync; the price of never diverging
-        if not skipped:
-            clip_and_step(run, params, norm)
-        run.state.nonfinite_skips += skipped
-    for opt in run.optimizers:
-        opt.zero_grad(set_to_none=True)
-    if not skipped and run.ema is not None:
-        run.ema.update(run.model)
-    run.state.grad_norm = norm
-    note_skip(run, skipped, norm)
-
-
-def clip_and_step(run: Run, params: list[nn.Parameter], norm: torch.Tensor) -> None:
-    if run.cfg.grad_clip:
-        torch.nn.utils.clip_grads_with_norm_(params, run.cfg.grad_clip, norm)
-    for opt in run.optimizers:
-        opt.step()
-
-
-def scaled_step(run: Run, norm: torch.Tensor) -> bool:
-    """The fp16 step through the GradScaler; True when it skipped an overflowed step."""
-    if run.cfg.grad_clip:
-        torch.nn.utils.clip_grads_with_norm_(run.model.parameters(), run.cfg.grad_clip, norm)
-    for opt in run.optimizers:
-        run.scaler.step(opt)
-    scale = run.scaler.get_scale()
-    run.scaler.update()
-    return run.scaler.get_scale() < scale
-
-
-def note_skip(run: Run, skipped: bool, norm: torch.Tensor) -> None:
-    """Count skipped steps in a row; stop the run when there are too many."""
-    s = run.state
-    s.skips_in_a_row = s.skips_in_a_row + 1 if skipped else 0
-    if skipped and not run.scaler.is_enabled():
-        print0(f"step {s.step + 1}: gradient norm is {norm.item()} (non-finite loss or gradient); "
-               f"update skipped ({s.skips_in_a_row} in a row, {s.nonfinite_skips} in all)")
-    if s.skips_in_a_row >= run.cfg.max_nonfinite:
-        last = f"{run.out / 'ckpt.pt'} (step {s.saved_step})" if s.saved_step >= 0 else "none yet"
-        raise TrainingStopped(
-            f"stopping at step {s.step + 1}: {s.skips_in_a_row} optimizer steps in a row had a "
-            f"non-finite loss or gradient and were skipped; last good checkpoint: {last}. Lower "
-            f"--learning_rate, raise --warmup_steps, or use --dtype bfloat16/float32", status=1)
-
-
-def train_step(run: Run, lr: float) -> torch.Tensor:
-    """One optimizer step; returns the mean training loss as a device tensor (no host sync)."""
-    context = context_at(run.state.step, run.cfg)
-    batch = batch_at(context, run.cfg)
-    total = torch.zeros((), device=run.device)
-    for micro in range(run.cfg.grad_accum_steps):
-        x, y = get_batch(run.splits["train"], batch, context, run.batch_gen, run.device, run.dist)
-        total += micro_step(run, x, y, sync=micro == run.cfg.grad_accum_steps - 1)
-    optimizer_step(run, lr)
-    run.state.step += 1
-    return total
-
-
-def mean_over_ranks(run: Run, value: torch.Tensor) -> float:
-    if run.dist.enabled:
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
-    return value.item()
-
-
-def agreed(run: Run, value: float) -> float:
-    """Rank 0's value on every rank, so that all ranks share one schedule and stop together."""
-    if not run.dist.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=run.device)
-    torch.distributed.broadcast(t, 0)
-    return t.item()
-
-
-def log_step(run: Run, loss: float, lr: float, seconds: float, steps: int) -> None:
-    cfg, s = run.cfg, run.state
-    per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * run.dist.world_size
-    tok_s = per_step * steps / seconds
-    flops = flops_per_token(run.model, context_at(s.step - 1, cfg)) * tok_s / run.dist.world_size
-    mfu = flops / run.peak if run.peak else None
-    run.record({"step": s.step, "tokens": s.step * per_step, "loss": loss, "lr": lr,
-                "grad_norm": s.grad_norm.item() if s.grad_norm is not None else None,
-                "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": s.elapsed,
-                "overflow_skips": s.overflow_skips, "nonfinite_skips": s.nonfinite_skips})
-    skips = f" | fp16 overflow skips {s.overflow_skips}" if run.scaler.is_enabled() else ""
-    mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
-    run.progress.log(f"step {s.step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                     f"{1000 * seconds / steps:.1f} ms/step | {tok_s:,.0f} tok/s{mfu_text}{skips}",
-                     f"loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s{mfu_text.replace(' | ', ', ')}")
-
-
-def save_checkpoints(run: Run, best_weights: dict[str, torch.Tensor] | None) -> bool:
-    """ckpt.pt always (live weights, for resuming); ckpt_best.pt when `best_weights` is given.
-    A failed write (disk full, permissions) is reported and training goes on: the temporary
-    file is removed and the previous checkpoint stays as it was."""
-    if run.dist.rank != 0:
-        return True
-    try:
-        atomic_write(run.out / "ckpt.pt", lambda p: torch.save(run.checkpoint(), p))
-        run.state.saved_step = run.state.step
-        if best_weights is not None:
-            best = run.checkpoint(best_weights)
-            atomic_write(run.out / "ckpt_best.pt", lambda p: torch.save(best, p))
-    except OSError as e:
-        print(f"warning: could not write a checkpoint to {run.out} ({e.strerror or e}); the previous "
-              f"checkpoint is kept (step {run.state.saved_step}); free disk space or fix permissions",
-              file=sys.stderr, flush=True)
-        return False
-    return True
-
-
-def evaluate_and_save(run: Run) -> None:
-    """Val loss of the live weights (and of the EMA); the better one becomes ckpt_best.pt if it
-    beats the best so far."""
-    losses = estimate_loss(run.model, run.splits, run.cfg, run.device, run.dtype)
-    per_byte = run.splits["val"].tokens_per_byte
-    record = {"step": run.state.step, "train_loss": losses["train"], "val_loss": losses["val"],
-              "val_ppl": math.exp(losses["val"]), "val_bpb": bits_per_byte(losses["val"], per_byte),
-              "elapsed_s": run.state.elapsed}
-    candidates = {"live": (losses["val"], run.model)}
-    if run.ema is not None:
-        record["ema_val_loss"] = estimate_loss(run.ema.model, {"val": run.splits["val"]}, run.cfg,
-                                               run.device, run.dtype)["val"]
-        candidates["ema"] = (record["ema_val_loss"], run.ema.model)
-    which = min(candidates, key=lambda k: candidates[k][0])
-    val, source = candidates[which]
-    is_best = val < run.state.best_val
-    run.state.best_val = min(run.state.best_val, val)
-    run.record(record)
-    save_checkpoints(run, source.state_dict() if is_best else None)
-    ema = f" | ema val loss {record['ema_val_loss']:.4f}" if run.ema is not None else ""
-    best = f" (best: {which} weights saved to ckpt_best.pt)" if is_best else ""
-    print0(f"eval step {run.state.step}: train loss {losses['train']:.4f} | val loss "
-           f"{losses['val']:.4f} | val bpb {record['val_bpb']:.3f}{ema}{best}")
 
 
 class SignalCatcher:
@@ -2428,6 +2273,252 @@ class SignalCatcher:
             signal.signal(s, handler)
 
 
+# ----------------------------------------------------------------------------------------------
+# train(): the run, its loop, one optimizer step, then the helpers in the order they are called
+# ----------------------------------------------------------------------------------------------
+
+def train(r: Resolved) -> list[dict[str, Any]]:
+    """Train as configured, resuming from r.ckpt when there is one; returns the log and eval
+    records (also in out_dir/metrics.jsonl)."""
+    dist = init_distributed(r.cfg)
+    run = start_run(r, dist)
+    try:
+        describe_run(run)
+        with SignalCatcher() as catcher:
+            train_loop(run, catcher)
+        run.progress.close()
+        report_done(run)
+        print_samples(sampling_model(run), run.tok, run.cfg, run.device)
+    finally:
+        run.close()
+        if dist.enabled:
+            torch.distributed.destroy_process_group()
+    return run.metrics.history
+
+
+def train_loop(run: Run, catcher: SignalCatcher) -> None:
+    """Step until max_steps, the time budget or --stop_at_step; log, evaluate and checkpoint,
+    and sample on their intervals; stop at a step boundary on SIGINT or SIGTERM."""
+    cfg, s = run.cfg, run.state
+    run.model.train()
+    loss_sum, steps_since_log = torch.zeros((), device=run.device), 0
+    t_log = t_step = time.time()
+    while not finished(run):
+        lr = lr_at(s.step, cfg, s.elapsed)
+        loss_sum += train_step(run, lr)
+        run.progress.step()
+        steps_since_log += 1
+        now = time.time()
+        s.elapsed += now - t_step
+        if cfg.time_budget_s:  # the clock then steers the schedule and the stop: one clock for all ranks
+            s.elapsed = agreed(run, s.elapsed)
+        if s.step % cfg.log_interval == 0:  # the loss reaches the host only here
+            log_step(run, mean_over_ranks(run, loss_sum) / steps_since_log, lr, now - t_log,
+                     steps_since_log)
+            loss_sum.zero_()
+            steps_since_log, t_log = 0, now
+        do_eval = s.step % cfg.eval_interval == 0 or finished(run)
+        do_sample = bool(cfg.sample_interval) and s.step % cfg.sample_interval == 0 and not finished(run)
+        if do_eval or do_sample:
+            with run.progress.quiet():
+                if do_eval:
+                    save_checkpoints(run, best_weights=evaluate(run))
+                if do_sample:
+                    print_samples(sampling_model(run), run.tok, dataclasses.replace(cfg, num_samples=1),
+                                  run.device, max_new_tokens=120)
+        pause = time.time() - now  # evaluation and sampling are not training time
+        t_step, t_log = now + pause, t_log + pause
+        signum = stop_requested(run, catcher)
+        if signum:
+            stop_for_signal(run, signum)
+
+
+def train_step(run: Run, lr: float) -> torch.Tensor:
+    """One optimizer step; returns the mean training loss as a device tensor."""
+    cfg, s, model = run.cfg, run.state, run.train_model
+    context = context_at(s.step, cfg)
+    batch = batch_at(context, cfg)
+    # forward and backward per micro-batch; DDP syncs gradients on the last one only
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(cfg.grad_accum_steps):
+        x, y = get_batch(run.splits["train"], batch, context, run.batch_gen, run.device, run.dist)
+        sync = micro == cfg.grad_accum_steps - 1 or not run.dist.enabled
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast(run.device, run.dtype):
+                _, loss = model(x, y, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss)
+            loss = loss / cfg.grad_accum_steps
+            run.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    # set the learning rate, unscale fp16 gradients, and take the global gradient norm
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        run.scaler.unscale_(opt)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # a non-finite norm (an fp16 overflow, or divergence) skips the update; after the sync the
+    # norm is the same on every rank, so all ranks skip together. One host sync per step.
+    skipped = not torch.isfinite(norm).item()
+    if not skipped:
+        if cfg.grad_clip:  # clip, then step every optimizer (through the scaler under fp16)
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
+        for opt in run.optimizers:
+            run.scaler.step(opt)
+    run.scaler.update()  # fp16: a skipped step lowers the loss scale
+    for opt in run.optimizers:
+        opt.zero_grad(set_to_none=True)
+    # the EMA follows every update that was made
+    if not skipped and run.ema is not None:
+        run.ema.update(run.model)
+    s.step, s.grad_norm = s.step + 1, norm
+    count_skip(run, skipped, norm)
+    return loss_sum
+
+
+def start_run(r: Resolved, dist: Dist) -> Run:
+    """What train() steps: out_dir created and locked (rank 0), the tokenizer and token files,
+    tokenizer.json and effective_config.json written, and the run, resumed when r has a checkpoint."""
+    cfg, ckpt = r.cfg, r.ckpt
+    device = pick_device(cfg.device, dist.local_rank)
+    out = prepare_out_dir(cfg.out_dir) if dist.rank == 0 else Path(cfg.out_dir)
+    lock = lock_out_dir(out) if dist.rank == 0 else None
+    tok, splits = prepare_inputs(cfg, ckpt, dist)
+    if dist.rank == 0:
+        write_text_atomic(out / "tokenizer.json", tok.to_str())
+        write_text_atomic(out / "effective_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        if not ckpt:
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
+    metrics = Metrics.for_run(cfg, out, dist.rank)
+    run = new_run(cfg, tok=tok, splits=splits, device=device, out=out, dist=dist, ckpt=ckpt,
+                  metrics=metrics)
+    run.lock = lock
+    run.progress = Progress(None if cfg.time_budget_s else cfg.max_steps, run.state.step,
+                            enabled=dist.rank == 0 and sys.stdout.isatty())
+    if ckpt:
+        print0(f"resume: continuing {out / 'ckpt.pt'} from step {run.state.step}")
+    return run
+
+
+def describe_run(run: Run) -> None:
+    cfg = run.cfg
+    print0(f"model: {run.model.num_params() / 1e6:.2f}M parameters, vocab {run.tok.vocab_size}, "
+           f"{cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.norm}/{cfg.mlp}/{cfg.pos_encoding}")
+    print0(f"engine: device {run.device}, {str(run.dtype).removeprefix('torch.')}"
+           f"{' autocast' if run.dtype != torch.float32 else ''}, optimizer {cfg.optimizer}, "
+           f"{'compiled' if cfg.compile else 'eager'}, {run.dist.world_size} process(es)"
+           f"{', freed memory kept' if run.memory_kept else ''}")
+    limit = f"{cfg.max_steps} steps" + (f" or {cfg.time_budget_s:g}s" if cfg.time_budget_s else "")
+    print0(f"training: {limit} of {tokens_per_step(cfg, run.dist.world_size):,} tokens ({cfg.batch_size} "
+           f"x {cfg.block_size} x {cfg.grad_accum_steps} accum x {run.dist.world_size} ranks); "
+           f"writing {run.out}")
+    peak = f"{run.peak / 1e12:.3g} TFLOP/s peak" if run.peak else "peak unknown (--peak_flops)"
+    print0(f"measuring: {flops_per_token(run.model, cfg.block_size) / 1e6:.2f} MFLOPs per token, {peak}")
+
+
+def finished(run: Run) -> bool:
+    s, cfg = run.state, run.cfg
+    return (s.step >= cfg.max_steps or (cfg.time_budget_s > 0 and s.elapsed >= cfg.time_budget_s)
+            or (cfg.stop_at_step > 0 and s.step >= cfg.stop_at_step))
+
+
+def count_skip(run: Run, skipped: bool, norm: torch.Tensor) -> None:
+    """Count skipped updates (fp16 overflows apart); stop the run after too many in a row."""
+    s, fp16 = run.state, run.scaler.is_enabled()
+    s.overflow_skips += skipped and fp16
+    s.nonfinite_skips += skipped and not fp16
+    s.skips_in_a_row = s.skips_in_a_row + 1 if skipped else 0
+    if skipped and not fp16:
+        print0(f"step {s.step}: gradient norm is {norm.item()} (non-finite loss or gradient); "
+               f"update skipped ({s.skips_in_a_row} in a row, {s.nonfinite_skips} in all)")
+    if s.skips_in_a_row >= run.cfg.max_nonfinite:
+        last = f"{run.out / 'ckpt.pt'} (step {s.saved_step})" if s.saved_step >= 0 else "none yet"
+        raise TrainingStopped(
+            f"stopping at step {s.step}: {s.skips_in_a_row} optimizer steps in a row had a "
+            f"non-finite loss or gradient and were skipped; last good checkpoint: {last}. Lower "
+            f"--learning_rate, raise --warmup_steps, or use --dtype bfloat16/float32", status=1)
+
+
+def agreed(run: Run, value: float) -> float:
+    """Rank 0's value on every rank, so that all ranks share one schedule and stop together."""
+    if not run.dist.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=run.device)
+    torch.distributed.broadcast(t, 0)
+    return t.item()
+
+
+def mean_over_ranks(run: Run, value: torch.Tensor) -> float:
+    if run.dist.enabled:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
+    return value.item()
+
+
+def log_step(run: Run, loss: float, lr: float, seconds: float, steps: int) -> None:
+    cfg, s = run.cfg, run.state
+    per_step = tokens_per_step(cfg, run.dist.world_size)
+    tok_s = per_step * steps / seconds
+    flops = flops_per_token(run.model, context_at(s.step - 1, cfg)) * tok_s / run.dist.world_size
+    mfu = flops / run.peak if run.peak else None
+    run.metrics.record({"step": s.step, "tokens": s.step * per_step, "loss": loss, "lr": lr,
+                        "grad_norm": s.grad_norm.item() if s.grad_norm is not None else None,
+                        "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": s.elapsed,
+                        "overflow_skips": s.overflow_skips, "nonfinite_skips": s.nonfinite_skips})
+    skips = f" | fp16 overflow skips {s.overflow_skips}" if run.scaler.is_enabled() else ""
+    mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+    run.progress.log(f"step {s.step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                     f"{1000 * seconds / steps:.1f} ms/step | {tok_s:,.0f} tok/s{mfu_text}{skips}",
+                     f"loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s{mfu_text.replace(' | ', ', ')}")
+
+
+def evaluate(run: Run) -> dict[str, torch.Tensor] | None:
+    """Val loss of the live weights (and of the EMA), recorded and printed; returns the better
+    one's weights when they beat the best so far (for ckpt_best.pt), else None."""
+    losses = estimate_loss(run.model, run.splits, run.cfg, run.device, run.dtype)
+    per_byte = run.splits["val"].tokens_per_byte
+    record = {"step": run.state.step, "train_loss": losses["train"], "val_loss": losses["val"],
+              "val_ppl": math.exp(losses["val"]), "val_bpb": bits_per_byte(losses["val"], per_byte),
+              "elapsed_s": run.state.elapsed}
+    candidates = {"live": (losses["val"], run.model)}
+    if run.ema is not None:
+        record["ema_val_loss"] = estimate_loss(run.ema.model, {"val": run.splits["val"]}, run.cfg,
+                                               run.device, run.dtype)["val"]
+        candidates["ema"] = (record["ema_val_loss"], run.ema.model)
+    which = min(candidates, key=lambda k: candidates[k][0])
+    val, source = candidates[which]
+    is_best = val < run.state.best_val
+    run.state.best_val = min(run.state.best_val, val)
+    run.metrics.record(record)
+    ema = f" | ema val loss {record['ema_val_loss']:.4f}" if run.ema is not None else ""
+    best = f" (best: {which} weights saved to ckpt_best.pt)" if is_best else ""
+    print0(f"eval step {run.state.step}: train loss {losses['train']:.4f} | val loss "
+           f"{losses['val']:.4f} | val bpb {record['val_bpb']:.3f}{ema}{best}")
+    return source.state_dict() if is_best else None
+
+
+def save_checkpoints(run: Run, best_weights: dict[str, torch.Tensor] | None) -> bool:
+    """ckpt.pt always (live weights, for resuming); ckpt_best.pt when `best_weights` is given.
+    A failed write (disk full, permissions) is reported and training goes on: the temporary
+    file is removed and the previous checkpoint stays as it was."""
+    if run.dist.rank != 0:
+        return True
+    try:
+        atomic_write(run.out / "ckpt.pt", lambda p: torch.save(run.checkpoint(), p))
+        run.state.saved_step = run.state.step
+        if best_weights is not None:
+            best = run.checkpoint(best_weights)
+            atomic_write(run.out / "ckpt_best.pt", lambda p: torch.save(best, p))
+    except OSError as e:
+        print(f"warning: could not write a checkpoint to {run.out} ({e.strerror or e}); the previous "
+              f"checkpoint is kept (step {run.state.saved_step}); free disk space or fix permissions",
+              file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def sampling_model(run: Run) -> GPT:
+    return run.ema.model if run.ema is not None else run.model
+
+
 def stop_requested(run: Run, catcher: SignalCatcher) -> int:
     """The signal to stop for, agreed by all ranks (any rank that got one stops them all)."""
     if not run.dist.enabled:
@@ -2445,77 +2536,11 @@ def stop_for_signal(run: Run, signum: int) -> None:
                           f"python train_tinyllm.py --out_dir {run.out} --resume", status=128 + signum)
 
 
-def finished(run: Run) -> bool:
-    s, cfg = run.state, run.cfg
-    return (s.step >= cfg.max_steps or (cfg.time_budget_s > 0 and s.elapsed >= cfg.time_budget_s)
-            or (cfg.stop_at_step > 0 and s.step >= cfg.stop_at_step))
-
-
-def sampling_model(run: Run) -> GPT:
-    return run.ema.model if run.ema is not None else run.model
-
-
-def train(r: Resolved) -> list[dict[str, Any]]:
-    """Train as configured, resuming from r.ckpt when there is one; returns the log and eval
-    records (also in out_dir/metrics.jsonl)."""
-    run = build_run(r)
-    try:
-        describe_run(run)
-        run.progress = Progress(None if run.cfg.time_budget_s else run.cfg.max_steps, run.state.step,
-                                enabled=run.dist.rank == 0 and sys.stdout.isatty())
-        with SignalCatcher() as catcher:
-            train_loop(run, catcher)
-        run.progress.close()
-        print0(f"done: step {run.state.step}, {run.state.elapsed:.0f}s of training, best val loss "
-               f"{run.state.best_val:.4f}; checkpoints in {run.out}")
-        if run.state.step < run.cfg.max_steps and not run.cfg.time_budget_s:
-            print0(f"continue with: --out_dir {run.out} --resume")
-        print_samples(sampling_model(run), run.tok, run.cfg, run.device)
-    finally:
-        if run.progress is not None:
-            run.progress.close()
-        for sink in run.sinks:
-            sink.close()
-        if run.dist.enabled:
-            torch.distributed.destroy_process_group()
-        if run.lock is not None:
-            run.lock.close()
-    return run.state.history
-
-
-def train_loop(run: Run, catcher: SignalCatcher) -> None:
-    cfg, s = run.cfg, run.state
-    run.model.train()
-    loss_sum, steps_since_log = torch.zeros((), device=run.device), 0
-    t_log = t_step = time.time()
-    while not finished(run):
-        lr = lr_at(s.step, cfg, s.elapsed)
-        loss_sum += train_step(run, lr)
-        run.progress.step()
-        steps_since_log += 1
-        now = time.time()
-        s.elapsed += now - t_step
-        if cfg.time_budget_s:  # the clock then steers the schedule and the stop: one clock for all ranks
-            s.elapsed = agreed(run, s.elapsed)
-        if s.step % cfg.log_interval == 0:  # the only host sync of a plain step
-            log_step(run, mean_over_ranks(run, loss_sum) / steps_since_log, lr, now - t_log,
-                     steps_since_log)
-            loss_sum.zero_()
-            steps_since_log, t_log = 0, now
-        do_eval = s.step % cfg.eval_interval == 0 or finished(run)
-        do_sample = bool(cfg.sample_interval) and s.step % cfg.sample_interval == 0 and not finished(run)
-        if do_eval or do_sample:
-            with run.progress.quiet():
-                if do_eval:
-                    evaluate_and_save(run)
-                if do_sample:
-                    print_samples(sampling_model(run), run.tok, dataclasses.replace(cfg, num_samples=1),
-                                  run.device, max_new_tokens=120)
-        pause = time.time() - now  # evaluation and sampling are not training time
-        t_step, t_log = now + pause, t_log + pause
-        signum = stop_requested(run, catcher)
-        if signum:
-            stop_for_signal(run, signum)
+def report_done(run: Run) -> None:
+    print0(f"done: step {run.state.step}, {run.state.elapsed:.0f}s of training, best val loss "
+           f"{run.state.best_val:.4f}; checkpoints in {run.out}")
+    if run.state.step < run.cfg.max_steps and not run.cfg.time_budget_s:
+        print0(f"continue with: --out_dir {run.out} --resume")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2619,31 +2644,22 @@ def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, floa
     cfg = r.cfg
     device = pick_device(cfg.device)
     tok, splits = prepare_inputs(cfg, None)
-    seed_everything(cfg.seed)
-    model = GPT(cfg, tok.vocab_size).to(device)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    dtype = pick_dtype(cfg, device)
-    run = Run(cfg, SINGLE_PROCESS, device, dtype, Path(cfg.out_dir), tok, splits, model,
-              wrap_model(model, cfg, SINGLE_PROCESS, device), make_optimizers(model, cfg, device),
-              torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), None,
-              torch.Generator().manual_seed(cfg.seed), RunState(), peak=peak_flops(cfg, device, dtype),
-              memory_kept=keep_freed_memory(cfg, device))
-    model.train()
+    run = new_run(cfg, tok=tok, splits=splits, device=device, out=Path(cfg.out_dir))
+    run.model.train()
     for _ in range(warmup):
         train_step(run, cfg.learning_rate)
     step_s = median_seconds(lambda: train_step(run, cfg.learning_rate).item(), repeats, device)
-    tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
-    result = {"train_tokens_per_s": tokens / step_s, "step_ms": 1000 * step_s,
+    result = {"train_tokens_per_s": tokens_per_step(cfg) / step_s, "step_ms": 1000 * step_s,
               "peak_memory_mb": peak_memory_bytes(device) / 2**20}
-    result["mfu"] = flops_per_token(model, cfg.block_size) * result["train_tokens_per_s"] / run.peak \
+    result["mfu"] = flops_per_token(run.model, cfg.block_size) * result["train_tokens_per_s"] / run.peak \
         if run.peak else float("nan")
-    sampler = sampling_copy(model, cfg, device)  # what --generate_only runs
+    sampler = sampling_copy(run.model, cfg, device)  # what --generate_only runs
     for cached in (True, False):
         settings = SampleSettings(cfg.max_new_tokens, temperature=0, kv_cache=cached)
         prompt = torch.tensor([tok.start_ids()], device=device)
         seconds = median_seconds(lambda s=settings, p=prompt: generate(sampler, p, s), 3, device)
         result[f"generate_tokens_per_s_{'cache' if cached else 'no_cache'}"] = cfg.max_new_tokens / seconds
-    print_benchmark(cfg, device, dtype, model, result)
+    print_benchmark(cfg, device, run.dtype, run.model, result)
     return result
 
 

@@ -276,6 +276,20 @@ def test_time_budget_ends_decayed(run_args, tmp_path, capsys):
 # ---- DDP -------------------------------------------------------------------------------------
 
 
+def test_the_rank_comes_from_torchrun_only(monkeypatch, capsys):
+    """Dist.from_environment is where the rank is read: printing and the DDP setup follow it."""
+    monkeypatch.delenv("RANK", raising=False)
+    assert tl.Dist.from_environment() is None and tl.init_distributed(tl.Config()) == tl.SINGLE_PROCESS
+    with pytest.raises(tl.TinyLLMError, match="--ddp needs torchrun"):
+        tl.init_distributed(tl.Config(ddp=True))
+    tl.print0("from the only process")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert tl.Dist.from_environment() == tl.Dist(rank=1, local_rank=0, world_size=2)
+    tl.print0("from rank 1")
+    assert capsys.readouterr().out == "from the only process\n"
+
+
 def test_ddp_two_processes_match_one(run_args, tmp_path):
     """2 gloo processes of batch B follow the same loss trajectory as 1 process of batch 2B,
     with gradient accumulation (no_sync on all but the last micro-step)."""
