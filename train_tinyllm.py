@@ -7,8 +7,23 @@ Run it:
     python train_tinyllm.py --generate_only --out_dir out/my_model --prompt "Once upon a time"
     python train_tinyllm.py --help                            # every option, grouped, with defaults
 
-The file reads top to bottom: config -> runtime helpers -> tokenizers -> data -> model ->
-sampling -> training parts -> train() -> main(). Importing it does nothing; main() runs it.
+The file reads top to bottom. First the core, which trains a model:
+    Config            the Config dataclass (flags, JSON keys, defaults, help), the registries
+                      whose keys are its choices, and resolve(): one config per invocation
+    Runtime           device, dtype, torchrun ranks, seeding, printing, atomic files
+    Tokenizers        char-level and byte-level BPE (TOKENIZERS)
+    Data              token files and random windows (get_batch); corpora, one reader per kind
+                      of file (READERS); streaming tokenization
+    Model             GPT, its norms, MLPs and positions (NORMS, MLPS, POSITIONS); the KV cache
+    Sampling          filters, cached and uncached decoding, streaming output
+    Training parts    schedules (SCHEDULES), optimizers (OPTIMIZERS), EMA, measuring,
+                      checkpoints, the run and its metrics
+    train()           the run, its loop, one optimizer step, then their helpers
+Then a ruler, and the tools, which use a trained model; the core never calls them:
+    Using a trained model   generate, evaluate, benchmark, plot
+    Export                  transformers, safetensors, ONNX, TorchScript, tiktoken (EXPORTERS)
+    main()                  resolve the invocation, run its mode (MODES)
+Importing it does nothing; main() runs it.
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ import torch.utils.checkpoint
 # ----------------------------------------------------------------------------------------------
 
 GROUPS = ("data and I/O", "model", "training", "generation", "evaluation, metrics and export")
+
 
 # Extension points. Each registry maps a value of its flag to what implements it, and the flag's
 # choices are the registry's keys: an entry added where its kind is defined (further down) is a
@@ -513,7 +529,7 @@ def resolve(argv: list[str] | None) -> Resolved:
 
 
 # ----------------------------------------------------------------------------------------------
-# Runtime helpers: device, seeding, printing, atomic files
+# Runtime: device, dtype, torchrun ranks, seeding, printing, atomic files
 # ----------------------------------------------------------------------------------------------
 
 def is_valid_device(name: str) -> bool:
@@ -782,8 +798,91 @@ def load_tokenizer_file(path: str) -> TextTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: the corpus, its token files (cached) and random training windows
+# Data: the token files and random windows training reads, and where they come from
 # ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenSplit:
+    """One split's token file; in RAM, or opened as a fresh memmap per batch (a long-lived
+    memmap that is fancy-indexed lets resident memory grow)."""
+    path: Path
+    dtype: np.dtype
+    memmap: bool
+    array: np.ndarray | None = None
+    tokens_per_byte: float = 0.0  # for bits per byte; known for the val split
+
+    def __post_init__(self) -> None:
+        if not self.memmap:
+            self.array = np.fromfile(self.path, dtype=self.dtype)
+
+    def tokens(self) -> np.ndarray:
+        return self.array if self.array is not None else np.memmap(self.path, self.dtype, mode="r")
+
+    def __len__(self) -> int:
+        return self.path.stat().st_size // np.dtype(self.dtype).itemsize
+
+
+def get_batch(split: TokenSplit, batch_size: int, block_size: int, generator: torch.Generator,
+              device: torch.device, dist: Dist = SINGLE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of block_size + 1 tokens: inputs, and targets shifted by one. Every rank
+    draws the whole global batch from the same generator and keeps its own slice, so ranks see
+    different data and N ranks see exactly what one process with N times the batch would."""
+    starts = torch.randint(len(split) - block_size, (dist.world_size * batch_size,), generator=generator)
+    starts = starts[dist.rank * batch_size:(dist.rank + 1) * batch_size].tolist()
+    data = split.tokens()
+    rows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64))
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE_PROCESS
+                   ) -> tuple[TextTokenizer, dict[str, TokenSplit]]:
+    """Tokenizer and token files. Rank 0 builds the cache first; the other ranks then read it."""
+    if dist.rank != 0:
+        torch.distributed.barrier()
+    corpus = load_corpus(cfg)
+    tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
+    splits = prepare_data(cfg, corpus, tok)
+    if dist.rank == 0 and dist.enabled:
+        torch.distributed.barrier()
+    return tok, splits
+
+
+TOKEN_CACHE_FORMAT = 3  # bump when the layout of the token cache changes: old entries are ignored
+
+
+def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, TokenSplit]:
+    """Train/val token files for this corpus and tokenizer, made once and then reused."""
+    key = sha256_hex(str(TOKEN_CACHE_FORMAT), corpus.fingerprint, tok.to_str(), repr(cfg.val_fraction))[:20]
+    folder = Path(cfg.cache_dir) / f"tokens-{key}"
+    if (folder / "meta.json").exists():
+        print0(f"data: reusing token files in {folder}")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = encode_corpus(corpus, tok, folder, cfg.val_fraction)
+        write_text_atomic(folder / "meta.json", json.dumps(meta))  # written last: marks complete
+    meta = json.loads((folder / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    splits = {name: TokenSplit(folder / f"{name}.bin", dtype, cfg.memmap_dataset)
+              for name in ("train", "val")}
+    splits["val"].tokens_per_byte = meta["val_tokens"] / max(1, meta["val_bytes"])
+    for name, split in splits.items():
+        if len(split) < cfg.block_size + 1:
+            raise TinyLLMError(
+                f"the {name} split has {len(split)} tokens but needs at least block_size + 1 = "
+                f"{cfg.block_size + 1}; use a larger corpus, a smaller --block_size or a different "
+                f"--val_fraction")
+    print0(f"data: {len(splits['train']):,} train and {len(splits['val']):,} val tokens")
+    return splits
+
+
+# ---- Corpora: files, directories, globs and URLs; one reader per kind of file (READERS) ------
 
 DEFAULT_CORPUS = "data/tiny_corpus.txt"
 READ_SIZE = 1 << 22  # corpus files are read 4 MB at a time, never whole
@@ -809,6 +908,23 @@ class Corpus:
             yield str(path), blocks_of(path)
 
 
+def load_corpus(cfg: Config) -> Corpus:
+    spec = cfg.data_path or (DEFAULT_CORPUS if Path(DEFAULT_CORPUS).exists() else "")
+    if not spec:
+        corpus = builtin_corpus()
+        print0(f"data: no --data_path and no {DEFAULT_CORPUS}: training on {corpus.name}, "
+               f"{corpus.n_bytes / 1e6:.2f} MB; pass --data_path your.txt to train on your own text")
+        return corpus
+    files = resolve_data_path(spec)
+    if not files:
+        raise TinyLLMError(f"--data_path {spec!r} names no files; give a file, directory, glob or URL")
+    documents, n_bytes = scan_files(files)
+    name = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+    print0(f"data: {name}, {n_bytes / 1e6:.2f} MB, {documents:,} document(s)")
+    return Corpus(name, files, sha256_hex(*map(file_fingerprint, files)), documents=documents,
+                  n_bytes=n_bytes)
+
+
 def builtin_corpus() -> Corpus:
     """Python's own documentation topics (stdlib pydoc_data): ~0.46 MB of English prose and code
     that every Python install has, so the default run never needs the network."""
@@ -818,73 +934,30 @@ def builtin_corpus() -> Corpus:
                   n_bytes=len(text.encode("utf-8")))
 
 
-def read_blocks(path: Path, flag: str = "--data_path") -> Iterator[str]:
-    """A UTF-8 file as decoded blocks of about READ_SIZE bytes; a decoding error or a NUL byte
-    (a binary file) is a TinyLLMError naming the byte offset."""
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        while True:
-            raw = f.read(READ_SIZE)
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise TinyLLMError(f"{flag} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
-                                   f"offset {offset + e.start}); convert it to UTF-8 or pick a text "
-                                   f"file") from None
-            if "\x00" in text:
-                raise TinyLLMError(f"{flag} {path} looks binary (it contains NUL bytes near offset "
-                                   f"{offset}); point {flag} at a text file")
-            if text:
-                yield text
-            if not raw:
-                return
-            offset += len(raw)
-
-
-@dataclass(frozen=True)
-class Reader:
-    """A kind of corpus file: the name endings a directory listing picks up, and a function that
-    yields a file's text in blocks, documents separated by <|endoftext|> (each file is a
-    document of its own, further split at the markers in it)."""
-    suffixes: tuple[str, ...]
-    blocks: Callable[[Path], Iterator[str]]
-
-
-READERS: dict[str, Reader] = {"text": Reader((".txt", ".md"), read_blocks)}
-
-
-def reader_for(path: Path) -> Reader | None:
-    """The reader whose longest suffix ends the file's name, or None."""
-    matches = [(len(sfx), r) for r in READERS.values() for sfx in r.suffixes if path.name.endswith(sfx)]
-    return max(matches, key=lambda m: m[0])[1] if matches else None
-
-
-def blocks_of(path: Path) -> Iterator[str]:
-    """A corpus file's text blocks, read by the reader of its kind; a file named directly whose
-    ending no reader claims is read as plain text."""
-    return (reader_for(path) or READERS["text"]).blocks(path)
-
-
-def read_text_file(path: str, flag: str = "--data_path") -> str:
-    """A whole (small) text file, with the same checks as a corpus file."""
-    check_text_file(Path(path), flag)
-    text = "".join(read_blocks(Path(path), flag))
-    if not text.strip():
-        raise TinyLLMError(f"{flag} {path} is empty; give it some text")
-    return text
-
-
-def check_text_file(p: Path, flag: str) -> None:
-    if not p.exists():
-        raise TinyLLMError(f"{flag} {p} does not exist; point {flag} at a UTF-8 text file, a "
-                           f"directory, a glob or a URL")
-    if p.is_dir():
-        raise TinyLLMError(f"{flag} {p} is a directory; point {flag} at a UTF-8 text file")
-    try:
-        with open(p, "rb"):
-            pass
-    except OSError as e:
-        raise TinyLLMError(f"{flag} {p} cannot be read ({e.strerror}); check its permissions") from None
+def resolve_data_path(spec: str) -> list[Path]:
+    """--data_path: files, directories (their .txt and .md files, sorted), globs and http(s)
+    URLs, comma-separated, in the order given."""
+    files: list[Path] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if item.startswith(("http://", "https://")):
+            found = [download(item)]
+        elif any(ch in item for ch in "*?["):
+            found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+            if not found:
+                raise TinyLLMError(f"--data_path {item} matches no files; check the pattern")
+        elif Path(item).is_dir():
+            found = sorted(p for p in Path(item).rglob("*") if reader_for(p) and p.is_file())
+            if not found:
+                known = [sfx for r in READERS.values() for sfx in r.suffixes]
+                raise TinyLLMError(f"--data_path {item} is a directory with no "
+                                   f"{', '.join(known[:-1])} or {known[-1]} files; point --data_path at "
+                                   f"your text files")
+        else:
+            found = [Path(item)]
+        files += [f for f in found if f not in files]
+    return files
 
 
 def download(url: str, folder: Path = Path("data")) -> Path:
@@ -922,32 +995,6 @@ def copy_stream(source: Any, path: Path, bar: Any) -> None:
                 bar.update(len(chunk))
 
 
-def resolve_data_path(spec: str) -> list[Path]:
-    """--data_path: files, directories (their .txt and .md files, sorted), globs and http(s)
-    URLs, comma-separated, in the order given."""
-    files: list[Path] = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        if item.startswith(("http://", "https://")):
-            found = [download(item)]
-        elif any(ch in item for ch in "*?["):
-            found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
-            if not found:
-                raise TinyLLMError(f"--data_path {item} matches no files; check the pattern")
-        elif Path(item).is_dir():
-            found = sorted(p for p in Path(item).rglob("*") if reader_for(p) and p.is_file())
-            if not found:
-                known = [sfx for r in READERS.values() for sfx in r.suffixes]
-                raise TinyLLMError(f"--data_path {item} is a directory with no "
-                                   f"{', '.join(known[:-1])} or {known[-1]} files; point --data_path at "
-                                   f"your text files")
-        else:
-            found = [Path(item)]
-        files += [f for f in found if f not in files]
-    return files
-
-
 def file_fingerprint(p: Path) -> str:
     """Size, mtime and a hash of the first and last MB: cheap for a 2 GB file, and changes
     whenever the file does in practice."""
@@ -978,22 +1025,76 @@ def scan_files(files: list[Path]) -> tuple[int, int]:
     return documents, n_bytes
 
 
-def load_corpus(cfg: Config) -> Corpus:
-    spec = cfg.data_path or (DEFAULT_CORPUS if Path(DEFAULT_CORPUS).exists() else "")
-    if not spec:
-        corpus = builtin_corpus()
-        print0(f"data: no --data_path and no {DEFAULT_CORPUS}: training on {corpus.name}, "
-               f"{corpus.n_bytes / 1e6:.2f} MB; pass --data_path your.txt to train on your own text")
-        return corpus
-    files = resolve_data_path(spec)
-    if not files:
-        raise TinyLLMError(f"--data_path {spec!r} names no files; give a file, directory, glob or URL")
-    documents, n_bytes = scan_files(files)
-    name = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
-    print0(f"data: {name}, {n_bytes / 1e6:.2f} MB, {documents:,} document(s)")
-    return Corpus(name, files, sha256_hex(*map(file_fingerprint, files)), documents=documents,
-                  n_bytes=n_bytes)
+def check_text_file(p: Path, flag: str) -> None:
+    if not p.exists():
+        raise TinyLLMError(f"{flag} {p} does not exist; point {flag} at a UTF-8 text file, a "
+                           f"directory, a glob or a URL")
+    if p.is_dir():
+        raise TinyLLMError(f"{flag} {p} is a directory; point {flag} at a UTF-8 text file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise TinyLLMError(f"{flag} {p} cannot be read ({e.strerror}); check its permissions") from None
 
+
+@dataclass(frozen=True)
+class Reader:
+    """A kind of corpus file: the name endings a directory listing picks up, and a function that
+    yields a file's text in blocks, documents separated by <|endoftext|> (each file is a
+    document of its own, further split at the markers in it)."""
+    suffixes: tuple[str, ...]
+    blocks: Callable[[Path], Iterator[str]]
+
+
+def read_blocks(path: Path, flag: str = "--data_path") -> Iterator[str]:
+    """A UTF-8 file as decoded blocks of about READ_SIZE bytes; a decoding error or a NUL byte
+    (a binary file) is a TinyLLMError naming the byte offset."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(READ_SIZE)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise TinyLLMError(f"{flag} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                   f"offset {offset + e.start}); convert it to UTF-8 or pick a text "
+                                   f"file") from None
+            if "\x00" in text:
+                raise TinyLLMError(f"{flag} {path} looks binary (it contains NUL bytes near offset "
+                                   f"{offset}); point {flag} at a text file")
+            if text:
+                yield text
+            if not raw:
+                return
+            offset += len(raw)
+
+
+READERS: dict[str, Reader] = {"text": Reader((".txt", ".md"), read_blocks)}
+
+
+def reader_for(path: Path) -> Reader | None:
+    """The reader whose longest suffix ends the file's name, or None."""
+    matches = [(len(sfx), r) for r in READERS.values() for sfx in r.suffixes if path.name.endswith(sfx)]
+    return max(matches, key=lambda m: m[0])[1] if matches else None
+
+
+def blocks_of(path: Path) -> Iterator[str]:
+    """A corpus file's text blocks, read by the reader of its kind; a file named directly whose
+    ending no reader claims is read as plain text."""
+    return (reader_for(path) or READERS["text"]).blocks(path)
+
+
+def read_text_file(path: str, flag: str = "--data_path") -> str:
+    """A whole (small) text file, with the same checks as a corpus file."""
+    check_text_file(Path(path), flag)
+    text = "".join(read_blocks(Path(path), flag))
+    if not text.strip():
+        raise TinyLLMError(f"{flag} {path} is empty; give it some text")
+    return text
+
+
+# ---- Streaming tokenization: documents -> pieces -> tokenizer and token files ----------------
 
 # Places where byte-level pre-tokenization of the two parts equals that of the whole: after a
 # newline, or before a space that starts a word, with no other whitespace around.
@@ -1072,58 +1173,43 @@ def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
     return tok
 
 
-@dataclass
-class TokenSplit:
-    """One split's token file; in RAM, or opened as a fresh memmap per batch (a long-lived
-    memmap that is fancy-indexed lets resident memory grow)."""
-    path: Path
-    dtype: np.dtype
-    memmap: bool
-    array: np.ndarray | None = None
-    tokens_per_byte: float = 0.0  # for bits per byte; known for the val split
-
-    def __post_init__(self) -> None:
-        if not self.memmap:
-            self.array = np.fromfile(self.path, dtype=self.dtype)
-
-    def tokens(self) -> np.ndarray:
-        return self.array if self.array is not None else np.memmap(self.path, self.dtype, mode="r")
-
-    def __len__(self) -> int:
-        return self.path.stat().st_size // np.dtype(self.dtype).itemsize
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def byte_bar(total: int, what: str) -> Any:
-    """A tqdm bar in MB/s on a terminal (rank 0), else None: the summary line says it all."""
-    if not (sys.stdout.isatty() and is_rank0()):
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total or None, desc=what, unit="B", unit_scale=True, unit_divisor=1000)
-
-
-def check_known_chars(tok: TextTokenizer, text: str, name: str) -> None:
-    unknown = tok.unknown_chars(text)
-    if unknown:
-        shown = " ".join(repr(c) for c in unknown[:10])
-        raise TinyLLMError(f"{name} has {len(unknown)} characters outside the char-level "
-                           f"vocabulary of this tokenizer/checkpoint ({shown}); train a new model "
-                           f"on this corpus (another --out_dir) or remove those characters")
-
-
-def encode_text(tok: TextTokenizer, text: str, name: str) -> np.ndarray:
-    """A small text (an --eval_data file) to tokens."""
-    check_known_chars(tok, text, name)
-    ids = [i for piece in tok.encode_batch(text_chunks(text)) for i in piece]
-    return np.asarray(ids, dtype=token_dtype(tok.vocab_size))
-
-
-def is_val_document(key: str, val_fraction: float) -> bool:
-    """Deterministic, order-independent document split: a hash of the document's key."""
-    return int(sha256_hex(key)[:8], 16) / 2**32 < val_fraction
+def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction: float) -> dict[str, Any]:
+    """Stream the corpus through the tokenizer into train/val token files in `folder`, in
+    bounded memory. Split by documents (hash of their keys) when there are enough of them,
+    else by the tail. Returns the metadata of the split."""
+    t0 = time.time()
+    by_document = corpus.documents >= MIN_DOCS_FOR_DOC_SPLIT
+    writer = TokenWriter(folder, tok, by_document, val_fraction)
+    bar = byte_bar(corpus.n_bytes, "tokenizing")
+    try:
+        for key, piece, ends in document_pieces(corpus):
+            done = writer.add(key, piece, ends)
+            if bar is not None and done:
+                bar.update(done)
+        writer.close()
+    except BaseException:
+        writer.close()
+        for p in writer.paths.values():
+            p.unlink(missing_ok=True)
+        raise
+    if bar is not None:
+        bar.close()
+    final = {s: folder / f"{s}.bin" for s in ("train", "val")}
+    for split, tmp in writer.paths.items():
+        os.replace(tmp, final[split])
+    if not by_document:
+        move_tail_to_val(final["train"], final["val"], val_fraction, writer.dtype)
+    itemsize = writer.dtype.itemsize
+    meta = {"corpus": corpus.name, "dtype": writer.dtype.name,
+            "split": "documents" if by_document else "tail",
+            "train_tokens": final["train"].stat().st_size // itemsize,
+            "val_tokens": final["val"].stat().st_size // itemsize,
+            "val_bytes": writer.val_bytes if by_document else decoded_bytes(final["val"], tok, writer.dtype)}
+    seconds = time.time() - t0
+    print0(f"data: encoded {corpus.n_bytes / 1e6:.2f} MB into {meta['train_tokens'] + meta['val_tokens']:,} "
+           f"tokens in {seconds:.1f}s ({corpus.n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s), split by "
+           f"{meta['split']}")
+    return meta
 
 
 class TokenWriter:
@@ -1170,6 +1256,11 @@ class TokenWriter:
             f.close()
 
 
+def is_val_document(key: str, val_fraction: float) -> bool:
+    """Deterministic, order-independent document split: a hash of the document's key."""
+    return int(sha256_hex(key)[:8], 16) / 2**32 < val_fraction
+
+
 def move_tail_to_val(train: Path, val: Path, fraction: float, dtype: np.dtype) -> None:
     """Without documents to split by: the last `fraction` of the tokens become the val split,
     copied in bounded chunks, then cut off the train file."""
@@ -1190,90 +1281,32 @@ def decoded_bytes(path: Path, tok: TextTokenizer, dtype: np.dtype) -> int:
                for i in range(0, len(data), 1 << 20))
 
 
-def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction: float) -> dict[str, Any]:
-    """Stream the corpus through the tokenizer into train/val token files in `folder`, in
-    bounded memory. Split by documents (hash of their keys) when there are enough of them,
-    else by the tail. Returns the metadata of the split."""
-    t0 = time.time()
-    by_document = corpus.documents >= MIN_DOCS_FOR_DOC_SPLIT
-    writer = TokenWriter(folder, tok, by_document, val_fraction)
-    bar = byte_bar(corpus.n_bytes, "tokenizing")
-    try:
-        for key, piece, ends in document_pieces(corpus):
-            done = writer.add(key, piece, ends)
-            if bar is not None and done:
-                bar.update(done)
-        writer.close()
-    except BaseException:
-        writer.close()
-        for p in writer.paths.values():
-            p.unlink(missing_ok=True)
-        raise
-    if bar is not None:
-        bar.close()
-    final = {s: folder / f"{s}.bin" for s in ("train", "val")}
-    for split, tmp in writer.paths.items():
-        os.replace(tmp, final[split])
-    if not by_document:
-        move_tail_to_val(final["train"], final["val"], val_fraction, writer.dtype)
-    itemsize = writer.dtype.itemsize
-    meta = {"corpus": corpus.name, "dtype": writer.dtype.name,
-            "split": "documents" if by_document else "tail",
-            "train_tokens": final["train"].stat().st_size // itemsize,
-            "val_tokens": final["val"].stat().st_size // itemsize,
-            "val_bytes": writer.val_bytes if by_document else decoded_bytes(final["val"], tok, writer.dtype)}
-    seconds = time.time() - t0
-    print0(f"data: encoded {corpus.n_bytes / 1e6:.2f} MB into {meta['train_tokens'] + meta['val_tokens']:,} "
-           f"tokens in {seconds:.1f}s ({corpus.n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s), split by "
-           f"{meta['split']}")
-    return meta
+def byte_bar(total: int, what: str) -> Any:
+    """A tqdm bar in MB/s on a terminal (rank 0), else None: the summary line says it all."""
+    if not (sys.stdout.isatty() and is_rank0()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total or None, desc=what, unit="B", unit_scale=True, unit_divisor=1000)
 
 
-TOKEN_CACHE_FORMAT = 3  # bump when the layout of the token cache changes: old entries are ignored
+def check_known_chars(tok: TextTokenizer, text: str, name: str) -> None:
+    unknown = tok.unknown_chars(text)
+    if unknown:
+        shown = " ".join(repr(c) for c in unknown[:10])
+        raise TinyLLMError(f"{name} has {len(unknown)} characters outside the char-level "
+                           f"vocabulary of this tokenizer/checkpoint ({shown}); train a new model "
+                           f"on this corpus (another --out_dir) or remove those characters")
 
 
-def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, TokenSplit]:
-    """Train/val token files for this corpus and tokenizer, made once and then reused."""
-    key = sha256_hex(str(TOKEN_CACHE_FORMAT), corpus.fingerprint, tok.to_str(), repr(cfg.val_fraction))[:20]
-    folder = Path(cfg.cache_dir) / f"tokens-{key}"
-    if (folder / "meta.json").exists():
-        print0(f"data: reusing token files in {folder}")
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = encode_corpus(corpus, tok, folder, cfg.val_fraction)
-        write_text_atomic(folder / "meta.json", json.dumps(meta))  # written last: marks complete
-    meta = json.loads((folder / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
-    splits = {name: TokenSplit(folder / f"{name}.bin", dtype, cfg.memmap_dataset)
-              for name in ("train", "val")}
-    splits["val"].tokens_per_byte = meta["val_tokens"] / max(1, meta["val_bytes"])
-    for name, split in splits.items():
-        if len(split) < cfg.block_size + 1:
-            raise TinyLLMError(
-                f"the {name} split has {len(split)} tokens but needs at least block_size + 1 = "
-                f"{cfg.block_size + 1}; use a larger corpus, a smaller --block_size or a different "
-                f"--val_fraction")
-    print0(f"data: {len(splits['train']):,} train and {len(splits['val']):,} val tokens")
-    return splits
-
-
-def get_batch(split: TokenSplit, batch_size: int, block_size: int, generator: torch.Generator,
-              device: torch.device, dist: Dist = SINGLE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of block_size + 1 tokens: inputs, and targets shifted by one. Every rank
-    draws the whole global batch from the same generator and keeps its own slice, so ranks see
-    different data and N ranks see exactly what one process with N times the batch would."""
-    starts = torch.randint(len(split) - block_size, (dist.world_size * batch_size,), generator=generator)
-    starts = starts[dist.rank * batch_size:(dist.rank + 1) * batch_size].tolist()
-    data = split.tokens()
-    rows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64))
-    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+def encode_text(tok: TextTokenizer, text: str, name: str) -> np.ndarray:
+    """A small text (an --eval_data file) to tokens."""
+    check_known_chars(tok, text, name)
+    ids = [i for piece in tok.encode_batch(text_chunks(text)) for i in piece]
+    return np.asarray(ids, dtype=token_dtype(tok.vocab_size))
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: one GPT class; norms, MLPs and position encodings come from small registries
+# Model: one GPT class; norms, MLPs and position encodings come from registries; the KV cache beside attention
 # ----------------------------------------------------------------------------------------------
 
 NORMS.update({
@@ -1514,7 +1547,7 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling
+# Sampling: filters, the next token, cached and uncached decoding, streaming to stdout
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -1679,102 +1712,11 @@ def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.dev
 
 
 # ----------------------------------------------------------------------------------------------
-# Measuring: FLOPs per token, device peaks, MFU, bits per byte
+# Training parts: schedules, optimizers, EMA, measuring, checkpoints, the run
 # ----------------------------------------------------------------------------------------------
 
-def flops_per_token(model: GPT, context: int) -> float:
-    """Training FLOPs per token: 6 per weight of every matmul (2 forward, 4 backward), the output
-    head included and embedding lookups not, plus attention scores and mixing at 12 x layers x
-    context x width (the count of the PaLM paper's appendix B), over the window if one is set."""
-    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    seen = min(context, model.cfg.sliding_window or context)
-    return 6 * matmul_weights + 12 * model.cfg.n_layer * seen * model.cfg.n_embd
 
-
-# Dense peaks in TFLOP/s from vendor datasheets: (bf16/fp16 tensor cores, fp32 with TF32 where
-# the GPU has it). Matched against torch.cuda.get_device_name(), first match wins.
-GPU_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ("H200", 989, 495), ("H100 PCIe", 756, 378), ("H100 NVL", 835, 418), ("H100", 989, 495),
-    ("A100", 312, 156), ("L40S", 362, 183), ("L4", 121, 60), ("A10G", 70, 35), ("A10", 125, 62.5),
-    ("RTX 4090", 165, 82.6), ("RTX 4080", 97.5, 48.7), ("RTX 3090", 71, 35.6),
-    ("RTX 3080", 59.5, 29.8), ("V100", 125, 15.7), ("T4", 65, 8.1),
-)
-
-
-def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
-    for key, half, single in GPU_PEAK_TFLOPS:
-        if key in name:
-            return 1e12 * (single if dtype == torch.float32 else half)
-    return None
-
-
-def measure_matmul_flops(dtype: torch.dtype, size: int = 1024, trials: int = 5,
-                         seconds: float = 0.08) -> float:
-    """FLOP/s of a square matmul on this CPU in `dtype`: the practical peak for MFU. The best
-    of several short trials, so that a moment of contention does not lower the peak (and raise
-    every MFU figure after it)."""
-    gen = torch.Generator().manual_seed(0)  # never touch the global RNG: runs must stay reproducible
-    a, b = (torch.randn(size, size, generator=gen).to(dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(trials):
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            a @ b
-            n += 1
-        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
-    return best
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
-def cpu_peak_flops(dtype: torch.dtype, cache_dir: str) -> float:
-    """Measured once per CPU model, thread count and dtype, then read from cache_dir."""
-    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|best-of-trials"
-    path = Path(cache_dir) / "peak_flops.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = measure_matmul_flops(dtype)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps(known, indent=1))
-        except OSError:
-            pass  # a read-only cache only costs a re-measurement next time
-    return known[key]
-
-
-def peak_flops(cfg: Config, device: torch.device, dtype: torch.dtype) -> float | None:
-    """--peak_flops, else the GPU table, else a CPU measurement; None when unknown (MFU not shown)."""
-    if cfg.peak_flops:
-        return cfg.peak_flops
-    if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
-    if device.type == "cpu":
-        return cpu_peak_flops(dtype, cfg.cache_dir)
-    return None
-
-
-def bits_per_byte(loss: float, tokens_per_byte: float) -> float:
-    """Nats per token -> bits per UTF-8 byte: comparable across tokenizers and vocabularies."""
-    return loss / math.log(2) * tokens_per_byte
-
-
-# ----------------------------------------------------------------------------------------------
-# Training parts: schedules, curriculum, optimizers, EMA, evaluation, checkpoints
-# ----------------------------------------------------------------------------------------------
+# ---- Schedules and the context curriculum ----------------------------------------------------
 
 SCHEDULES.update({
     # progress in [0, 1] after warmup, decay_fraction -> share of the way from min_lr to the peak
@@ -1821,6 +1763,8 @@ def tokens_per_step(cfg: Config, world_size: int = 1) -> int:
     """Tokens in one optimizer step, over every rank (at the full context length)."""
     return cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * world_size
 
+
+# ---- Optimizers (OPTIMIZERS) and the EMA of the weights --------------------------------------
 
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023): step by the sign of an interpolation of momentum and gradient,
@@ -1914,6 +1858,98 @@ class EMA:
         self.updates = state["updates"]
 
 
+# ---- Measuring: FLOPs per token, device peaks, MFU, bits per byte, validation loss -----------
+
+def flops_per_token(model: GPT, context: int) -> float:
+    """Training FLOPs per token: 6 per weight of every matmul (2 forward, 4 backward), the output
+    head included and embedding lookups not, plus attention scores and mixing at 12 x layers x
+    context x width (the count of the PaLM paper's appendix B), over the window if one is set."""
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    seen = min(context, model.cfg.sliding_window or context)
+    return 6 * matmul_weights + 12 * model.cfg.n_layer * seen * model.cfg.n_embd
+
+
+# Dense peaks in TFLOP/s from vendor datasheets: (bf16/fp16 tensor cores, fp32 with TF32 where
+# the GPU has it). Matched against torch.cuda.get_device_name(), first match wins.
+GPU_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 989, 495), ("H100 PCIe", 756, 378), ("H100 NVL", 835, 418), ("H100", 989, 495),
+    ("A100", 312, 156), ("L40S", 362, 183), ("L4", 121, 60), ("A10G", 70, 35), ("A10", 125, 62.5),
+    ("RTX 4090", 165, 82.6), ("RTX 4080", 97.5, 48.7), ("RTX 3090", 71, 35.6),
+    ("RTX 3080", 59.5, 29.8), ("V100", 125, 15.7), ("T4", 65, 8.1),
+)
+
+
+def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
+    for key, half, single in GPU_PEAK_TFLOPS:
+        if key in name:
+            return 1e12 * (single if dtype == torch.float32 else half)
+    return None
+
+
+def measure_matmul_flops(dtype: torch.dtype, size: int = 1024, trials: int = 5,
+                         seconds: float = 0.08) -> float:
+    """FLOP/s of a square matmul on this CPU in `dtype`: the practical peak for MFU. The best
+    of several short trials, so that a moment of contention does not lower the peak (and raise
+    every MFU figure after it)."""
+    gen = torch.Generator().manual_seed(0)  # never touch the global RNG: runs must stay reproducible
+    a, b = (torch.randn(size, size, generator=gen).to(dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(trials):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
+    return best
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def cpu_peak_flops(dtype: torch.dtype, cache_dir: str) -> float:
+    """Measured once per CPU model, thread count and dtype, then read from cache_dir."""
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|best-of-trials"
+    path = Path(cache_dir) / "peak_flops.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = measure_matmul_flops(dtype)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(known, indent=1))
+        except OSError:
+            pass  # a read-only cache only costs a re-measurement next time
+    return known[key]
+
+
+def peak_flops(cfg: Config, device: torch.device, dtype: torch.dtype) -> float | None:
+    """--peak_flops, else the GPU table, else a CPU measurement; None when unknown (MFU not shown)."""
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+    if device.type == "cpu":
+        return cpu_peak_flops(dtype, cfg.cache_dir)
+    return None
+
+
+def bits_per_byte(loss: float, tokens_per_byte: float) -> float:
+    """Nats per token -> bits per UTF-8 byte: comparable across tokenizers and vocabularies."""
+    return loss / math.log(2) * tokens_per_byte
+
+
 @torch.no_grad()
 def estimate_loss(model: GPT, splits: dict[str, TokenSplit], cfg: Config, device: torch.device,
                   dtype: torch.dtype = torch.float32) -> dict[str, float]:
@@ -1935,7 +1971,30 @@ def estimate_loss(model: GPT, splits: dict[str, TokenSplit], cfg: Config, device
     return out
 
 
+# ---- Checkpoints (ckpt.pt; .safetensors exports load too) and the run directory --------------
+
 CKPT_FORMAT = 1
+SAFETENSORS_FORMAT = "tinyllm-1"
+
+
+def find_checkpoint(cfg: Config) -> Path:
+    if cfg.ckpt:
+        return Path(cfg.ckpt)
+    out = Path(cfg.out_dir)
+    best = out / "ckpt_best.pt"
+    return best if best.is_file() else out / "ckpt.pt"
+
+
+def checkpoint_to_use(cfg: Config, mode: str) -> Path | None:
+    """What the mode starts from: out_dir/ckpt.pt to resume training; for generate, eval and
+    export --ckpt, else out_dir's best, else its latest; None for a new run, benchmark, plot."""
+    if mode == "train" and cfg.resume:
+        path = Path(cfg.out_dir) / "ckpt.pt"
+        if not path.is_file():
+            raise TinyLLMError(f"--resume: no checkpoint at {path}; train without --resume first, or "
+                               f"point --out_dir at the run to continue")
+        return path
+    return find_checkpoint(cfg) if mode in ("generate", "eval", "export") else None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -1958,24 +2017,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def find_checkpoint(cfg: Config) -> Path:
-    if cfg.ckpt:
-        return Path(cfg.ckpt)
-    out = Path(cfg.out_dir)
-    best = out / "ckpt_best.pt"
-    return best if best.is_file() else out / "ckpt.pt"
-
-
-def checkpoint_to_use(cfg: Config, mode: str) -> Path | None:
-    """What the mode starts from: out_dir/ckpt.pt to resume training; for generate, eval and
-    export --ckpt, else out_dir's best, else its latest; None for a new run, benchmark, plot."""
-    if mode == "train" and cfg.resume:
-        path = Path(cfg.out_dir) / "ckpt.pt"
-        if not path.is_file():
-            raise TinyLLMError(f"--resume: no checkpoint at {path}; train without --resume first, or "
-                               f"point --out_dir at the run to continue")
-        return path
-    return find_checkpoint(cfg) if mode in ("generate", "eval", "export") else None
+def load_safetensors(path: Path) -> dict[str, Any]:
+    """export_safetensors' file in the shape of a checkpoint (config, vocab_size, tokenizer,
+    model, step), so that --generate_only and --eval_only take either. A tied head is restored
+    as wte.weight under both names."""
+    require("safetensors", "reading a .safetensors file")
+    from safetensors import SafetensorError, safe_open
+    if not Path(path).is_file():
+        raise TinyLLMError(f"no file at {path}; give the path of a .safetensors file written by "
+                           f"export_safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError) as e:
+        raise TinyLLMError(f"{path} cannot be read as safetensors ({e}); it is corrupt or truncated: "
+                           f"export it again") from None
+    if meta.get("tinyllm") != SAFETENSORS_FORMAT:
+        raise TinyLLMError(f"{path} is not a tinyllm safetensors export (no '{SAFETENSORS_FORMAT}' "
+                           f"metadata); use a file written by export_safetensors")
+    cfg = json.loads(meta["config"])
+    if cfg.get("tie_weights"):
+        state["lm_head.weight"] = state["wte.weight"]
+    return {"format": CKPT_FORMAT, "config": cfg, "vocab_size": int(meta["vocab_size"]),
+            "tokenizer": meta["tokenizer"], "model": state, "step": int(meta.get("step", "-1"))}
 
 
 def check_compatible(cfg: Config, explicit: dict[str, Any], ckpt: dict[str, Any], path: Path) -> None:
@@ -2042,17 +2107,7 @@ def refuse_existing_run(cfg: Config) -> None:
                            f"continue it, --overwrite to start over, or pick another --out_dir")
 
 
-def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE_PROCESS
-                   ) -> tuple[TextTokenizer, dict[str, TokenSplit]]:
-    """Tokenizer and token files. Rank 0 builds the cache first; the other ranks then read it."""
-    if dist.rank != 0:
-        torch.distributed.barrier()
-    corpus = load_corpus(cfg)
-    tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
-    splits = prepare_data(cfg, corpus, tok)
-    if dist.rank == 0 and dist.enabled:
-        torch.distributed.barrier()
-    return tok, splits
+# ---- The run: progress, metrics, state, and the builder that training and --benchmark share --
 
 
 class Progress:
@@ -2274,7 +2329,7 @@ class SignalCatcher:
 
 
 # ----------------------------------------------------------------------------------------------
-# train(): the run, its loop, one optimizer step, then the helpers in the order they are called
+# train(): the run, its loop and one optimizer step, then their helpers in the order they are called
 # ----------------------------------------------------------------------------------------------
 
 def train(r: Resolved) -> list[dict[str, Any]]:
@@ -2543,6 +2598,13 @@ def report_done(run: Run) -> None:
         print0(f"continue with: --out_dir {run.out} --resume")
 
 
+# ==============================================================================================
+# You can stop reading here: everything above trains a model, and none of it calls what follows.
+# Below are the tools that use a trained model (generate, evaluate, benchmark, plot), export,
+# and main(), which resolves an invocation once and hands it to its mode.
+# ==============================================================================================
+
+
 # ----------------------------------------------------------------------------------------------
 # Using a trained model: generate, evaluate, benchmark, plot
 # ----------------------------------------------------------------------------------------------
@@ -2575,6 +2637,32 @@ def generate_from_checkpoint(r: Resolved) -> None:
     print_samples(use.model, use.tok, use.cfg, use.device)
 
 
+def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
+    """--eval_only: loss, perplexity, bits per byte and accuracy of a checkpoint."""
+    use = load_for_use(r)
+    tokens, per_byte, name = eval_tokens_for(use)
+    if len(tokens) < use.cfg.block_size + 1:
+        raise TinyLLMError(f"{name} has {len(tokens)} tokens; --eval_only needs at least block_size "
+                           f"+ 1 = {use.cfg.block_size + 1}")
+    result = evaluate_tokens(use.model, tokens, use.cfg.batch_size, use.device,
+                             pick_dtype(use.cfg, use.device))
+    result.update(perplexity=math.exp(result["loss"]), bpb=bits_per_byte(result["loss"], per_byte))
+    print0(f"eval of {use.path} (step {use.step}) on {name}: {int(result['tokens']):,} tokens")
+    print0(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | bits per byte "
+           f"{result['bpb']:.4f} | next-token accuracy {100 * result['accuracy']:.2f}%")
+    return result
+
+
+def eval_tokens_for(use: Loaded) -> tuple[np.ndarray, float, str]:
+    """Tokens to evaluate, tokens per byte, and a name: --eval_data, else the run's val split."""
+    if use.cfg.eval_data:
+        text = read_text_file(use.cfg.eval_data, "--eval_data")
+        tokens = encode_text(use.tok, text, use.cfg.eval_data)
+        return tokens, len(tokens) / len(text.encode("utf-8")), use.cfg.eval_data
+    splits = prepare_data(use.cfg, load_corpus(use.cfg), use.tok)
+    return splits["val"].tokens(), splits["val"].tokens_per_byte, "the val split"
+
+
 @torch.no_grad()
 def evaluate_tokens(model: GPT, tokens: np.ndarray, batch_size: int, device: torch.device,
                     dtype: torch.dtype) -> dict[str, float]:
@@ -2592,50 +2680,6 @@ def evaluate_tokens(model: GPT, tokens: np.ndarray, batch_size: int, device: tor
         correct += (logits.argmax(-1) == xy[:, 1:]).sum().item()
         count += n
     return {"loss": loss_sum / count, "accuracy": correct / count, "tokens": count}
-
-
-def eval_tokens_for(use: Loaded) -> tuple[np.ndarray, float, str]:
-    """Tokens to evaluate, tokens per byte, and a name: --eval_data, else the run's val split."""
-    if use.cfg.eval_data:
-        text = read_text_file(use.cfg.eval_data, "--eval_data")
-        tokens = encode_text(use.tok, text, use.cfg.eval_data)
-        return tokens, len(tokens) / len(text.encode("utf-8")), use.cfg.eval_data
-    splits = prepare_data(use.cfg, load_corpus(use.cfg), use.tok)
-    return splits["val"].tokens(), splits["val"].tokens_per_byte, "the val split"
-
-
-def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
-    """--eval_only: loss, perplexity, bits per byte and accuracy of a checkpoint."""
-    use = load_for_use(r)
-    tokens, per_byte, name = eval_tokens_for(use)
-    if len(tokens) < use.cfg.block_size + 1:
-        raise TinyLLMError(f"{name} has {len(tokens)} tokens; --eval_only needs at least block_size "
-                           f"+ 1 = {use.cfg.block_size + 1}")
-    result = evaluate_tokens(use.model, tokens, use.cfg.batch_size, use.device,
-                             pick_dtype(use.cfg, use.device))
-    result.update(perplexity=math.exp(result["loss"]), bpb=bits_per_byte(result["loss"], per_byte))
-    print0(f"eval of {use.path} (step {use.step}) on {name}: {int(result['tokens']):,} tokens")
-    print0(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | bits per byte "
-           f"{result['bpb']:.4f} | next-token accuracy {100 * result['accuracy']:.2f}%")
-    return result
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
@@ -2663,6 +2707,24 @@ def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, floa
     return result
 
 
+def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model: GPT,
                     r: dict[str, float]) -> None:
     rows = [("model", f"{model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}"),
@@ -2682,11 +2744,17 @@ def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model
         print0(f"{name:<{width}} | {value}")
 
 
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        raise TinyLLMError(f"no metrics at {path}; train first or point --out_dir at a run")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
+    """The default mode: train, then draw out_dir/loss.png when matplotlib is installed."""
+    history = train(r)
+    if is_rank0() and importlib.util.find_spec("matplotlib") is not None:
+        plot_run(r)
+    return history
+
+
+def plot_run(r: Resolved) -> None:
+    """--plot: draw out_dir/loss.png from its metrics.jsonl."""
+    print0(f"plot: {plot_metrics(Path(r.cfg.out_dir))}")
 
 
 def plot_metrics(out: Path) -> Path:
@@ -2710,22 +2778,64 @@ def plot_metrics(out: Path) -> Path:
     return out / "loss.png"
 
 
-def plot_run(r: Resolved) -> None:
-    """--plot: draw out_dir/loss.png from its metrics.jsonl."""
-    print0(f"plot: {plot_metrics(Path(r.cfg.out_dir))}")
-
-
-def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
-    """The default mode: train, then draw out_dir/loss.png when matplotlib is installed."""
-    history = train(r)
-    if is_rank0() and importlib.util.find_spec("matplotlib") is not None:
-        plot_run(r)
-    return history
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        raise TinyLLMError(f"no metrics at {path}; train first or point --out_dir at a run")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: HuggingFace transformers, safetensors, ONNX, TorchScript, tiktoken
+# Export: HuggingFace transformers, safetensors, ONNX, TorchScript, tiktoken (EXPORTERS)
 # ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Exporter:
+    """A format of --export: the file it writes in the export directory ("" when the directory
+    itself is the export), and the writer, called as write(model, tokenizer, step, target)."""
+    filename: str
+    write: Callable[[GPT, TextTokenizer, int, Path], None]
+
+
+EXPORTERS.update({
+    "hf": Exporter("", lambda model, tok, step, target: export_hf(model, tok, target)),
+    "safetensors": Exporter("model.safetensors", lambda model, tok, step, target:
+                            export_safetensors(model, tok, model.cfg, target, step)),
+    "onnx": Exporter("model.onnx", lambda model, tok, step, target: export_onnx(model, target)),
+    "torchscript": Exporter("model.pt", lambda model, tok, step, target: export_torchscript(model, target)),
+    "tiktoken": Exporter("tokenizer.tiktoken", lambda model, tok, step, target: export_tiktoken(tok, target)),
+})
+
+
+def export_checkpoint(r: Resolved) -> Path:
+    """--export FORMAT: the checkpoint (--ckpt, else out_dir's best, else latest) into
+    --export_dir (default out_dir/export-FORMAT)."""
+    use = load_for_use(r)
+    fmt, exporter = use.cfg.export, EXPORTERS[use.cfg.export]
+    folder = make_export_dir(Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}"))
+    target = folder / exporter.filename if exporter.filename else folder
+    exporter.write(use.model.cpu().float(), use.tok, use.step, target)
+    print0(f"exported {use.path} (step {use.step}) as {fmt}: {target}")
+    return folder
+
+
+def make_export_dir(out_dir: Path) -> Path:
+    """out_dir, created; a file in its place is refused (mkdir would raise FileExistsError)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TinyLLMError(f"export directory {out_dir} is an existing file; pick a directory path")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def export_file(path: Path) -> Path:
+    """path, with its folder created; a directory in its place is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise TinyLLMError(f"export path {path} is a directory; give a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
 
 def hf_layout(cfg: Config) -> str:
     """'gpt2' or 'llama': the transformers architecture that computes exactly what this config
@@ -2893,24 +3003,6 @@ def save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
-def make_export_dir(out_dir: Path) -> Path:
-    """out_dir, created; a file in its place is refused (mkdir would raise FileExistsError)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TinyLLMError(f"export directory {out_dir} is an existing file; pick a directory path")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
-def export_file(path: Path) -> Path:
-    """path, with its folder created; a directory in its place is refused."""
-    path = Path(path)
-    if path.is_dir():
-        raise TinyLLMError(f"export path {path} is a directory; give a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def export_hf(model: GPT, tok: TextTokenizer, out_dir: Path) -> None:
     """A directory that transformers loads with AutoModelForCausalLM/AutoTokenizer.from_pretrained:
     GPT2LMHeadModel for layernorm+gelu+learned models, LlamaForCausalLM for rmsnorm+swiglu+rope
@@ -2932,9 +3024,6 @@ def export_hf(model: GPT, tok: TextTokenizer, out_dir: Path) -> None:
         write_text_atomic(out / name, text)
 
 
-SAFETENSORS_FORMAT = "tinyllm-1"
-
-
 def export_safetensors(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, step: int = -1) -> None:
     """One .safetensors file that is a whole sampling checkpoint: the weights (no pickle, so
     loading can never run code), and in the string-to-string metadata our config JSON, the
@@ -2949,32 +3038,6 @@ def export_safetensors(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, 
     metadata = {"format": "pt", "tinyllm": SAFETENSORS_FORMAT, "config": json.dumps(asdict(cfg)),
                 "vocab_size": str(model.vocab_size), "tokenizer": tok.to_str(), "step": str(step)}
     save_safetensors_file(tensors, export_file(path), metadata)
-
-
-def load_safetensors(path: Path) -> dict[str, Any]:
-    """export_safetensors' file in the shape of a checkpoint (config, vocab_size, tokenizer,
-    model, step), so that --generate_only and --eval_only take either. A tied head is restored
-    as wte.weight under both names."""
-    require("safetensors", "reading a .safetensors file")
-    from safetensors import SafetensorError, safe_open
-    if not Path(path).is_file():
-        raise TinyLLMError(f"no file at {path}; give the path of a .safetensors file written by "
-                           f"export_safetensors")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except (SafetensorError, OSError) as e:
-        raise TinyLLMError(f"{path} cannot be read as safetensors ({e}); it is corrupt or truncated: "
-                           f"export it again") from None
-    if meta.get("tinyllm") != SAFETENSORS_FORMAT:
-        raise TinyLLMError(f"{path} is not a tinyllm safetensors export (no '{SAFETENSORS_FORMAT}' "
-                           f"metadata); use a file written by export_safetensors")
-    cfg = json.loads(meta["config"])
-    if cfg.get("tie_weights"):
-        state["lm_head.weight"] = state["wte.weight"]
-    return {"format": CKPT_FORMAT, "config": cfg, "vocab_size": int(meta["vocab_size"]),
-            "tokenizer": meta["tokenizer"], "model": state, "step": int(meta.get("step", "-1"))}
 
 
 class LogitsOnly(nn.Module):
@@ -3156,38 +3219,8 @@ def export_tiktoken(tok: TextTokenizer, path: Path) -> None:
     write_text_atomic(path.with_name(path.name + ".json"), json.dumps(meta, indent=2) + "\n")
 
 
-@dataclass(frozen=True)
-class Exporter:
-    """A format of --export: the file it writes in the export directory ("" when the directory
-    itself is the export), and the writer, called as write(model, tokenizer, step, target)."""
-    filename: str
-    write: Callable[[GPT, TextTokenizer, int, Path], None]
-
-
-EXPORTERS.update({
-    "hf": Exporter("", lambda model, tok, step, target: export_hf(model, tok, target)),
-    "safetensors": Exporter("model.safetensors", lambda model, tok, step, target:
-                            export_safetensors(model, tok, model.cfg, target, step)),
-    "onnx": Exporter("model.onnx", lambda model, tok, step, target: export_onnx(model, target)),
-    "torchscript": Exporter("model.pt", lambda model, tok, step, target: export_torchscript(model, target)),
-    "tiktoken": Exporter("tokenizer.tiktoken", lambda model, tok, step, target: export_tiktoken(tok, target)),
-})
-
-
-def export_checkpoint(r: Resolved) -> Path:
-    """--export FORMAT: the checkpoint (--ckpt, else out_dir's best, else latest) into
-    --export_dir (default out_dir/export-FORMAT)."""
-    use = load_for_use(r)
-    fmt, exporter = use.cfg.export, EXPORTERS[use.cfg.export]
-    folder = make_export_dir(Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}"))
-    target = folder / exporter.filename if exporter.filename else folder
-    exporter.write(use.model.cpu().float(), use.tok, use.step, target)
-    print0(f"exported {use.path} (step {use.step}) as {fmt}: {target}")
-    return folder
-
-
 # ----------------------------------------------------------------------------------------------
-# main()
+# main(): resolve the invocation once, then run its mode
 # ----------------------------------------------------------------------------------------------
 
 MODES: dict[str, Callable[[Resolved], Any]] = {

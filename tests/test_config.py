@@ -129,3 +129,19 @@ def test_every_mode_has_an_entry():
     for flag, mode in modes.items():
         assert tl.modes_asked(tl.merge_config(tl.parse_args([flag]))) == [mode]
     assert set(tl.MODES) == {"train", *modes.values()}
+
+
+def test_the_core_never_calls_the_tools():
+    """Nothing above the ruler (the core) names anything defined below it (the tools)."""
+    import ast
+    source = Path(SCRIPT).read_text()
+    ruler = source.index("\n# =====")
+    core, tools = ast.parse(source[:ruler]), ast.parse(source[ruler:])
+    tool_names = {n.name if hasattr(n, "name") else ast.unparse(n.targets[0])
+                  for n in tools.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Assign))}
+    annotations = [a for n in ast.walk(core) for a in (getattr(n, "annotation", None),
+                                                      getattr(n, "returns", None)) if a]
+    in_annotations = {id(n) for a in annotations for n in ast.walk(a)}
+    used = {n.id for n in ast.walk(core)  # names read as values: calls, references, not field names
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in in_annotations}
+    assert tool_names and "train" not in tool_names and not used & tool_names, used & tool_names
