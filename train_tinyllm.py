@@ -19,10 +19,11 @@ The file reads top to bottom. First the core, which trains a model:
     Training parts    schedules (SCHEDULES), optimizers (OPTIMIZERS), EMA, measuring,
                       checkpoints, the run and its metrics
     train()           the run, its loop, one optimizer step, then their helpers
-Then a ruler, and the tools, which use a trained model; the core never calls them:
-    Using a trained model   generate, evaluate, benchmark, plot
+Then a ruler, and the tools built on the core; the core never calls them:
+    Using a trained model   generate, evaluate, benchmark (a fresh model), plot
     Export                  transformers, safetensors, ONNX, TorchScript, tiktoken (EXPORTERS)
-    main()                  resolve the invocation, run its mode (MODES)
+    main()                  resolve the invocation, run its mode (MODES; training is train()
+                            followed by the loss plot)
 Importing it does nothing; main() runs it.
 """
 
@@ -524,7 +525,7 @@ def resolve(argv: list[str] | None) -> Resolved:
     ckpt = load_checkpoint(path)
     cfg = merge_config(explicit, base=ckpt["config"])
     validate(cfg, SETTING_CHECKS)
-    check_compatible(cfg, explicit, ckpt, path)
+    check_compatible(cfg, explicit, ckpt, path, resuming=mode == "train")
     return Resolved(mode, cfg, ckpt, path)
 
 
@@ -951,9 +952,9 @@ def resolve_data_path(spec: str) -> list[Path]:
             found = sorted(p for p in Path(item).rglob("*") if reader_for(p) and p.is_file())
             if not found:
                 known = [sfx for r in READERS.values() for sfx in r.suffixes]
-                raise TinyLLMError(f"--data_path {item} is a directory with no "
-                                   f"{', '.join(known[:-1])} or {known[-1]} files; point --data_path at "
-                                   f"your text files")
+                names = " or ".join(filter(None, [", ".join(known[:-1]), known[-1]]))
+                raise TinyLLMError(f"--data_path {item} is a directory with no {names} files; point "
+                                   f"--data_path at your text files")
         else:
             found = [Path(item)]
         files += [f for f in found if f not in files]
@@ -1044,7 +1045,7 @@ class Reader:
     yields a file's text in blocks, documents separated by <|endoftext|> (each file is a
     document of its own, further split at the markers in it)."""
     suffixes: tuple[str, ...]
-    blocks: Callable[[Path], Iterator[str]]
+    blocks: Callable[[Path, str], Iterator[str]]  # (path, the flag that named it, for messages)
 
 
 def read_blocks(path: Path, flag: str = "--data_path") -> Iterator[str]:
@@ -1074,21 +1075,23 @@ READERS: dict[str, Reader] = {"text": Reader((".txt", ".md"), read_blocks)}
 
 
 def reader_for(path: Path) -> Reader | None:
-    """The reader whose longest suffix ends the file's name, or None."""
-    matches = [(len(sfx), r) for r in READERS.values() for sfx in r.suffixes if path.name.endswith(sfx)]
+    """The reader whose longest suffix ends the file's name (a name that is only the suffix,
+    a dotfile, is no match), or None."""
+    matches = [(len(sfx), r) for r in READERS.values() for sfx in r.suffixes
+               if path.name.endswith(sfx) and len(path.name) > len(sfx)]
     return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
-def blocks_of(path: Path) -> Iterator[str]:
+def blocks_of(path: Path, flag: str = "--data_path") -> Iterator[str]:
     """A corpus file's text blocks, read by the reader of its kind; a file named directly whose
     ending no reader claims is read as plain text."""
-    return (reader_for(path) or READERS["text"]).blocks(path)
+    return (reader_for(path) or READERS["text"]).blocks(path, flag)
 
 
 def read_text_file(path: str, flag: str = "--data_path") -> str:
     """A whole (small) text file, with the same checks as a corpus file."""
     check_text_file(Path(path), flag)
-    text = "".join(read_blocks(Path(path), flag))
+    text = "".join(blocks_of(Path(path), flag))
     if not text.strip():
         raise TinyLLMError(f"{flag} {path} is empty; give it some text")
     return text
@@ -2043,23 +2046,19 @@ def load_safetensors(path: Path) -> dict[str, Any]:
             "tokenizer": meta["tokenizer"], "model": state, "step": int(meta.get("step", "-1"))}
 
 
-def check_compatible(cfg: Config, explicit: dict[str, Any], ckpt: dict[str, Any], path: Path) -> None:
-    """Refuse settings that would not fit the checkpoint's weights or tokenizer."""
+def check_compatible(cfg: Config, explicit: dict[str, Any], ckpt: dict[str, Any], path: Path,
+                     resuming: bool) -> None:
+    """Refuse settings that would not fit the checkpoint's weights, or, to resume training, its
+    tokenizer (sampling, evaluation and export always use the checkpoint's own)."""
     for key in ARCH_KEYS:
         if key in ckpt["config"] and getattr(cfg, key) != ckpt["config"][key]:
             raise TinyLLMError(f"--{key} {getattr(cfg, key)!r} does not match the checkpoint "
                                f"{path} ({ckpt['config'][key]!r}); drop the flag, or use a new --out_dir "
                                f"to train a different model")
-    if "tokenizer_path" in explicit and cfg.tokenizer_path and \
+    if resuming and "tokenizer_path" in explicit and cfg.tokenizer_path and \
             load_tokenizer_file(cfg.tokenizer_path).to_str() != ckpt["tokenizer"]:
         raise TinyLLMError(f"--tokenizer_path {cfg.tokenizer_path} is not the tokenizer of {path}; "
                            f"drop the flag to keep the checkpoint's, or train anew in another --out_dir")
-
-
-def model_from_checkpoint(ckpt: dict[str, Any], cfg: Config, device: torch.device) -> GPT:
-    model = GPT(cfg, ckpt["vocab_size"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device)
 
 
 def prepare_out_dir(out_dir: str) -> Path:
@@ -2215,8 +2214,9 @@ class RunState:
 
 @dataclass(kw_only=True)
 class Run:
-    """Everything one training run holds. Three handles on the model: the raw `model` (state
-    dicts, EMA, evaluation, sampling), and `train_model`, which may be compiled and DDP-wrapped."""
+    """Everything one training run holds. Two handles on the model: the raw `model` (state
+    dicts, EMA, evaluation, sampling) and `train_model`, the one training steps through: the raw
+    model compiled (--compile) and wrapped in DDP (torchrun) when asked, else the raw model."""
     cfg: Config
     dist: Dist
     device: torch.device
@@ -2272,8 +2272,7 @@ class Run:
 
 
 def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], device: torch.device,
-            out: Path, dist: Dist = SINGLE_PROCESS, ckpt: dict[str, Any] | None = None,
-            metrics: Metrics | None = None) -> Run:
+            out: Path, dist: Dist = SINGLE_PROCESS, ckpt: dict[str, Any] | None = None) -> Run:
     """A run ready to step, for training and --benchmark alike: the model (the same initial
     weights on every rank), its optimizers, GradScaler, EMA and batch generator, restored from
     `ckpt` when given, then wrapped for training (compiled, DDP)."""
@@ -2287,8 +2286,7 @@ def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], d
               model=model, train_model=model, optimizers=make_optimizers(model, cfg, device),
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               ema=EMA(model, cfg.ema_decay) if cfg.ema else None,
-              batch_gen=torch.Generator().manual_seed(cfg.seed), metrics=metrics or Metrics(),
-              peak=peak, memory_kept=memory_kept)
+              batch_gen=torch.Generator().manual_seed(cfg.seed), peak=peak, memory_kept=memory_kept)
     if ckpt is not None:
         run.restore(ckpt)
     run.train_model = wrap_model(model, cfg, dist, device)
@@ -2339,6 +2337,8 @@ def train(r: Resolved) -> list[dict[str, Any]]:
     run = start_run(r, dist)
     try:
         describe_run(run)
+        run.progress = Progress(None if r.cfg.time_budget_s else r.cfg.max_steps, run.state.step,
+                                enabled=dist.rank == 0 and sys.stdout.isatty())
         with SignalCatcher() as catcher:
             train_loop(run, catcher)
         run.progress.close()
@@ -2377,7 +2377,9 @@ def train_loop(run: Run, catcher: SignalCatcher) -> None:
         if do_eval or do_sample:
             with run.progress.quiet():
                 if do_eval:
-                    save_checkpoints(run, best_weights=evaluate(run))
+                    best_weights, report = evaluate(run)
+                    save_checkpoints(run, best_weights)
+                    print0(report)
                 if do_sample:
                     print_samples(sampling_model(run), run.tok, dataclasses.replace(cfg, num_samples=1),
                                   run.device, max_new_tokens=120)
@@ -2412,7 +2414,8 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
         run.scaler.unscale_(opt)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     # a non-finite norm (an fp16 overflow, or divergence) skips the update; after the sync the
-    # norm is the same on every rank, so all ranks skip together. One host sync per step.
+    # norm is the same on every rank, so all ranks skip together. This is the step's host sync
+    # (under fp16 the GradScaler adds its own).
     skipped = not torch.isfinite(norm).item()
     if not skipped:
         if cfg.grad_clip:  # clip, then step every optimizer (through the scaler under fp16)
@@ -2432,8 +2435,10 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
 
 def start_run(r: Resolved, dist: Dist) -> Run:
     """What train() steps: out_dir created and locked (rank 0), the tokenizer and token files,
-    tokenizer.json and effective_config.json written, and the run, resumed when r has a checkpoint."""
+    tokenizer.json and effective_config.json written, the run (resumed when r has a checkpoint)
+    and its metrics."""
     cfg, ckpt = r.cfg, r.ckpt
+    r.ckpt = None  # restored into the run below: the loaded copy need not outlive it
     device = pick_device(cfg.device, dist.local_rank)
     out = prepare_out_dir(cfg.out_dir) if dist.rank == 0 else Path(cfg.out_dir)
     lock = lock_out_dir(out) if dist.rank == 0 else None
@@ -2443,12 +2448,9 @@ def start_run(r: Resolved, dist: Dist) -> Run:
         write_text_atomic(out / "effective_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         if not ckpt:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
-    metrics = Metrics.for_run(cfg, out, dist.rank)
-    run = new_run(cfg, tok=tok, splits=splits, device=device, out=out, dist=dist, ckpt=ckpt,
-                  metrics=metrics)
+    run = new_run(cfg, tok=tok, splits=splits, device=device, out=out, dist=dist, ckpt=ckpt)
     run.lock = lock
-    run.progress = Progress(None if cfg.time_budget_s else cfg.max_steps, run.state.step,
-                            enabled=dist.rank == 0 and sys.stdout.isatty())
+    run.metrics = Metrics.for_run(cfg, out, dist.rank)  # opens TensorBoard/W&B: after every refusal
     if ckpt:
         print0(f"resume: continuing {out / 'ckpt.pt'} from step {run.state.step}")
     return run
@@ -2525,9 +2527,9 @@ def log_step(run: Run, loss: float, lr: float, seconds: float, steps: int) -> No
                      f"loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s{mfu_text.replace(' | ', ', ')}")
 
 
-def evaluate(run: Run) -> dict[str, torch.Tensor] | None:
-    """Val loss of the live weights (and of the EMA), recorded and printed; returns the better
-    one's weights when they beat the best so far (for ckpt_best.pt), else None."""
+def evaluate(run: Run) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Val loss of the live weights (and of the EMA), recorded; returns the better one's weights
+    when they beat the best so far (for ckpt_best.pt), else None, and the line to print."""
     losses = estimate_loss(run.model, run.splits, run.cfg, run.device, run.dtype)
     per_byte = run.splits["val"].tokens_per_byte
     record = {"step": run.state.step, "train_loss": losses["train"], "val_loss": losses["val"],
@@ -2545,9 +2547,9 @@ def evaluate(run: Run) -> dict[str, torch.Tensor] | None:
     run.metrics.record(record)
     ema = f" | ema val loss {record['ema_val_loss']:.4f}" if run.ema is not None else ""
     best = f" (best: {which} weights saved to ckpt_best.pt)" if is_best else ""
-    print0(f"eval step {run.state.step}: train loss {losses['train']:.4f} | val loss "
-           f"{losses['val']:.4f} | val bpb {record['val_bpb']:.3f}{ema}{best}")
-    return source.state_dict() if is_best else None
+    report = (f"eval step {run.state.step}: train loss {losses['train']:.4f} | val loss "
+              f"{losses['val']:.4f} | val bpb {record['val_bpb']:.3f}{ema}{best}")
+    return (source.state_dict() if is_best else None), report
 
 
 def save_checkpoints(run: Run, best_weights: dict[str, torch.Tensor] | None) -> bool:
@@ -2600,8 +2602,8 @@ def report_done(run: Run) -> None:
 
 # ==============================================================================================
 # You can stop reading here: everything above trains a model, and none of it calls what follows.
-# Below are the tools that use a trained model (generate, evaluate, benchmark, plot), export,
-# and main(), which resolves an invocation once and hands it to its mode.
+# Below are the tools built on it (generate, evaluate, benchmark, plot), export, and main(),
+# which resolves an invocation once and hands it to its mode.
 # ==============================================================================================
 
 
@@ -2620,12 +2622,19 @@ class Loaded:
     device: torch.device
 
 
+def model_from_checkpoint(ckpt: dict[str, Any], cfg: Config, device: torch.device) -> GPT:
+    model = GPT(cfg, ckpt["vocab_size"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
 def load_for_use(r: Resolved) -> Loaded:
     """The resolved checkpoint's model, in eval mode on the chosen device, and its tokenizer."""
+    ckpt, r.ckpt = r.ckpt, None  # the model holds the weights now: the loaded copy can go
     device = pick_device(r.cfg.device)
-    tok = TextTokenizer.from_str(r.ckpt["tokenizer"])
-    model = model_from_checkpoint(r.ckpt, r.cfg, device).eval()
-    return Loaded(r.cfg, r.ckpt_path, r.ckpt["step"], tok, model, device)
+    tok = TextTokenizer.from_str(ckpt["tokenizer"])
+    model = model_from_checkpoint(ckpt, r.cfg, device).eval()
+    return Loaded(r.cfg, r.ckpt_path, ckpt["step"], tok, model, device)
 
 
 def generate_from_checkpoint(r: Resolved) -> None:
@@ -2742,14 +2751,6 @@ def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print0(f"{name:<{width}} | {value}")
-
-
-def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
-    """The default mode: train, then draw out_dir/loss.png when matplotlib is installed."""
-    history = train(r)
-    if is_rank0() and importlib.util.find_spec("matplotlib") is not None:
-        plot_run(r)
-    return history
 
 
 def plot_run(r: Resolved) -> None:
@@ -3222,6 +3223,14 @@ def export_tiktoken(tok: TextTokenizer, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # main(): resolve the invocation once, then run its mode
 # ----------------------------------------------------------------------------------------------
+
+def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
+    """The default mode: train, then draw out_dir/loss.png when matplotlib is installed."""
+    history = train(r)
+    if is_rank0() and importlib.util.find_spec("matplotlib") is not None:
+        plot_run(r)
+    return history
+
 
 MODES: dict[str, Callable[[Resolved], Any]] = {
     "train": train_and_plot, "generate": generate_from_checkpoint, "eval": evaluate_checkpoint,

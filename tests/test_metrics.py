@@ -111,6 +111,7 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(run_args, tmp_path):
     assert "30/30" in screen and ("step/s" in screen or "s/step" in screen)  # tqdm's bar
     assert "tok/s" in screen and "MFU" in screen and "tokenizing" in screen  # MB/s bar of the corpus
     assert "\nstep     10/30 | loss" not in screen  # no plain log lines under the bar
+    assert screen.index("measuring:") < screen.index("| 0/30")  # the startup lines come before the bar
     piped = subprocess.run([sys.executable, SCRIPT, *run_args("--max_steps", "30", "--log_interval", "10",
                                                               "--eval_interval", "30", out="pipe")],
                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -134,6 +135,17 @@ def test_tensorboard_receives_the_metrics(run_args, tmp_path):
     acc.Reload()
     assert {"loss", "val_loss", "val_bpb", "lr", "mfu"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_no_wandb_run_is_opened_for_a_refused_run(run_args, monkeypatch, tmp_path):
+    """Metric sinks open after every check of the run: a refused optimizer leaves no W&B run
+    open and no tensorboard folder behind."""
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: calls.append(kw)))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(tl.TinyLLMError, match="pip install bitsandbytes"):
+        tl.train(tl.resolve(run_args("--wandb", "--tensorboard", "--optimizer", "adamw8bit")))
+    assert calls == [] and not (tmp_path / "out" / "tensorboard").exists()
 
 
 def test_wandb_is_called_only_when_asked(run_args, monkeypatch):

@@ -106,8 +106,10 @@ def test_checkpoint_device_does_not_carry_over(run_args, tmp_path):
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     ckpt["config"]["device"] = "cuda"  # as if trained on a GPU
     torch.save(ckpt, tmp_path / "gpu_ckpt.pt")
-    use = tl.load_for_use(tl.resolve(["--generate_only", "--ckpt", str(tmp_path / "gpu_ckpt.pt")]))
+    resolved = tl.resolve(["--generate_only", "--ckpt", str(tmp_path / "gpu_ckpt.pt")])
+    use = tl.load_for_use(resolved)
     assert use.cfg.device == "auto" and use.device.type == tl.pick_device("auto").type
+    assert resolved.ckpt is None  # the loaded copy is let go once the model holds the weights
 
 
 def test_resume_accepts_checkpoints_without_newer_counters(run_args, tmp_path):
