@@ -43,12 +43,15 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -106,9 +109,16 @@ class Config:
                                        "and tokenizer, so a second run skips the work.", "data and I/O")
     resume: bool = opt(False, "Continue training from out_dir/ckpt.pt (model, optimizer, step, RNG).",
                        "data and I/O")
+    allow_data_change: bool = opt(False, "With --resume: continue although the training data changed "
+                                         "since the checkpoint (its val loss is then measured on other "
+                                         "text, so the best val loss starts over); without it such a "
+                                         "resume is refused.", "data and I/O")
     overwrite: bool = opt(False, "Start a new run in an out_dir that already holds one (its "
                                  "checkpoints are replaced); without it such a run is refused.",
                           "data and I/O")
+    raw_text: bool = opt(False, "Read corpus and --eval_data text byte for byte. By default a leading "
+                                "UTF-8 byte-order mark is dropped and \\r\\n line ends become \\n, "
+                                "so that neither becomes a token.", "data and I/O")
     memmap_dataset: bool = opt(False, "Read token files through numpy.memmap instead of loading "
                                       "them into RAM.", "data and I/O")
     tokenizer: str = opt("char", "char: one token per character of the corpus; bpe: byte-level BPE "
@@ -234,7 +244,11 @@ class Config:
                                          "positive logits, multiply negative ones); 1 = off.",
                                     "generation")
     num_samples: int = opt(1, "Samples to generate.", "generation")
-    kv_cache: bool = opt(True, "Use the key/value cache while generating (same tokens, faster).",
+    kv_cache: bool = opt(True, "Use the key/value cache while generating: faster. Guaranteed: with "
+                               "--temperature 0 and float32 weights, the same tokens as --no-kv_cache "
+                               "while prompt and output fit in block_size. Past block_size the cache "
+                               "restarts from the last half block (the uncached path keeps a full "
+                               "window), and under sampling or bf16 rounding can tip a near-tie.",
                          "generation")
     # evaluation, metrics and export
     eval_only: bool = opt(False, "Report loss, perplexity, bits per byte and next-token accuracy of "
@@ -265,8 +279,8 @@ class Config:
 
 # Keys that say what to do in this invocation, and where; they never carry over from a
 # checkpoint's config (a model trained on a GPU must sample on a laptop).
-RUN_KEYS = ("device", "resume", "overwrite", "generate_only", "ckpt", "stop_at_step", "eval_only",
-            "eval_data", "benchmark", "plot", "export", "export_dir")
+RUN_KEYS = ("device", "resume", "allow_data_change", "overwrite", "generate_only", "ckpt", "stop_at_step",
+            "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ARCH_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["arch"])
 
@@ -394,6 +408,15 @@ def build_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -
 Check = tuple[bool, str]  # (is it bad, the one-line message that names the option and the fix)
 
 
+def finite_checks(cfg: Config) -> list[Check]:
+    """Every float setting is a finite number: nan or inf would train on into a checkpoint full
+    of NaN, or sample garbage. Checked first, so the message names the setting that is wrong."""
+    return [(not math.isfinite(getattr(cfg, name)),
+             f"--{name} must be a finite number, got {getattr(cfg, name)}; give a number like "
+             f"{FIELDS[name].default!r}")
+            for name in FIELDS if field_type(name) is float]
+
+
 def model_checks(cfg: Config) -> list[Check]:
     kv = cfg.n_kv_head or cfg.n_head
     return [
@@ -479,7 +502,7 @@ def run_checks(cfg: Config) -> list[Check]:
     ]
 
 
-SETTING_CHECKS = (model_checks, data_checks, training_checks, sampling_checks)
+SETTING_CHECKS = (finite_checks, model_checks, data_checks, training_checks, sampling_checks)
 
 
 def validate(cfg: Config, groups: tuple[Callable[[Config], list[Check]], ...] = (run_checks, *SETTING_CHECKS)
@@ -687,6 +710,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        e.filename = str(path)  # name the file the user knows, not the temporary one
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -811,6 +837,7 @@ class TokenSplit:
     memmap: bool
     array: np.ndarray | None = None
     tokens_per_byte: float = 0.0  # for bits per byte; known for the val split
+    start_ids: list[int] = field(default_factory=list)  # what samples start from; the train split's
 
     def __post_init__(self) -> None:
         if not self.memmap:
@@ -821,6 +848,19 @@ class TokenSplit:
 
     def __len__(self) -> int:
         return self.path.stat().st_size // np.dtype(self.dtype).itemsize
+
+
+def start_ids_for(tok: TextTokenizer, train: TokenSplit) -> list[int]:
+    """What an empty prompt starts from: a token the model saw text follow in training. The
+    end-of-text token where the data has it (between documents), else a newline where it has
+    one, else the data's first token (a one-document corpus never shows end-of-text)."""
+    data, chunk = train.tokens(), 1 << 24
+    newline = tok.encode("\n") if not tok.unknown_chars("\n") else []
+    candidates = ([[tok.eot_id]] if tok.eot_id is not None else []) + ([newline] if len(newline) == 1 else [])
+    for ids in candidates:
+        if any(np.any(data[i:i + chunk] == ids[0]) for i in range(0, len(data), chunk)):
+            return ids
+    return [int(data[0])]
 
 
 def get_batch(split: TokenSplit, batch_size: int, block_size: int, generator: torch.Generator,
@@ -843,16 +883,26 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE_PROCESS
-                   ) -> tuple[TextTokenizer, dict[str, TokenSplit]]:
-    """Tokenizer and token files. Rank 0 builds the cache first; the other ranks then read it."""
+                   ) -> tuple[TextTokenizer, dict[str, TokenSplit], str]:
+    """Tokenizer, token files and the data's id. Rank 0 builds the cache first; the other ranks
+    then read it. Resuming on changed data is refused here, before any encoding."""
     if dist.rank != 0:
         torch.distributed.barrier()
     corpus = load_corpus(cfg)
+    data = data_id(cfg, corpus)
+    if ckpt:
+        check_same_data(cfg, ckpt, data)
     tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
     splits = prepare_data(cfg, corpus, tok)
     if dist.rank == 0 and dist.enabled:
         torch.distributed.barrier()
-    return tok, splits
+    return tok, splits, data
+
+
+def data_id(cfg: Config, corpus: Corpus) -> str:
+    """What the train and val splits are made of: the corpus's fingerprint (its files' paths,
+    sizes, modification times, first and last MB) and the held-out fraction."""
+    return sha256_hex(corpus.fingerprint, repr(cfg.val_fraction))[:20]
 
 
 TOKEN_CACHE_FORMAT = 3  # bump when the layout of the token cache changes: old entries are ignored
@@ -873,6 +923,10 @@ def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, T
     splits = {name: TokenSplit(folder / f"{name}.bin", dtype, cfg.memmap_dataset)
               for name in ("train", "val")}
     splits["val"].tokens_per_byte = meta["val_tokens"] / max(1, meta["val_bytes"])
+    if "start_ids" not in meta:  # found once per token cache, then kept with it
+        meta["start_ids"] = start_ids_for(tok, splits["train"])
+        write_text_atomic(folder / "meta.json", json.dumps(meta))
+    splits["train"].start_ids = meta["start_ids"]
     for name, split in splits.items():
         if len(split) < cfg.block_size + 1:
             raise TinyLLMError(
@@ -887,6 +941,7 @@ def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, T
 
 DEFAULT_CORPUS = "data/tiny_corpus.txt"
 READ_SIZE = 1 << 22  # corpus files are read 4 MB at a time, never whole
+NUL = b"\x00"  # never part of a multi-byte UTF-8 character: a text file has none
 MIN_DOCS_FOR_DOC_SPLIT = 100  # fewer documents than this: the val split is the tail instead
 
 
@@ -900,13 +955,14 @@ class Corpus:
     text: str = ""  # the built-in corpus only
     documents: int = 1
     n_bytes: int = 0
+    raw_text: bool = False  # --raw_text: no BOM or line-end normalization
 
     def sources(self) -> Iterator[tuple[str, Iterator[str]]]:
         """(name, decoded blocks) per file, or the built-in text as one source."""
         if not self.files:
             yield "builtin", iter([self.text])
         for path in self.files:
-            yield str(path), blocks_of(path)
+            yield str(path), blocks_of(path, raw_text=self.raw_text)
 
 
 def load_corpus(cfg: Config) -> Corpus:
@@ -922,8 +978,8 @@ def load_corpus(cfg: Config) -> Corpus:
     documents, n_bytes = scan_files(files)
     name = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
     print0(f"data: {name}, {n_bytes / 1e6:.2f} MB, {documents:,} document(s)")
-    return Corpus(name, files, sha256_hex(*map(file_fingerprint, files)), documents=documents,
-                  n_bytes=n_bytes)
+    fingerprint = sha256_hex(*map(file_fingerprint, files), f"raw_text={cfg.raw_text}")
+    return Corpus(name, files, fingerprint, documents=documents, n_bytes=n_bytes, raw_text=cfg.raw_text)
 
 
 def builtin_corpus() -> Corpus:
@@ -1028,8 +1084,9 @@ def scan_files(files: list[Path]) -> tuple[int, int]:
 
 def check_text_file(p: Path, flag: str) -> None:
     if not p.exists():
-        raise TinyLLMError(f"{flag} {p} does not exist; point {flag} at a UTF-8 text file, a "
-                           f"directory, a glob or a URL")
+        forms = "a UTF-8 text file, a directory, a glob or a URL" if flag == "--data_path" else \
+            "a UTF-8 text file"
+        raise TinyLLMError(f"{flag} {p} does not exist; point {flag} at {forms}")
     if p.is_dir():
         raise TinyLLMError(f"{flag} {p} is a directory; point {flag} at a UTF-8 text file")
     try:
@@ -1062,8 +1119,9 @@ def read_blocks(path: Path, flag: str = "--data_path") -> Iterator[str]:
                                    f"offset {offset + e.start}); convert it to UTF-8 or pick a text "
                                    f"file") from None
             if "\x00" in text:
-                raise TinyLLMError(f"{flag} {path} looks binary (it contains NUL bytes near offset "
-                                   f"{offset}); point {flag} at a text file")
+                at = offset + raw.find(NUL)
+                raise TinyLLMError(f"{flag} {path} looks binary (it contains a NUL byte at offset {at}); "
+                                   f"point {flag} at a text file")
             if text:
                 yield text
             if not raw:
@@ -1082,16 +1140,33 @@ def reader_for(path: Path) -> Reader | None:
     return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
-def blocks_of(path: Path, flag: str = "--data_path") -> Iterator[str]:
-    """A corpus file's text blocks, read by the reader of its kind; a file named directly whose
-    ending no reader claims is read as plain text."""
-    return (reader_for(path) or READERS["text"]).blocks(path, flag)
+def blocks_of(path: Path, flag: str = "--data_path", raw_text: bool = True) -> Iterator[str]:
+    """A corpus file's text blocks, read by the reader of its kind (a file named directly whose
+    ending no reader claims is read as plain text), normalized unless raw_text."""
+    blocks = (reader_for(path) or READERS["text"]).blocks(path, flag)
+    return blocks if raw_text else normalized(blocks)
 
 
-def read_text_file(path: str, flag: str = "--data_path") -> str:
-    """A whole (small) text file, with the same checks as a corpus file."""
+def normalized(blocks: Iterator[str]) -> Iterator[str]:
+    """Text as its author meant it: a leading byte-order mark dropped, \\r\\n line ends as \\n
+    (a \\r that ends a block waits for the next one, which may start with \\n)."""
+    held, first = "", True
+    for block in blocks:
+        text = held + block
+        if first:
+            text, first = text.removeprefix("\ufeff"), False
+        held = "\r" if text.endswith("\r") else ""
+        text = text[:-1] if held else text
+        if text:
+            yield text.replace("\r\n", "\n")
+    if held:
+        yield held
+
+
+def read_text_file(path: str, flag: str = "--data_path", raw_text: bool = False) -> str:
+    """A whole (small) text file, with the same checks and normalization as a corpus file."""
     check_text_file(Path(path), flag)
-    text = "".join(blocks_of(Path(path), flag))
+    text = "".join(blocks_of(Path(path), flag, raw_text))
     if not text.strip():
         raise TinyLLMError(f"{flag} {path} is empty; give it some text")
     return text
@@ -1673,13 +1748,15 @@ class TextStreamer:
             self.pending.clear()
 
 
-def encode_prompt(tok: TextTokenizer, prompt: str) -> list[int]:
+def encode_prompt(tok: TextTokenizer, prompt: str, start_ids: list[int] | None = None) -> list[int]:
+    """The prompt's tokens; an empty prompt starts from start_ids (see start_ids_for), or for
+    checkpoints older than those, from the tokenizer's default."""
     unknown = tok.unknown_chars(prompt)
     if unknown:
         shown = " ".join(repr(c) for c in unknown[:10])
         raise TinyLLMError(f"--prompt has characters outside the char-level vocabulary: {shown}; "
                            f"remove them (the model never saw them in training)")
-    return tok.encode(prompt) if prompt else tok.start_ids()
+    return tok.encode(prompt) if prompt else (start_ids or tok.start_ids())
 
 
 def sampling_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -1698,10 +1775,11 @@ def sampling_copy(model: GPT, cfg: Config, device: torch.device) -> GPT:
 
 
 def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.device,
-                  max_new_tokens: int | None = None, seed: int | None = None) -> None:
+                  max_new_tokens: int | None = None, seed: int | None = None,
+                  start_ids: list[int] | None = None) -> None:
     """Stream cfg.num_samples samples of cfg.prompt to stdout; same seed, same text. Runs on a
     copy in the sampling dtype, so training never sees its weights rounded."""
-    prompt_ids = encode_prompt(tok, cfg.prompt)
+    prompt_ids = encode_prompt(tok, cfg.prompt, start_ids)
     model = sampling_copy(model, cfg, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed if seed is None else seed)
     settings = SampleSettings.from_config(cfg, max_new_tokens)
@@ -2009,10 +2087,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise TinyLLMError(f"no checkpoint at {path}; train first (or give --ckpt PATH / the right "
                            f"--out_dir)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TinyLLMError(f"{path} cannot be loaded as a tinyllm checkpoint ({reason[:200]}); it is "
+        if holds_code(e, path):
+            raise TinyLLMError(f"{path} was refused: it holds Python objects, not only tensors and "
+                               f"plain data, so it is no tinyllm checkpoint, and loading it unsafely "
+                               f"could run code; use a checkpoint written by train_tinyllm.py") from None
+        reason = "unreadable data" if isinstance(e, pickle.UnpicklingError) else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0][:120]  # a torn or foreign zip
+        raise TinyLLMError(f"{path} cannot be loaded as a tinyllm checkpoint ({reason}); it is "
                            f"corrupt, truncated or not ours: use another checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise TinyLLMError(f"{path} is not a tinyllm checkpoint (format {CKPT_FORMAT}); use a "
@@ -2043,7 +2128,38 @@ def load_safetensors(path: Path) -> dict[str, Any]:
     if cfg.get("tie_weights"):
         state["lm_head.weight"] = state["wte.weight"]
     return {"format": CKPT_FORMAT, "config": cfg, "vocab_size": int(meta["vocab_size"]),
-            "tokenizer": meta["tokenizer"], "model": state, "step": int(meta.get("step", "-1"))}
+            "tokenizer": meta["tokenizer"], "model": state, "step": int(meta.get("step", "-1")),
+            "start_ids": json.loads(meta.get("start_ids", "null"))}
+
+
+def holds_code(e: Exception, path: Path) -> bool:
+    """Whether torch's safe loader refused a pickle of Python objects (which a plain pickle load
+    would run), rather than reading damaged bytes: it names the global it refused, or the file
+    is a pickle stream (protocol 2 to 5) outside torch's zip format."""
+    if not isinstance(e, pickle.UnpicklingError):
+        return False
+    if "GLOBAL " in str(e):  # "Unsupported global: GLOBAL print", "unsupported GLOBAL posix.system"
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def check_same_data(cfg: Config, ckpt: dict[str, Any], data: str) -> None:
+    """--resume on data that changed since the checkpoint (a file edited or appended to, another
+    --data_path or --val_fraction): the val split is other text, so best-val comparisons and
+    exact resume no longer hold. Refused, unless --allow_data_change (checkpoints from before
+    this check carry no data id: they resume as before)."""
+    saved, path = ckpt.get("data_id"), Path(cfg.out_dir) / "ckpt.pt"
+    if saved is None or saved == data:
+        return
+    if not cfg.allow_data_change:
+        raise TinyLLMError(f"--resume: the training data changed since {path} was written (a file, its "
+                           f"size or modification time, or --val_fraction), so val loss would be "
+                           f"measured on other text; add --allow_data_change to continue on the new "
+                           f"data (the best val loss starts over), or train in a new --out_dir")
+    print0(f"warning: the training data changed since {path} was written; continuing on the new data "
+           f"(--allow_data_change), and the best val loss starts over")
 
 
 def check_compatible(cfg: Config, explicit: dict[str, Any], ckpt: dict[str, Any], path: Path,
@@ -2061,14 +2177,19 @@ def check_compatible(cfg: Config, explicit: dict[str, Any], ckpt: dict[str, Any]
                            f"drop the flag to keep the checkpoint's, or train anew in another --out_dir")
 
 
-def prepare_out_dir(out_dir: str) -> Path:
+def check_out_dir(out_dir: str) -> Path:
+    """--out_dir as a path, refused up front when a file stands in its place."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise TinyLLMError(f"--out_dir {out_dir} is an existing file; pick a directory path")
+    return out
+
+
+def prepare_out_dir(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise TinyLLMError(f"--out_dir {out_dir} cannot be created ({e.strerror}); pick a writable "
+        raise TinyLLMError(f"--out_dir {out} cannot be created ({e.strerror}); pick a writable "
                            f"path") from None
     return out
 
@@ -2236,6 +2357,7 @@ class Run:
     peak: float | None = None  # device FLOP/s for MFU
     memory_kept: bool = False  # keep_freed_memory took effect
     lock: Any = None  # out_dir's lock, held while training
+    data_id: str = ""  # what the splits are made of (see data_id): a resume checks it
 
     def checkpoint(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Everything needed to resume exactly, as plain data that loads with weights_only=True."""
@@ -2246,7 +2368,8 @@ class Run:
                 "elapsed_s": self.state.elapsed, "overflow_skips": self.state.overflow_skips,
                 "nonfinite_skips": self.state.nonfinite_skips,
                 "config": asdict(self.cfg), "vocab_size": self.model.vocab_size,
-                "tokenizer": self.tok.to_str(), "rng": rng_states(), "batch_rng": self.batch_gen.get_state()}
+                "tokenizer": self.tok.to_str(), "rng": rng_states(), "batch_rng": self.batch_gen.get_state(),
+                "data_id": self.data_id, "start_ids": self.splits["train"].start_ids}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -2343,7 +2466,8 @@ def train(r: Resolved) -> list[dict[str, Any]]:
             train_loop(run, catcher)
         run.progress.close()
         report_done(run)
-        print_samples(sampling_model(run), run.tok, run.cfg, run.device)
+        print_samples(sampling_model(run), run.tok, run.cfg, run.device,
+                      start_ids=run.splits["train"].start_ids)
     finally:
         run.close()
         if dist.enabled:
@@ -2382,7 +2506,7 @@ def train_loop(run: Run, catcher: SignalCatcher) -> None:
                     print0(report)
                 if do_sample:
                     print_samples(sampling_model(run), run.tok, dataclasses.replace(cfg, num_samples=1),
-                                  run.device, max_new_tokens=120)
+                                  run.device, max_new_tokens=120, start_ids=run.splits["train"].start_ids)
         pause = time.time() - now  # evaluation and sampling are not training time
         t_step, t_log = now + pause, t_log + pause
         signum = stop_requested(run, catcher)
@@ -2440,16 +2564,20 @@ def start_run(r: Resolved, dist: Dist) -> Run:
     cfg, ckpt = r.cfg, r.ckpt
     r.ckpt = None  # restored into the run below: the loaded copy need not outlive it
     device = pick_device(cfg.device, dist.local_rank)
-    out = prepare_out_dir(cfg.out_dir) if dist.rank == 0 else Path(cfg.out_dir)
-    lock = lock_out_dir(out) if dist.rank == 0 else None
-    tok, splits = prepare_inputs(cfg, ckpt, dist)
+    out = check_out_dir(cfg.out_dir)
+    lock = lock_out_dir(out) if dist.rank == 0 and out.is_dir() else None  # an existing run: claim it first
+    tok, splits, data = prepare_inputs(cfg, ckpt, dist)  # every input is checked here, before out_dir exists
+    if dist.rank == 0 and lock is None:
+        lock = lock_out_dir(prepare_out_dir(out))
     if dist.rank == 0:
         write_text_atomic(out / "tokenizer.json", tok.to_str())
         write_text_atomic(out / "effective_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         if not ckpt:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
     run = new_run(cfg, tok=tok, splits=splits, device=device, out=out, dist=dist, ckpt=ckpt)
-    run.lock = lock
+    run.lock, run.data_id = lock, data
+    if ckpt and ckpt.get("data_id", data) != data:  # allowed by --allow_data_change: other val text
+        run.state.best_val = float("inf")
     run.metrics = Metrics.for_run(cfg, out, dist.rank)  # opens TensorBoard/W&B: after every refusal
     if ckpt:
         print0(f"resume: continuing {out / 'ckpt.pt'} from step {run.state.step}")
@@ -2564,12 +2692,25 @@ def save_checkpoints(run: Run, best_weights: dict[str, torch.Tensor] | None) -> 
         if best_weights is not None:
             best = run.checkpoint(best_weights)
             atomic_write(run.out / "ckpt_best.pt", lambda p: torch.save(best, p))
-    except OSError as e:
-        print(f"warning: could not write a checkpoint to {run.out} ({e.strerror or e}); the previous "
-              f"checkpoint is kept (step {run.state.saved_step}); free disk space or fix permissions",
-              file=sys.stderr, flush=True)
+    except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on a full disk
+        print(f"warning: could not write a checkpoint to {run.out} ({write_failure(e, run.out)}); the "
+              f"previous checkpoint is kept (step {run.state.saved_step}); free disk space or fix "
+              f"permissions", file=sys.stderr, flush=True)
         return False
     return True
+
+
+def write_failure(e: BaseException, folder: Path) -> str:
+    """Why a write failed, in words: the OS's reason, or for torch's writer (which says only
+    'unexpected pos') whether the disk is full."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    try:
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return "No space left on device"
+    except OSError:
+        pass
+    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
 
 
 def sampling_model(run: Run) -> GPT:
@@ -2620,6 +2761,7 @@ class Loaded:
     tok: TextTokenizer
     model: GPT
     device: torch.device
+    start_ids: list[int] | None = None  # what an empty prompt starts from (newer checkpoints)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], cfg: Config, device: torch.device) -> GPT:
@@ -2634,7 +2776,7 @@ def load_for_use(r: Resolved) -> Loaded:
     device = pick_device(r.cfg.device)
     tok = TextTokenizer.from_str(ckpt["tokenizer"])
     model = model_from_checkpoint(ckpt, r.cfg, device).eval()
-    return Loaded(r.cfg, r.ckpt_path, ckpt["step"], tok, model, device)
+    return Loaded(r.cfg, r.ckpt_path, ckpt["step"], tok, model, device, ckpt.get("start_ids"))
 
 
 def generate_from_checkpoint(r: Resolved) -> None:
@@ -2643,7 +2785,7 @@ def generate_from_checkpoint(r: Resolved) -> None:
     encode_prompt(use.tok, use.cfg.prompt)  # refuse a bad prompt before any output
     print0(f"loaded {use.path} (step {use.step}, {use.model.num_params() / 1e6:.2f}M parameters)",
            file=sys.stderr)
-    print_samples(use.model, use.tok, use.cfg, use.device)
+    print_samples(use.model, use.tok, use.cfg, use.device, start_ids=use.start_ids)
 
 
 def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
@@ -2665,7 +2807,7 @@ def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
 def eval_tokens_for(use: Loaded) -> tuple[np.ndarray, float, str]:
     """Tokens to evaluate, tokens per byte, and a name: --eval_data, else the run's val split."""
     if use.cfg.eval_data:
-        text = read_text_file(use.cfg.eval_data, "--eval_data")
+        text = read_text_file(use.cfg.eval_data, "--eval_data", use.cfg.raw_text)
         tokens = encode_text(use.tok, text, use.cfg.eval_data)
         return tokens, len(tokens) / len(text.encode("utf-8")), use.cfg.eval_data
     splits = prepare_data(use.cfg, load_corpus(use.cfg), use.tok)
@@ -2696,7 +2838,7 @@ def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, floa
     warm-up, then generation with and without the KV cache. Nothing is written to out_dir."""
     cfg = r.cfg
     device = pick_device(cfg.device)
-    tok, splits = prepare_inputs(cfg, None)
+    tok, splits, _ = prepare_inputs(cfg, None)
     run = new_run(cfg, tok=tok, splits=splits, device=device, out=Path(cfg.out_dir))
     run.model.train()
     for _ in range(warmup):
@@ -2793,18 +2935,19 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class Exporter:
     """A format of --export: the file it writes in the export directory ("" when the directory
-    itself is the export), and the writer, called as write(model, tokenizer, step, target)."""
+    itself is the export), and the writer, called as write(checkpoint, target) with the loaded
+    checkpoint (its model on the CPU in float32)."""
     filename: str
-    write: Callable[[GPT, TextTokenizer, int, Path], None]
+    write: Callable[[Loaded, Path], None]
 
 
 EXPORTERS.update({
-    "hf": Exporter("", lambda model, tok, step, target: export_hf(model, tok, target)),
-    "safetensors": Exporter("model.safetensors", lambda model, tok, step, target:
-                            export_safetensors(model, tok, model.cfg, target, step)),
-    "onnx": Exporter("model.onnx", lambda model, tok, step, target: export_onnx(model, target)),
-    "torchscript": Exporter("model.pt", lambda model, tok, step, target: export_torchscript(model, target)),
-    "tiktoken": Exporter("tokenizer.tiktoken", lambda model, tok, step, target: export_tiktoken(tok, target)),
+    "hf": Exporter("", lambda use, target: export_hf(use.model, use.tok, target)),
+    "safetensors": Exporter("model.safetensors", lambda use, target: export_safetensors(
+        use.model, use.tok, use.model.cfg, target, use.step, use.start_ids)),
+    "onnx": Exporter("model.onnx", lambda use, target: export_onnx(use.model, target)),
+    "torchscript": Exporter("model.pt", lambda use, target: export_torchscript(use.model, target)),
+    "tiktoken": Exporter("tokenizer.tiktoken", lambda use, target: export_tiktoken(use.tok, target)),
 })
 
 
@@ -2815,7 +2958,8 @@ def export_checkpoint(r: Resolved) -> Path:
     fmt, exporter = use.cfg.export, EXPORTERS[use.cfg.export]
     folder = make_export_dir(Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}"))
     target = folder / exporter.filename if exporter.filename else folder
-    exporter.write(use.model.cpu().float(), use.tok, use.step, target)
+    use.model = use.model.cpu().float()
+    exporter.write(use, target)
     print0(f"exported {use.path} (step {use.step}) as {fmt}: {target}")
     return folder
 
@@ -3025,7 +3169,8 @@ def export_hf(model: GPT, tok: TextTokenizer, out_dir: Path) -> None:
         write_text_atomic(out / name, text)
 
 
-def export_safetensors(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, step: int = -1) -> None:
+def export_safetensors(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, step: int = -1,
+                       start_ids: list[int] | None = None) -> None:
     """One .safetensors file that is a whole sampling checkpoint: the weights (no pickle, so
     loading can never run code), and in the string-to-string metadata our config JSON, the
     vocabulary size and the tokenizer JSON. A tied output head is stored once, as wte.weight."""
@@ -3037,7 +3182,8 @@ def export_safetensors(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, 
     tensors = {k: v for k, v in model.state_dict().items()
                if not (cfg.tie_weights and k == "lm_head.weight")}
     metadata = {"format": "pt", "tinyllm": SAFETENSORS_FORMAT, "config": json.dumps(asdict(cfg)),
-                "vocab_size": str(model.vocab_size), "tokenizer": tok.to_str(), "step": str(step)}
+                "vocab_size": str(model.vocab_size), "tokenizer": tok.to_str(), "step": str(step),
+                "start_ids": json.dumps(start_ids)}
     save_safetensors_file(tensors, export_file(path), metadata)
 
 
@@ -3089,7 +3235,6 @@ def export_torchscript(model: GPT, path: Path) -> None:
     block_size: the trace records sizes as graph ops and LogitsOnly has no Python branch on
     them. No KV cache. torch deprecates torch.jit (use export_onnx, or torch.export, for new
     work); its deprecation warnings are silenced here, any other tracer warning is shown."""
-    import warnings
     if model.cfg.block_size < 2:
         raise TinyLLMError("TorchScript export needs --block_size of at least 2")
     wrapper = export_copy(model)
@@ -3251,8 +3396,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted before training started; nothing was lost", file=sys.stderr)
         return 130
     except OSError as e:
-        print(f"error: {e.strerror or e}: {e.filename or ''}; check the path, free space and "
-              f"permissions", file=sys.stderr)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; check the path, free space and permissions",
+              file=sys.stderr)
         return 2
     return 0
 

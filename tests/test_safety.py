@@ -76,8 +76,11 @@ def bad_inputs(t: dict[str, Path]) -> list[tuple[str, list[str], str]]:
                                         "--n_embd", "64"], "--n_embd 64 does not match the checkpoint"),
         ("resume, other tokenizer", ["--resume", "--out_dir", out, "--data_path", corpus,
                                      "--tokenizer", "bpe"], "--tokenizer 'bpe' does not match"),
+        ("resume, corpus changed", ["--resume", "--out_dir", out, "--data_path", str(root / "new_chars.txt")],
+         "--resume: the training data changed since"),
         ("resume, corpus outside the vocabulary", ["--resume", "--out_dir", out, "--data_path",
-                                                   str(root / "new_chars.txt")], "outside the char-level"),
+                                                   str(root / "new_chars.txt"), "--allow_data_change"],
+         "outside the char-level"),
         ("prompt outside the vocabulary", [*gen, "--prompt", "cat ∑ Ω"], "'Ω' '∑'"),
         ("out_dir is a file", ["--out_dir", str(root / "a_file"), "--data_path", corpus],
          "is an existing file"),
@@ -153,7 +156,7 @@ def test_malicious_checkpoint_runs_nothing(tmp_path, capsys, corpus):
                  ["--generate_only", "--ckpt", str(out / "ckpt.pt")],
                  ["--resume", "--out_dir", str(out), "--data_path", str(corpus)]):
         assert tl.main(argv) == 2
-        assert "cannot be loaded as a tinyllm checkpoint" in capsys.readouterr().err
+        assert "was refused" in capsys.readouterr().err  # issue 12: our words, never torch's advice
     assert not marker.exists()
     import pickle
     pickle.loads(pickle.dumps(Evil(marker)))  # proves the payload is real: plain pickle runs it

@@ -1,0 +1,212 @@
+"""Never lose a run, round two: the cases a hostile probe broke, each as it must hold now."""
+
+import errno
+import pickle
+import random
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tl
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def trained(run_args, tmp_path):
+    assert tl.main(run_args("--block_size", "64")) == 0
+    return tmp_path / "out"
+
+
+# ---- 1. a full disk while saving a checkpoint --------------------------------------------------
+
+def test_torch_writer_failing_on_a_full_disk_is_a_warning(run_args, monkeypatch, tmp_path, capsys):
+    """torch's zip writer reports a full disk as RuntimeError('... unexpected pos ...'), not
+    OSError: training still goes on with a warning, and the previous checkpoint stays."""
+    real_save, calls = torch.save, [0]
+
+    def full_disk(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] > 2:  # the first eval (ckpt + best) succeeds, everything after fails
+            with open(f, "wb") as half:
+                half.write(b"PK half a zip")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4416")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(tl.shutil, "disk_usage", lambda p: types.SimpleNamespace(total=1, used=1, free=0))
+    assert tl.main(run_args()) == 0
+    err = capsys.readouterr().err
+    assert "could not write a checkpoint" in err and "(No space left on device)" in err
+    assert "Traceback" not in err and "previous checkpoint is kept (step 3)" in err
+    assert tl.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3
+    assert not list((tmp_path / "out").glob(".*.tmp*"))
+
+
+def test_a_full_disk_elsewhere_names_the_file(run_args, monkeypatch, tmp_path, capsys):
+    def no_space(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", no_space)
+    assert tl.main(run_args()) == 2
+    err = one_line_error(capsys)
+    assert "No space left on device (" in err and "tokenizer-" in err  # the cached tokenizer's path
+
+
+# ---- 2. non-finite settings ----------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value", [
+    ("learning_rate", "inf"), ("learning_rate", "1e400"), ("learning_rate", "nan"),
+    ("weight_decay", "nan"), ("norm_eps", "nan"), ("time_budget_s", "nan"), ("grad_clip", "inf"),
+])
+def test_non_finite_settings_are_refused_naming_the_setting(run_args, tmp_path, capsys, flag, value):
+    assert tl.main(run_args(f"--{flag}", value)) == 2
+    assert f"--{flag} must be a finite number" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_infinity_is_refused(run_args, tmp_path, capsys):
+    (tmp_path / "c.json").write_text('{"learning_rate": Infinity}')
+    assert tl.main(run_args("--config", str(tmp_path / "c.json"))) == 2
+    assert "--learning_rate must be a finite number, got inf" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flag", ["temperature", "repetition_penalty", "top_p"])
+def test_non_finite_sampling_settings_are_refused(trained, capsys, flag):
+    capsys.readouterr()
+    assert tl.main(["--generate_only", "--out_dir", str(trained), f"--{flag}", "nan"]) == 2
+    assert f"--{flag} must be a finite number" in one_line_error(capsys)
+
+
+# ---- 6. crafted checkpoints ----------------------------------------------------------------
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran code",))
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "raw pickle"])
+def test_a_checkpoint_holding_code_is_refused_in_our_words(tmp_path, capsys, kind):
+    path = tmp_path / "crafted.pt"
+    if kind == "torch.save":
+        torch.save({"format": 1, "x": RunsCode()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"format": 1, "x": RunsCode()}, protocol=4))
+    assert tl.main(["--generate_only", "--ckpt", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "this ran code" not in out + err
+    assert err.startswith(f"error: {path} was refused") and len(err.strip().splitlines()) == 1
+    assert "could run code" in err and "weights_only" not in err and "Warning" not in err
+
+
+# ---- 9. messages that name the actual file, offset and forms ---------------------------------
+
+def test_nul_byte_is_reported_at_its_offset(run_args, tmp_path, capsys):
+    path = tmp_path / "nul.txt"
+    path.write_bytes(b"a" * 100_000 + b"\x00" + b"b" * 100)
+    assert tl.main(run_args("--data_path", str(path))) == 2
+    assert "contains a NUL byte at offset 100000" in one_line_error(capsys)
+
+
+def test_missing_eval_data_names_only_forms_that_work(trained, tmp_path, capsys):
+    capsys.readouterr()
+    assert tl.main(["--eval_only", "--out_dir", str(trained), "--eval_data", str(tmp_path / "nope.txt")]) == 2
+    err = one_line_error(capsys)
+    assert "point --eval_data at a UTF-8 text file" in err and "glob" not in err and "URL" not in err
+
+
+# ---- 10. a refused run leaves nothing behind -------------------------------------------------
+
+def test_a_refused_corpus_creates_no_out_dir(run_args, tmp_path, capsys):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café crème\n".encode("latin-1") * 50)
+    assert tl.main(run_args("--data_path", str(path))) == 2
+    assert "is not UTF-8 text" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 12. what the KV cache guarantees ------------------------------------------------------
+
+def test_kv_cache_gives_the_same_greedy_float32_tokens_within_block_size(trained, capsys):
+    """The guarantee the help states: --temperature 0 in float32, prompt plus output within
+    block_size (64 here: a 27-character prompt and 36 new tokens)."""
+    capsys.readouterr()
+    args = ["--generate_only", "--out_dir", str(trained), "--temperature", "0", "--dtype", "float32",
+            "--prompt", "the cat sat on a mat and ra", "--max_new_tokens", "36"]
+    outs = []
+    for cache in ("--kv_cache", "--no-kv_cache"):
+        assert tl.main([*args, cache]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and len(outs[0]) > 40
+
+
+
+# ---- 3. --resume after the corpus changed ----------------------------------------------------
+
+def test_resume_on_changed_data_is_refused_unless_allowed(run_args, tmp_path, corpus, capsys):
+    assert tl.main(run_args("--max_steps", "4", "--eval_interval", "2")) == 0
+    out = tmp_path / "out"
+    before, old_best = (out / "ckpt.pt").read_bytes(), tl.load_checkpoint(out / "ckpt.pt")["best_val_loss"]
+    rng = random.Random(0)
+    letters = sorted(set(corpus.read_text()) - {"\n"})
+    with open(corpus, "a", encoding="utf-8") as f:  # other text: the tail split (val) is now this
+        f.write("".join("".join(rng.choice(letters) for _ in range(60)) + "\n" for _ in range(300)))
+    capsys.readouterr()
+    assert tl.main(run_args("--resume", "--max_steps", "6")) == 2
+    err = one_line_error(capsys)
+    assert "--resume: the training data changed since" in err and "--allow_data_change" in err
+    assert (out / "ckpt.pt").read_bytes() == before  # nothing touched
+    history = tl.train(tl.resolve(run_args("--resume", "--max_steps", "6", "--allow_data_change")))
+    assert "the best val loss starts over" in capsys.readouterr().out
+    new_val = [r["val_loss"] for r in history if "val_loss" in r][-1]
+    assert new_val > old_best  # harder text; without the reset the old best would stand
+    assert tl.load_checkpoint(out / "ckpt.pt")["best_val_loss"] == new_val
+    assert tl.load_checkpoint(out / "ckpt_best.pt")["step"] == 6
+
+
+# ---- 5. samples start from a token the model saw text follow ----------------------------------
+
+def test_samples_start_from_a_token_seen_in_training(run_args, tmp_path, monkeypatch, capsys):
+    assert tl.main(run_args()) == 0  # one document: end-of-text never occurs in training
+    ckpt = tl.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    tok = tl.TextTokenizer.from_str(ckpt["tokenizer"])
+    assert ckpt["start_ids"] == [tok.vocab["\n"]] != [tok.eot_id]
+    starts, real = [], tl.generate
+    monkeypatch.setattr(tl, "generate", lambda model, idx, *a, **k: starts.append(idx[0].tolist())
+                        or real(model, idx, *a, **k))
+    assert tl.main(["--generate_only", "--out_dir", str(tmp_path / "out"), "--num_samples", "2"]) == 0
+    assert starts == [ckpt["start_ids"]] * 2
+    assert tl.main(["--export", "safetensors", "--out_dir", str(tmp_path / "out")]) == 0
+    exported = tl.load_checkpoint(tmp_path / "out" / "export-safetensors" / "model.safetensors")
+    assert exported["start_ids"] == ckpt["start_ids"]
+    docs = tmp_path / "docs.txt"  # many documents: end-of-text sits between them
+    docs.write_text("<|endoftext|>".join(f"story {i}: the cat sat on the mat.\n" for i in range(300)))
+    assert tl.main(run_args("--data_path", str(docs), out="docs")) == 0
+    ckpt = tl.load_checkpoint(tmp_path / "docs" / "ckpt.pt")
+    assert ckpt["start_ids"] == [tl.TextTokenizer.from_str(ckpt["tokenizer"]).eot_id]
+
+
+# ---- 11. a byte-order mark and \r\n line ends --------------------------------------------------
+
+def test_bom_and_crlf_are_normalized_unless_raw_text(tmp_path, monkeypatch):
+    text = "hello world, the cat sat on the mat.\n" * 400
+    crlf, lf = tmp_path / "crlf.txt", tmp_path / "lf.txt"
+    crlf.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    lf.write_text(text)
+    monkeypatch.setattr(tl, "READ_SIZE", 1001)  # some \r\n pairs straddle two blocks (at byte 6006)
+
+    def prepared(path, **settings):
+        cfg = tl.build_config({"data_path": str(path), "cache_dir": str(tmp_path / "cache"),
+                               "block_size": 8, **settings})
+        corpus = tl.load_corpus(cfg)
+        tok = tl.build_tokenizer(cfg, corpus)
+        return tok, tl.prepare_data(cfg, corpus, tok)["train"].tokens()
+    (tok_crlf, crlf_tokens), (tok_lf, lf_tokens) = prepared(crlf), prepared(lf)
+    assert "\r" not in tok_crlf.vocab and "\ufeff" not in tok_crlf.vocab
+    assert tok_crlf.to_str() == tok_lf.to_str() and np.array_equal(crlf_tokens, lf_tokens)
+    tok_raw, _ = prepared(crlf, raw_text=True)
+    assert "\r" in tok_raw.vocab and "\ufeff" in tok_raw.vocab
