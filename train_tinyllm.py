@@ -709,12 +709,19 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # as open() would make it (some writers use 0600)
         os.replace(tmp, path)
     except OSError as e:
         e.filename = str(path)  # name the file the user knows, not the temporary one
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -803,8 +810,28 @@ def train_bpe_tokenizer(chunks: Iterator[str], vocab_size: int) -> TextTokenizer
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=sys.stderr.isatty())
-    hf.train_from_iterator(chunks, trainer=trainer)
+    in_background(lambda: hf.train_from_iterator(chunks, trainer=trainer))
     return TextTokenizer(hf)
+
+
+def in_background(work: Callable[[], Any]) -> Any:
+    """Run `work` in a worker thread while this one waits: a long call into native code (BPE
+    training) only notices Ctrl-C when it returns, but this thread takes it at once, and the
+    worker dies with the process. Its exception, if any, is raised here."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = work()
+        except BaseException as e:  # handed to the waiting thread
+            result["error"] = e
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 TOKENIZERS.update({
@@ -1266,9 +1293,7 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction
                 bar.update(done)
         writer.close()
     except BaseException:
-        writer.close()
-        for p in writer.paths.values():
-            p.unlink(missing_ok=True)
+        writer.abandon()
         raise
     if bar is not None:
         bar.close()
@@ -1301,13 +1326,17 @@ class TokenWriter:
         self.files = {s: open(p, "wb") for s, p in self.paths.items()}
         self.started = {"train": False, "val": False}
         self.pending: list[tuple[str, str, bool]] = []
+        self.pending_chars = 0
         self.val_bytes = 0
 
     def add(self, key: str, piece: str, ends: bool) -> int:
-        """Queue a piece; returns the bytes encoded when the queue was flushed."""
+        """Queue a piece; returns the bytes encoded when the queue was flushed. A batch holds at
+        most about a million characters: one encode_batch call (native code, deaf to Ctrl-C
+        until it returns) then takes well under a second."""
         split = "val" if self.by_document and is_val_document(key, self.val_fraction) else "train"
         self.pending.append((split, piece, ends))
-        return self.flush() if len(self.pending) >= 256 else 0
+        self.pending_chars += len(piece)
+        return self.flush() if len(self.pending) >= 256 or self.pending_chars >= 1 << 20 else 0
 
     def flush(self) -> int:
         pieces = [p for _, p, _ in self.pending]
@@ -1326,12 +1355,20 @@ class TokenWriter:
             self.val_bytes += size if split == "val" else 0
             n_bytes += size
         self.pending.clear()
+        self.pending_chars = 0
         return n_bytes
 
     def close(self) -> None:
         self.flush()
         for f in self.files.values():
             f.close()
+
+    def abandon(self) -> None:
+        """Close and delete the partial files without encoding what is queued (an interrupt)."""
+        for f in self.files.values():
+            f.close()
+        for p in self.paths.values():
+            p.unlink(missing_ok=True)
 
 
 def is_val_document(key: str, val_fraction: float) -> bool:
@@ -2466,8 +2503,12 @@ def train(r: Resolved) -> list[dict[str, Any]]:
             train_loop(run, catcher)
         run.progress.close()
         report_done(run)
-        print_samples(sampling_model(run), run.tok, run.cfg, run.device,
-                      start_ids=run.splits["train"].start_ids)
+        try:
+            print_samples(sampling_model(run), run.tok, run.cfg, run.device,
+                          start_ids=run.splits["train"].start_ids)
+        except KeyboardInterrupt:  # training is over: say so, not "before training started"
+            raise TrainingStopped(f"\ninterrupted while sampling; training is done and its checkpoints "
+                                  f"are in {run.out}", status=130) from None
     finally:
         run.close()
         if dist.enabled:
@@ -2951,21 +2992,70 @@ EXPORTERS.update({
 })
 
 
+EXPORT_MARK = ".tinyllm-export"  # in every export directory: a later export may replace it
+
+
 def export_checkpoint(r: Resolved) -> Path:
     """--export FORMAT: the checkpoint (--ckpt, else out_dir's best, else latest) into
-    --export_dir (default out_dir/export-FORMAT)."""
+    --export_dir (default out_dir/export-FORMAT). It is written into a new directory beside
+    that one and renamed into place when complete: a failure (a full disk, a refusal) leaves
+    no half export behind, and whatever was there before stays."""
     use = load_for_use(r)
     fmt, exporter = use.cfg.export, EXPORTERS[use.cfg.export]
-    folder = make_export_dir(Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}"))
-    target = folder / exporter.filename if exporter.filename else folder
+    folder = check_export_dir(Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}"),
+                              chosen=bool(use.cfg.export_dir))
+    staging = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     use.model = use.model.cpu().float()
-    exporter.write(use, target)
-    print0(f"exported {use.path} (step {use.step}) as {fmt}: {target}")
+    try:
+        staging.mkdir(parents=True)
+        exporter.write(use, staging / exporter.filename if exporter.filename else staging)
+        mark = {"format": fmt, "checkpoint": str(use.path), "step": use.step}
+        write_text_atomic(staging / EXPORT_MARK, json.dumps(mark) + "\n")
+        swap_into_place(staging, folder)
+    except TinyLLMError:
+        raise
+    except Exception as e:  # OSError, torch's RuntimeError, SafetensorError, protobuf's errors...
+        raise TinyLLMError(f"--export {fmt}: could not write {folder} ({write_failure(e, folder.parent)}); "
+                           f"nothing was changed there; free disk space or fix permissions") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print0(f"exported {use.path} (step {use.step}) as {fmt}: "
+          f"{folder / exporter.filename if exporter.filename else folder}")
     return folder
 
 
+def check_export_dir(folder: Path, chosen: bool) -> Path:
+    """Where an export goes: a new or empty directory, a previous export of ours (it holds
+    EXPORT_MARK), or the default out_dir/export-FORMAT; a file in its place, or a directory of
+    someone else's files given as --export_dir, is refused before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise TinyLLMError(f"export directory {folder} is an existing file; pick a directory path")
+    others = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if chosen and others and not (folder / EXPORT_MARK).is_file():
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise TinyLLMError(f"--export_dir {folder} holds files that are not a tinyllm export ({shown}); "
+                           f"pick a new or empty directory, or move those files away")
+    return folder
+
+
+def swap_into_place(new: Path, folder: Path) -> None:
+    """Rename the finished export to `folder`; an earlier one there is set aside first, and
+    removed only once the new one is in place (put back if the rename fails)."""
+    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+    if folder.exists():
+        os.rename(folder, old)
+    try:
+        os.rename(new, folder)
+    except OSError:
+        if old.exists():
+            os.rename(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def make_export_dir(out_dir: Path) -> Path:
-    """out_dir, created; a file in its place is refused (mkdir would raise FileExistsError)."""
+    """out_dir, created; a file in its place is refused (mkdir would raise FileExistsError).
+    For the export functions called directly; --export writes through export_checkpoint."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise TinyLLMError(f"export directory {out_dir} is an existing file; pick a directory path")
@@ -3382,9 +3472,19 @@ MODES: dict[str, Callable[[Resolved], Any]] = {
     "benchmark": benchmark, "plot": plot_run, "export": export_checkpoint}
 
 
+# What Ctrl-C before a mode's end leaves behind, per mode (training itself saves and says so).
+INTERRUPTED = {
+    None: "interrupted; nothing was done", "train": "interrupted before training started; nothing was lost",
+    "generate": "interrupted; generation stopped", "eval": "interrupted; nothing was written",
+    "benchmark": "interrupted; nothing was written", "plot": "interrupted; loss.png was not changed",
+    "export": "interrupted; no export was written"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    mode = None
     try:
         r = resolve(argv)  # every setting checked, and the checkpoint read, before any work
+        mode = r.mode
         MODES[r.mode](r)
     except TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -3393,7 +3493,9 @@ def main(argv: list[str] | None = None) -> int:
         print0(str(e), file=sys.stderr if e.status == 1 else sys.stdout)
         return e.status
     except KeyboardInterrupt:
-        print("interrupted before training started; nothing was lost", file=sys.stderr)
+        if mode == "generate":
+            print(flush=True)  # end the sample's line first
+        print(INTERRUPTED[mode], file=sys.stderr)
         return 130
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""

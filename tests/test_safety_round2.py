@@ -210,3 +210,98 @@ def test_bom_and_crlf_are_normalized_unless_raw_text(tmp_path, monkeypatch):
     assert tok_crlf.to_str() == tok_lf.to_str() and np.array_equal(crlf_tokens, lf_tokens)
     tok_raw, _ = prepared(crlf, raw_text=True)
     assert "\r" in tok_raw.vocab and "\ufeff" in tok_raw.vocab
+
+
+# ---- 4 and 7. exports: a full disk, someone else's directory, file modes -----------------------
+
+def test_export_on_a_full_disk_leaves_no_half_export(trained, monkeypatch, capsys):
+    assert tl.main(["--export", "safetensors", "--out_dir", str(trained)]) == 0
+    previous = (trained / "export-safetensors" / "model.safetensors").read_bytes()
+    import safetensors.torch
+
+    def no_space(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device "
+                                          "(os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    capsys.readouterr()
+    for export_dir in ([], ["--export_dir", str(trained.parent / "fresh")]):
+        assert tl.main(["--export", "safetensors", "--out_dir", str(trained), *export_dir]) == 2
+        err = one_line_error(capsys)
+        assert "could not write" in err and "No space left on device" in err and "nothing was changed" in err
+    assert (trained / "export-safetensors" / "model.safetensors").read_bytes() == previous  # kept
+    assert not (trained.parent / "fresh").exists()
+    assert not [p for p in trained.parent.rglob(".*tmp*")]  # no staging directory left
+
+
+def test_export_never_overwrites_someone_elses_directory(trained, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    capsys.readouterr()
+    assert tl.main(["--export", "hf", "--out_dir", str(trained), "--export_dir", str(mine)]) == 2
+    assert "holds files that are not a tinyllm export (config.json)" in one_line_error(capsys)
+    assert (mine / "config.json").read_text() == '{"mine": true}' and len(list(mine.iterdir())) == 1
+    ours = tmp_path / "ours"
+    for _ in range(2):  # a previous export of ours is replaced
+        assert tl.main(["--export", "hf", "--out_dir", str(trained), "--export_dir", str(ours)]) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in ours.iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] == 0o666 & ~tl.current_umask(), modes
+
+
+# ---- 8. Ctrl-C: prompt, and the right words for each mode ---------------------------------------
+
+def test_ctrl_c_during_generation_ends_the_line_and_says_so(trained, monkeypatch, capsys):
+    def interrupted(model, idx, settings, generator=None, on_token=None, stop_id=None):
+        on_token(idx[:, -1:])  # one token reaches the screen, then Ctrl-C
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tl, "generate", interrupted)
+    capsys.readouterr()
+    assert tl.main(["--generate_only", "--out_dir", str(trained), "--prompt", "the"]) == 130
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and err.strip().splitlines()[-1] == "interrupted; generation stopped"
+
+
+def test_interrupted_encoding_deletes_its_files_without_encoding_the_rest(tmp_path, monkeypatch):
+    calls = []
+
+    def encode_batch(self, texts):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    monkeypatch.setattr(tl.TextTokenizer, "encode_batch", encode_batch)
+    path = tmp_path / "c.txt"
+    path.write_text("the cat sat on the mat and ran far away\n" * 60_000)  # about 2.4 MB: several batches
+    cfg = tl.build_config({"data_path": str(path), "cache_dir": str(tmp_path / "cache"), "block_size": 8})
+    corpus = tl.load_corpus(cfg)
+    tok = tl.build_tokenizer(cfg, corpus)
+    with pytest.raises(KeyboardInterrupt):
+        tl.prepare_data(cfg, corpus, tok)
+    assert len(calls) == 2 and not list((tmp_path / "cache").rglob("*.bin*"))  # no third batch
+
+
+def test_ctrl_c_is_taken_at_once_while_native_code_runs(tmp_path):
+    """in_background's waiting thread takes SIGINT while the worker sits in a blocking call
+    (as BPE training sits in native code); the process exits within a second or so."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    folder = str(Path(tl.__file__).parent)
+    code = (f"import sys, time; sys.path.insert(0, {folder!r}); import train_tinyllm as tl; "
+            f"print('ready', flush=True); tl.in_background(lambda: time.sleep(60))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err and time.time() - start < 2.0
+
+
+def test_in_background_returns_the_value_and_raises_the_error():
+    assert tl.in_background(lambda: 41 + 1) == 42
+    with pytest.raises(ZeroDivisionError):
+        tl.in_background(lambda: 1 / 0)
