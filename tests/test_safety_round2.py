@@ -3,7 +3,6 @@
 import errno
 import pickle
 import random
-import types
 from pathlib import Path
 
 import numpy as np
@@ -24,29 +23,7 @@ def trained(run_args, tmp_path):
     return tmp_path / "out"
 
 
-# ---- 1. a full disk while saving a checkpoint --------------------------------------------------
-
-def test_torch_writer_failing_on_a_full_disk_is_a_warning(run_args, monkeypatch, tmp_path, capsys):
-    """torch's zip writer reports a full disk as RuntimeError('... unexpected pos ...'), not
-    OSError: training still goes on with a warning, and the previous checkpoint stays."""
-    real_save, calls = torch.save, [0]
-
-    def full_disk(obj, f, *a, **k):
-        calls[0] += 1
-        if calls[0] > 2:  # the first eval (ckpt + best) succeeds, everything after fails
-            with open(f, "wb") as half:
-                half.write(b"PK half a zip")
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4416")
-        return real_save(obj, f, *a, **k)
-    monkeypatch.setattr(torch, "save", full_disk)
-    monkeypatch.setattr(tl.shutil, "disk_usage", lambda p: types.SimpleNamespace(total=1, used=1, free=0))
-    assert tl.main(run_args()) == 0
-    err = capsys.readouterr().err
-    assert "could not write a checkpoint" in err and "(No space left on device)" in err
-    assert "Traceback" not in err and "previous checkpoint is kept (step 3)" in err
-    assert tl.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 3
-    assert not list((tmp_path / "out").glob(".*.tmp*"))
-
+# ---- 1 and 9. a full disk (while checkpointing: see test_safety.py's failed-write test) -------
 
 def test_a_full_disk_elsewhere_names_the_file(run_args, monkeypatch, tmp_path, capsys):
     def no_space(self, *a, **k):
