@@ -244,11 +244,13 @@ class Config:
                                          "positive logits, multiply negative ones); 1 = off.",
                                     "generation")
     num_samples: int = opt(1, "Samples to generate.", "generation")
-    kv_cache: bool = opt(True, "Use the key/value cache while generating: faster. Guaranteed: with "
-                               "--temperature 0 and float32 weights, the same tokens as --no-kv_cache "
-                               "while prompt and output fit in block_size. Past block_size the cache "
-                               "restarts from the last half block (the uncached path keeps a full "
-                               "window), and under sampling or bf16 rounding can tip a near-tie.",
+    kv_cache: bool = opt(True, "Use the key/value cache while generating: faster. With --temperature 0 "
+                               "and --dtype float32 it picks the same tokens as --no-kv_cache while "
+                               "prompt and output fit in block_size (the two paths add in a different "
+                               "order, so only logits tied to within float32 rounding could differ). "
+                               "Past block_size the cache restarts from the last half block while the "
+                               "uncached path keeps a full window; under sampling, or bf16/fp16 "
+                               "weights, rounding can tip a near-tie either way.",
                          "generation")
     # evaluation, metrics and export
     eval_only: bool = opt(False, "Report loss, perplexity, bits per byte and next-token accuracy of "
@@ -709,7 +711,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # as open() would make it (some writers use 0600)
+        with contextlib.suppress(OSError):  # some filesystems (vfat) refuse chmod: then as it is
+            os.chmod(tmp, 0o666 & ~current_umask())  # as open() would make it (some writers use 0600)
         os.replace(tmp, path)
     except OSError as e:
         e.filename = str(path)  # name the file the user knows, not the temporary one
@@ -780,7 +783,8 @@ class TextTokenizer:
         return sorted(set(text.replace(EOT, "")) - self.vocab.keys())
 
     def start_ids(self) -> list[int]:
-        """What an empty prompt starts from: end-of-text, else a newline, else token 0."""
+        """What an empty prompt starts from when the checkpoint does not say (older ones; see
+        start_ids_for): end-of-text, else a newline, else token 0."""
         if self.eot_id is not None:
             return [self.eot_id]
         return [self.vocab["\n"]] if "\n" in self.vocab else [0]
@@ -814,10 +818,15 @@ def train_bpe_tokenizer(chunks: Iterator[str], vocab_size: int) -> TextTokenizer
     return TextTokenizer(hf)
 
 
+class NativeWorkInterrupted(KeyboardInterrupt):
+    """Ctrl-C while native code (BPE training) ran in a worker: the process must leave without
+    Python's teardown, which would abort in that library's threads; main() sees to it."""
+
+
 def in_background(work: Callable[[], Any]) -> Any:
     """Run `work` in a worker thread while this one waits: a long call into native code (BPE
-    training) only notices Ctrl-C when it returns, but this thread takes it at once, and the
-    worker dies with the process. Its exception, if any, is raised here."""
+    training) only notices Ctrl-C when it returns, but this thread takes it at once. Its
+    exception, if any, is raised here; an interrupt as NativeWorkInterrupted."""
     result: dict[str, Any] = {}
 
     def run() -> None:
@@ -827,8 +836,13 @@ def in_background(work: Callable[[], Any]) -> Any:
             result["error"] = e
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    while worker.is_alive():
-        worker.join(0.1)
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        raise NativeWorkInterrupted from None
+    if isinstance(result.get("error"), KeyboardInterrupt):
+        raise NativeWorkInterrupted from None
     if "error" in result:
         raise result["error"]
     return result.get("value")
@@ -865,6 +879,7 @@ class TokenSplit:
     array: np.ndarray | None = None
     tokens_per_byte: float = 0.0  # for bits per byte; known for the val split
     start_ids: list[int] = field(default_factory=list)  # what samples start from; the train split's
+    sha256: str = ""  # of the token file: what a resume compares
 
     def __post_init__(self) -> None:
         if not self.memmap:
@@ -875,6 +890,14 @@ class TokenSplit:
 
     def __len__(self) -> int:
         return self.path.stat().st_size // np.dtype(self.dtype).itemsize
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
 
 
 def start_ids_for(tok: TextTokenizer, train: TokenSplit) -> list[int]:
@@ -911,25 +934,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE_PROCESS
                    ) -> tuple[TextTokenizer, dict[str, TokenSplit], str]:
-    """Tokenizer, token files and the data's id. Rank 0 builds the cache first; the other ranks
-    then read it. Resuming on changed data is refused here, before any encoding."""
+    """Tokenizer, token files and the hash of their content. Rank 0 builds the cache first; the
+    other ranks then read it. Resuming on other data is refused here."""
     if dist.rank != 0:
         torch.distributed.barrier()
     corpus = load_corpus(cfg)
-    data = data_id(cfg, corpus)
-    if ckpt:
-        check_same_data(cfg, ckpt, data)
     tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
     splits = prepare_data(cfg, corpus, tok)
+    data = sha256_hex(splits["train"].sha256, splits["val"].sha256)
+    if ckpt:
+        check_same_data(cfg, ckpt, data)
     if dist.rank == 0 and dist.enabled:
         torch.distributed.barrier()
     return tok, splits, data
-
-
-def data_id(cfg: Config, corpus: Corpus) -> str:
-    """What the train and val splits are made of: the corpus's fingerprint (its files' paths,
-    sizes, modification times, first and last MB) and the held-out fraction."""
-    return sha256_hex(corpus.fingerprint, repr(cfg.val_fraction))[:20]
 
 
 TOKEN_CACHE_FORMAT = 3  # bump when the layout of the token cache changes: old entries are ignored
@@ -950,16 +967,19 @@ def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, T
     splits = {name: TokenSplit(folder / f"{name}.bin", dtype, cfg.memmap_dataset)
               for name in ("train", "val")}
     splits["val"].tokens_per_byte = meta["val_tokens"] / max(1, meta["val_bytes"])
-    if "start_ids" not in meta:  # found once per token cache, then kept with it
-        meta["start_ids"] = start_ids_for(tok, splits["train"])
-        write_text_atomic(folder / "meta.json", json.dumps(meta))
-    splits["train"].start_ids = meta["start_ids"]
     for name, split in splits.items():
         if len(split) < cfg.block_size + 1:
             raise TinyLLMError(
                 f"the {name} split has {len(split)} tokens but needs at least block_size + 1 = "
                 f"{cfg.block_size + 1}; use a larger corpus, a smaller --block_size or a different "
                 f"--val_fraction")
+    if "start_ids" not in meta or "sha256" not in meta:  # found once per token cache, then kept
+        meta["start_ids"] = start_ids_for(tok, splits["train"])
+        meta["sha256"] = {name: file_sha256(split.path) for name, split in splits.items()}
+        write_text_atomic(folder / "meta.json", json.dumps(meta))
+    splits["train"].start_ids = meta["start_ids"]
+    for name, split in splits.items():
+        split.sha256 = meta["sha256"][name]
     print0(f"data: {len(splits['train']):,} train and {len(splits['val']):,} val tokens")
     return splits
 
@@ -1167,7 +1187,7 @@ def reader_for(path: Path) -> Reader | None:
     return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
-def blocks_of(path: Path, flag: str = "--data_path", raw_text: bool = True) -> Iterator[str]:
+def blocks_of(path: Path, flag: str = "--data_path", raw_text: bool = False) -> Iterator[str]:
     """A corpus file's text blocks, read by the reader of its kind (a file named directly whose
     ending no reader claims is read as plain text), normalized unless raw_text."""
     blocks = (reader_for(path) or READERS["text"]).blocks(path, flag)
@@ -1292,6 +1312,10 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction
             if bar is not None and done:
                 bar.update(done)
         writer.close()
+    except OSError as e:  # a full disk or a vanished cache folder: name where it happened
+        writer.abandon()
+        raise TinyLLMError(f"could not write token files in {folder} ({e.strerror or e}); free disk "
+                           f"space or point --cache_dir elsewhere") from None
     except BaseException:
         writer.abandon()
         raise
@@ -1364,9 +1388,11 @@ class TokenWriter:
             f.close()
 
     def abandon(self) -> None:
-        """Close and delete the partial files without encoding what is queued (an interrupt)."""
+        """Close and delete the partial files without encoding what is queued (an interrupt, a
+        full disk: closing may fail to flush, which no longer matters)."""
         for f in self.files.values():
-            f.close()
+            with contextlib.suppress(OSError):
+                f.close()
         for p in self.paths.values():
             p.unlink(missing_ok=True)
 
@@ -2132,8 +2158,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             raise TinyLLMError(f"{path} was refused: it holds Python objects, not only tensors and "
                                f"plain data, so it is no tinyllm checkpoint, and loading it unsafely "
                                f"could run code; use a checkpoint written by train_tinyllm.py") from None
-        reason = "unreadable data" if isinstance(e, pickle.UnpicklingError) else \
-            (str(e).strip().splitlines() or [type(e).__name__])[0][:120]  # a torn or foreign zip
+        reason = "unreadable data" if isinstance(e, pickle.UnpicklingError) else first_line(e)
         raise TinyLLMError(f"{path} cannot be loaded as a tinyllm checkpoint ({reason}); it is "
                            f"corrupt, truncated or not ours: use another checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
@@ -2183,18 +2208,20 @@ def holds_code(e: Exception, path: Path) -> bool:
 
 
 def check_same_data(cfg: Config, ckpt: dict[str, Any], data: str) -> None:
-    """--resume on data that changed since the checkpoint (a file edited or appended to, another
-    --data_path or --val_fraction): the val split is other text, so best-val comparisons and
-    exact resume no longer hold. Refused, unless --allow_data_change (checkpoints from before
-    this check carry no data id: they resume as before)."""
-    saved, path = ckpt.get("data_id"), Path(cfg.out_dir) / "ckpt.pt"
+    """--resume on other data than the checkpoint's (a file edited or appended to, another
+    --data_path or --val_fraction; judged by the train and val tokens themselves, so a touched
+    or copied corpus is the same data): the val split is other text, so best-val comparisons
+    and exact resume no longer hold. Refused, unless --allow_data_change (checkpoints from
+    before this check carry no hash: they resume as before)."""
+    saved, path = ckpt.get("data_sha256"), Path(cfg.out_dir) / "ckpt.pt"
     if saved is None or saved == data:
         return
     if not cfg.allow_data_change:
-        raise TinyLLMError(f"--resume: the training data changed since {path} was written (a file, its "
-                           f"size or modification time, or --val_fraction), so val loss would be "
-                           f"measured on other text; add --allow_data_change to continue on the new "
-                           f"data (the best val loss starts over), or train in a new --out_dir")
+        raise TinyLLMError(f"--resume: the training data changed since {path} was written (its train "
+                           f"or val tokens differ: a file edited or added to, another --data_path or "
+                           f"--val_fraction), so val loss would be measured on other text; add "
+                           f"--allow_data_change to continue on the new data (the best val loss starts "
+                           f"over), or train in a new --out_dir")
     print0(f"warning: the training data changed since {path} was written; continuing on the new data "
            f"(--allow_data_change), and the best val loss starts over")
 
@@ -2252,7 +2279,8 @@ def lock_out_dir(out: Path) -> Any:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     for stale in out.glob(".*.tmp*"):  # left by a run killed mid-write (kill -9, power loss)
-        stale.unlink(missing_ok=True)
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
     return handle
 
 
@@ -2394,7 +2422,7 @@ class Run:
     peak: float | None = None  # device FLOP/s for MFU
     memory_kept: bool = False  # keep_freed_memory took effect
     lock: Any = None  # out_dir's lock, held while training
-    data_id: str = ""  # what the splits are made of (see data_id): a resume checks it
+    data_sha256: str = ""  # of the train and val tokens: a resume checks it
 
     def checkpoint(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Everything needed to resume exactly, as plain data that loads with weights_only=True."""
@@ -2406,7 +2434,7 @@ class Run:
                 "nonfinite_skips": self.state.nonfinite_skips,
                 "config": asdict(self.cfg), "vocab_size": self.model.vocab_size,
                 "tokenizer": self.tok.to_str(), "rng": rng_states(), "batch_rng": self.batch_gen.get_state(),
-                "data_id": self.data_id, "start_ids": self.splits["train"].start_ids}
+                "data_sha256": self.data_sha256, "start_ids": self.splits["train"].start_ids}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -2599,9 +2627,10 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
 
 
 def start_run(r: Resolved, dist: Dist) -> Run:
-    """What train() steps: out_dir created and locked (rank 0), the tokenizer and token files,
-    tokenizer.json and effective_config.json written, the run (resumed when r has a checkpoint)
-    and its metrics."""
+    """What train() steps. An existing out_dir is locked first (rank 0); then the inputs are
+    checked and prepared (tokenizer, token files); only then is a new out_dir created and
+    locked, tokenizer.json and effective_config.json written, and the run built (resumed when r
+    has a checkpoint) with its metrics."""
     cfg, ckpt = r.cfg, r.ckpt
     r.ckpt = None  # restored into the run below: the loaded copy need not outlive it
     device = pick_device(cfg.device, dist.local_rank)
@@ -2610,14 +2639,17 @@ def start_run(r: Resolved, dist: Dist) -> Run:
     tok, splits, data = prepare_inputs(cfg, ckpt, dist)  # every input is checked here, before out_dir exists
     if dist.rank == 0 and lock is None:
         lock = lock_out_dir(prepare_out_dir(out))
+        if not ckpt and not cfg.overwrite and (out / "ckpt.pt").is_file():  # another run got here first
+            lock.close()
+            refuse_existing_run(cfg)
     if dist.rank == 0:
         write_text_atomic(out / "tokenizer.json", tok.to_str())
         write_text_atomic(out / "effective_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         if not ckpt:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
     run = new_run(cfg, tok=tok, splits=splits, device=device, out=out, dist=dist, ckpt=ckpt)
-    run.lock, run.data_id = lock, data
-    if ckpt and ckpt.get("data_id", data) != data:  # allowed by --allow_data_change: other val text
+    run.lock, run.data_sha256 = lock, data
+    if ckpt and ckpt.get("data_sha256", data) != data:  # allowed by --allow_data_change: other val text
         run.state.best_val = float("inf")
     run.metrics = Metrics.for_run(cfg, out, dist.rank)  # opens TensorBoard/W&B: after every refusal
     if ckpt:
@@ -2727,17 +2759,20 @@ def save_checkpoints(run: Run, best_weights: dict[str, torch.Tensor] | None) -> 
     file is removed and the previous checkpoint stays as it was."""
     if run.dist.rank != 0:
         return True
-    try:
-        atomic_write(run.out / "ckpt.pt", lambda p: torch.save(run.checkpoint(), p))
-        run.state.saved_step = run.state.step
-        if best_weights is not None:
-            best = run.checkpoint(best_weights)
-            atomic_write(run.out / "ckpt_best.pt", lambda p: torch.save(best, p))
-    except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on a full disk
-        print(f"warning: could not write a checkpoint to {run.out} ({write_failure(e, run.out)}); the "
-              f"previous checkpoint is kept (step {run.state.saved_step}); free disk space or fix "
-              f"permissions", file=sys.stderr, flush=True)
-        return False
+    files = {"ckpt.pt": run.checkpoint()}
+    if best_weights is not None:
+        files["ckpt_best.pt"] = run.checkpoint(best_weights)
+    for name, ckpt in files.items():
+        try:
+            atomic_write(run.out / name, lambda p, ckpt=ckpt: torch.save(ckpt, p))
+        except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on a full disk
+            what, kept = ("a checkpoint", f"checkpoint is kept (step {run.state.saved_step})") \
+                if name == "ckpt.pt" else ("ckpt_best.pt", "ckpt_best.pt is kept")
+            print(f"warning: could not write {what} to {run.out} ({write_failure(e, run.out)}); the "
+                  f"previous {kept}; free disk space or fix permissions", file=sys.stderr, flush=True)
+            return False
+        if name == "ckpt.pt":
+            run.state.saved_step = run.state.step
     return True
 
 
@@ -2751,7 +2786,12 @@ def write_failure(e: BaseException, folder: Path) -> str:
             return "No space left on device"
     except OSError:
         pass
-    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    return first_line(e)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line, kept short for a one-line message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
 
 
 def sampling_model(run: Run) -> GPT:
@@ -2997,68 +3037,79 @@ EXPORT_MARK = ".tinyllm-export"  # in every export directory: a later export may
 
 def export_checkpoint(r: Resolved) -> Path:
     """--export FORMAT: the checkpoint (--ckpt, else out_dir's best, else latest) into
-    --export_dir (default out_dir/export-FORMAT). It is written into a new directory beside
-    that one and renamed into place when complete: a failure (a full disk, a refusal) leaves
-    no half export behind, and whatever was there before stays."""
+    --export_dir (default out_dir/export-FORMAT). It is written into a staging folder inside
+    that directory, and its files are renamed into place only when all are written: a failure
+    (a full disk, a refusal) leaves no half export, and the previous one stays. Renames within
+    one directory need no space, and the directory itself is never replaced (a mount point or a
+    symlink stays what it is)."""
     use = load_for_use(r)
     fmt, exporter = use.cfg.export, EXPORTERS[use.cfg.export]
-    folder = check_export_dir(Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}"),
-                              chosen=bool(use.cfg.export_dir))
-    staging = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    folder = Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}")
+    created = check_export_dir(folder, chosen=bool(use.cfg.export_dir))
+    staging = folder / f"{STAGING}{os.getpid()}"
     use.model = use.model.cpu().float()
     try:
         staging.mkdir(parents=True)
         exporter.write(use, staging / exporter.filename if exporter.filename else staging)
         mark = {"format": fmt, "checkpoint": str(use.path), "step": use.step}
         write_text_atomic(staging / EXPORT_MARK, json.dumps(mark) + "\n")
-        swap_into_place(staging, folder)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, folder / item.name)
     except TinyLLMError:
         raise
     except Exception as e:  # OSError, torch's RuntimeError, SafetensorError, protobuf's errors...
-        raise TinyLLMError(f"--export {fmt}: could not write {folder} ({write_failure(e, folder.parent)}); "
-                           f"nothing was changed there; free disk space or fix permissions") from None
+        reason = write_failure(e, folder)
+        advice = "; free disk space or fix permissions" if isinstance(e, OSError) or "space" in reason else ""
+        raise TinyLLMError(f"--export {fmt}: could not write {folder} ({reason}); nothing was changed "
+                           f"there{advice}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # a failed export leaves no empty directory it made
     print0(f"exported {use.path} (step {use.step}) as {fmt}: "
           f"{folder / exporter.filename if exporter.filename else folder}")
     return folder
 
 
-def check_export_dir(folder: Path, chosen: bool) -> Path:
-    """Where an export goes: a new or empty directory, a previous export of ours (it holds
-    EXPORT_MARK), or the default out_dir/export-FORMAT; a file in its place, or a directory of
-    someone else's files given as --export_dir, is refused before any work."""
+STAGING = ".staging-"  # an export being written, inside its directory: .staging-PID
+
+
+def check_export_dir(folder: Path, chosen: bool) -> bool:
+    """Refuse, before any work, a file where the export directory should be, or a --export_dir
+    holding someone else's files (a previous export of ours holds EXPORT_MARK; the default
+    out_dir/export-FORMAT is ours). Removes what exports killed midway left, and returns whether
+    the directory is new."""
     if folder.exists() and not folder.is_dir():
         raise TinyLLMError(f"export directory {folder} is an existing file; pick a directory path")
-    others = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if not folder.is_dir():
+        return True
+    for left in folder.glob(f"{STAGING}*"):
+        pid = left.name.removeprefix(STAGING)
+        if not (pid.isdigit() and process_alive(int(pid))):
+            shutil.rmtree(left, ignore_errors=True)
+    others = sorted(p.name for p in folder.iterdir() if not p.name.startswith(STAGING))
     if chosen and others and not (folder / EXPORT_MARK).is_file():
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise TinyLLMError(f"--export_dir {folder} holds files that are not a tinyllm export ({shown}); "
                            f"pick a new or empty directory, or move those files away")
-    return folder
+    return False
 
 
-def swap_into_place(new: Path, folder: Path) -> None:
-    """Rename the finished export to `folder`; an earlier one there is set aside first, and
-    removed only once the new one is in place (put back if the rename fails)."""
-    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-    if folder.exists():
-        os.rename(folder, old)
+def process_alive(pid: int) -> bool:
     try:
-        os.rename(new, folder)
-    except OSError:
-        if old.exists():
-            os.rename(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but is someone else's
+        return True
+    return True
 
 
 def make_export_dir(out_dir: Path) -> Path:
     """out_dir, created; a file in its place is refused (mkdir would raise FileExistsError).
     For the export functions called directly; --export writes through export_checkpoint."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TinyLLMError(f"export directory {out_dir} is an existing file; pick a directory path")
+    check_export_dir(out_dir, chosen=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
@@ -3463,7 +3514,11 @@ def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
     """The default mode: train, then draw out_dir/loss.png when matplotlib is installed."""
     history = train(r)
     if is_rank0() and importlib.util.find_spec("matplotlib") is not None:
-        plot_run(r)
+        try:
+            plot_run(r)
+        except KeyboardInterrupt:
+            raise TrainingStopped(f"interrupted while plotting; training is done and its checkpoints "
+                                  f"are in {r.cfg.out_dir}", status=130) from None
     return history
 
 
@@ -3492,10 +3547,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print0(str(e), file=sys.stderr if e.status == 1 else sys.stdout)
         return e.status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if mode == "generate":
             print(flush=True)  # end the sample's line first
-        print(INTERRUPTED[mode], file=sys.stderr)
+        print(INTERRUPTED[mode], file=sys.stderr, flush=True)
+        if isinstance(e, NativeWorkInterrupted):  # nothing to clean up, and teardown would abort
+            sys.stdout.flush()
+            os._exit(130)
         return 130
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""

@@ -42,6 +42,7 @@ def bad_inputs(t: dict[str, Path]) -> list[tuple[str, list[str], str]]:
     (root / "nul.txt").write_bytes(b"text\x00with\x00nul" * 50)
     (root / "small.txt").write_text("tiny corpus\n")
     (root / "new_chars.txt").write_text("QQQ ZZZ XXX qqq\n" * 200)
+    make_corpus(root / "other_lines.txt", n_lines=300)  # the same characters, other text
     (root / "bad.json").write_text('{"n_layer": 2,}')
     (root / "unknown.json").write_text('{"n_layers": 2}')
     (root / "typed.json").write_text('{"n_layer": "two"}')
@@ -77,7 +78,8 @@ def bad_inputs(t: dict[str, Path]) -> list[tuple[str, list[str], str]]:
                                         "--n_embd", "64"], "--n_embd 64 does not match the checkpoint"),
         ("resume, other tokenizer", ["--resume", "--out_dir", out, "--data_path", corpus,
                                      "--tokenizer", "bpe"], "--tokenizer 'bpe' does not match"),
-        ("resume, corpus changed", ["--resume", "--out_dir", out, "--data_path", str(root / "new_chars.txt")],
+        ("resume, corpus changed", ["--resume", "--out_dir", out, "--data_path",
+                                    str(root / "other_lines.txt")],
          "--resume: the training data changed since"),
         ("resume, corpus outside the vocabulary", ["--resume", "--out_dir", out, "--data_path",
                                                    str(root / "new_chars.txt"), "--allow_data_change"],
