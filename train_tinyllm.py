@@ -3060,8 +3060,9 @@ def export_checkpoint(r: Resolved) -> Path:
     except Exception as e:  # OSError, torch's RuntimeError, SafetensorError, protobuf's errors...
         reason = write_failure(e, folder)
         advice = "; free disk space or fix permissions" if isinstance(e, OSError) or "space" in reason else ""
-        raise TinyLLMError(f"--export {fmt}: could not write {folder} ({reason}); nothing was changed "
-                           f"there{advice}") from None
+        target = folder / exporter.filename if exporter.filename else folder
+        raise TinyLLMError(f"--export {fmt}: could not write {target} ({reason}); nothing was changed "
+                           f"in {folder}{advice}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created and folder.is_dir() and not any(folder.iterdir()):
