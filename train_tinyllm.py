@@ -99,10 +99,12 @@ def opt(default: Any, help: str, group: str, choices: tuple[Any, ...] | dict[str
 @dataclass
 class Config:
     # data and I/O
-    data_path: str = opt("", "UTF-8 text to train on: a file, a directory (its .txt/.md files), a "
-                             "glob, an http(s) URL (downloaded once into data/), or several, "
-                             "comma-separated. Empty: data/tiny_corpus.txt if it exists, else a "
-                             "sample corpus that ships with Python (pydoc_data).", "data and I/O")
+    data_path: str = opt("", "Text to train on: UTF-8 .txt/.md files (also .gz, .bz2, .xz, .zst), "
+                             "JSON Lines (.jsonl, compressed too) or Parquet; a file, a directory "
+                             "(every such file in it), a glob, an http(s) URL (downloaded once into "
+                             "data/), or several, comma-separated. Empty: data/tiny_corpus.txt if "
+                             "it exists, else a sample corpus that ships with Python (pydoc_data).",
+                         "data and I/O")
     out_dir: str = opt("out/tinyllm", "Run directory: checkpoints, tokenizer, configs, metrics.",
                        "data and I/O")
     cache_dir: str = opt("data/cache", "Where tokenizers and token files are cached, keyed by corpus "
@@ -116,6 +118,11 @@ class Config:
     overwrite: bool = opt(False, "Start a new run in an out_dir that already holds one (its "
                                  "checkpoints are replaced); without it such a run is refused.",
                           "data and I/O")
+    text_field: str = opt("text", "The JSON Lines field or Parquet column that holds each document's "
+                                  "text.", "data and I/O")
+    val_data: str = opt("", "Validation text, in any form --data_path takes: used as the val split "
+                            "instead of holding out --val_fraction of the training data.",
+                        "data and I/O")
     raw_text: bool = opt(False, "Read corpus and --eval_data text byte for byte. By default a leading "
                                 "UTF-8 byte-order mark is dropped and \\r\\n line ends become \\n, "
                                 "so that neither becomes a token.", "data and I/O")
@@ -446,6 +453,7 @@ def model_checks(cfg: Config) -> list[Check]:
 
 def data_checks(cfg: Config) -> list[Check]:
     return [
+        (not cfg.text_field, "--text_field must name a field or column, like text"),
         (cfg.bpe_vocab_size < 258 or cfg.bpe_vocab_size > 2**32,
          "--bpe_vocab_size must be at least 258 (256 bytes, the end-of-text token and one merge)"),
         (not 0 < cfg.val_fraction < 1, f"--val_fraction must be in (0, 1), got {cfg.val_fraction}"),
@@ -938,9 +946,9 @@ def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE
     other ranks then read it. Resuming on other data is refused here."""
     if dist.rank != 0:
         torch.distributed.barrier()
-    corpus = load_corpus(cfg)
+    corpus, val_corpus = load_corpus(cfg), load_val_corpus(cfg)
     tok = TextTokenizer.from_str(ckpt["tokenizer"]) if ckpt else build_tokenizer(cfg, corpus)
-    splits = prepare_data(cfg, corpus, tok)
+    splits = prepare_data(cfg, corpus, tok, val_corpus)
     data = sha256_hex(splits["train"].sha256, splits["val"].sha256)
     if ckpt:
         check_same_data(cfg, ckpt, data)
@@ -949,18 +957,21 @@ def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE
     return tok, splits, data
 
 
-TOKEN_CACHE_FORMAT = 3  # bump when the layout of the token cache changes: old entries are ignored
+TOKEN_CACHE_FORMAT = 4  # bump when the layout of the token cache changes: old entries are ignored
 
 
-def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, TokenSplit]:
-    """Train/val token files for this corpus and tokenizer, made once and then reused."""
-    key = sha256_hex(str(TOKEN_CACHE_FORMAT), corpus.fingerprint, tok.to_str(), repr(cfg.val_fraction))[:20]
+def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer, val_corpus: Corpus | None = None
+                 ) -> dict[str, TokenSplit]:
+    """Train/val token files for this corpus and tokenizer (and the --val_data corpus, which is
+    then the whole val split), made once and then reused."""
+    held_out = f"val_data={val_corpus.fingerprint}" if val_corpus else repr(cfg.val_fraction)
+    key = sha256_hex(str(TOKEN_CACHE_FORMAT), corpus.fingerprint, tok.to_str(), held_out)[:20]
     folder = Path(cfg.cache_dir) / f"tokens-{key}"
     if (folder / "meta.json").exists():
         print0(f"data: reusing token files in {folder}")
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        meta = encode_corpus(corpus, tok, folder, cfg.val_fraction)
+        meta = encode_corpus(corpus, tok, folder, cfg.val_fraction, val_corpus)
         write_text_atomic(folder / "meta.json", json.dumps(meta))  # written last: marks complete
     meta = json.loads((folder / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
@@ -1001,32 +1012,42 @@ class Corpus:
     fingerprint: str
     text: str = ""  # the built-in corpus only
     documents: int = 1
-    n_bytes: int = 0
-    raw_text: bool = False  # --raw_text: no BOM or line-end normalization
+    n_bytes: int = 0  # of text, once decompressed
+    settings: ReadSettings = field(default_factory=lambda: ReadSettings())
 
     def sources(self) -> Iterator[tuple[str, Iterator[str]]]:
-        """(name, decoded blocks) per file, or the built-in text as one source."""
+        """(document key prefix, decoded blocks) per file, or the built-in text as one source.
+        The prefix is the path without its format's ending, so the same documents get the same
+        keys (and the same train/val split) whatever their file format."""
         if not self.files:
             yield "builtin", iter([self.text])
         for path in self.files:
-            yield str(path), blocks_of(path, raw_text=self.raw_text)
+            yield without_format_suffix(path), blocks_of(path, self.settings)
 
 
-def load_corpus(cfg: Config) -> Corpus:
-    spec = cfg.data_path or (DEFAULT_CORPUS if Path(DEFAULT_CORPUS).exists() else "")
+def load_corpus(cfg: Config, spec: str | None = None, flag: str = "--data_path") -> Corpus:
+    """The corpus of --data_path (or of `spec`, such as --val_data), scanned and checked."""
+    settings = ReadSettings(flag, cfg.text_field, cfg.raw_text)
+    spec = cfg.data_path if spec is None else spec
+    spec = spec or (DEFAULT_CORPUS if Path(DEFAULT_CORPUS).exists() else "")
     if not spec:
         corpus = builtin_corpus()
         print0(f"data: no --data_path and no {DEFAULT_CORPUS}: training on {corpus.name}, "
                f"{corpus.n_bytes / 1e6:.2f} MB; pass --data_path your.txt to train on your own text")
         return corpus
-    files = resolve_data_path(spec)
+    files = resolve_data_path(spec, flag)
     if not files:
-        raise TinyLLMError(f"--data_path {spec!r} names no files; give a file, directory, glob or URL")
-    documents, n_bytes = scan_files(files)
+        raise TinyLLMError(f"{flag} {spec!r} names no files; give a file, directory, glob or URL")
+    documents, n_bytes = scan_files(files, settings)
     name = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
     print0(f"data: {name}, {n_bytes / 1e6:.2f} MB, {documents:,} document(s)")
-    fingerprint = sha256_hex(*map(file_fingerprint, files), f"raw_text={cfg.raw_text}")
-    return Corpus(name, files, fingerprint, documents=documents, n_bytes=n_bytes, raw_text=cfg.raw_text)
+    fingerprint = sha256_hex(*map(file_fingerprint, files), f"raw_text={cfg.raw_text}",
+                             f"text_field={cfg.text_field}")
+    return Corpus(name, files, fingerprint, documents=documents, n_bytes=n_bytes, settings=settings)
+
+
+def load_val_corpus(cfg: Config) -> Corpus | None:
+    return load_corpus(cfg, cfg.val_data, "--val_data") if cfg.val_data else None
 
 
 def builtin_corpus() -> Corpus:
@@ -1038,7 +1059,7 @@ def builtin_corpus() -> Corpus:
                   n_bytes=len(text.encode("utf-8")))
 
 
-def resolve_data_path(spec: str) -> list[Path]:
+def resolve_data_path(spec: str, flag: str = "--data_path") -> list[Path]:
     """--data_path: files, directories (their .txt and .md files, sorted), globs and http(s)
     URLs, comma-separated, in the order given."""
     files: list[Path] = []
@@ -1050,14 +1071,15 @@ def resolve_data_path(spec: str) -> list[Path]:
         elif any(ch in item for ch in "*?["):
             found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
             if not found:
-                raise TinyLLMError(f"--data_path {item} matches no files; check the pattern")
+                raise TinyLLMError(f"{flag} {item} matches no files; check the pattern")
         elif Path(item).is_dir():
             found = sorted(p for p in Path(item).rglob("*") if reader_for(p) and p.is_file())
             if not found:
-                known = [sfx for r in READERS.values() for sfx in r.suffixes]
+                known = [sfx for r in READERS.values() for sfx in r.suffixes
+                         if not sfx.endswith(COMPRESSIONS)]
                 names = " or ".join(filter(None, [", ".join(known[:-1]), known[-1]]))
-                raise TinyLLMError(f"--data_path {item} is a directory with no {names} files; point "
-                                   f"--data_path at your text files")
+                raise TinyLLMError(f"{flag} {item} is a directory with no {names} files (compressed "
+                                   f"ones count too); point {flag} at your text files")
         else:
             found = [Path(item)]
         files += [f for f in found if f not in files]
@@ -1110,22 +1132,25 @@ def file_fingerprint(p: Path) -> str:
     return sha256_hex(str(p.resolve()), str(st.st_size), str(st.st_mtime_ns), head, tail)
 
 
-def scan_files(files: list[Path]) -> tuple[int, int]:
-    """One pass over the files before any work: every check (UTF-8, binary, empty) happens
-    here, and the documents and bytes are counted. Returns (documents, bytes)."""
+def scan_files(files: list[Path], settings: ReadSettings) -> tuple[int, int]:
+    """One pass over the files before any work: every check (UTF-8, binary, empty, a corrupt
+    archive, records without text) happens here, records a reader skipped are reported, and
+    the documents and bytes of text are counted. Returns (documents, bytes)."""
     documents = n_bytes = 0
     for p in files:
-        check_text_file(p, "--data_path")
+        check_text_file(p, settings.flag)
         carry, has_text = "", False
-        for block in blocks_of(p):
+        for block in blocks_of(p, settings):
             text = carry + block
             documents += text.count(EOT) - carry.count(EOT)
             carry = text[-(len(EOT) - 1):]
             has_text = has_text or bool(block.strip())
+            n_bytes += len(block.encode("utf-8"))
         if not has_text:
-            raise TinyLLMError(f"--data_path {p} is empty; give it some text to train on")
+            raise TinyLLMError(f"{settings.flag} {p} is empty; give it some text to train on")
+        if str(p) in settings.skipped:
+            print0(f"data: {settings.skipped[str(p)]}")
         documents += 1
-        n_bytes += p.stat().st_size
     return documents, n_bytes
 
 
@@ -1143,40 +1168,203 @@ def check_text_file(p: Path, flag: str) -> None:
         raise TinyLLMError(f"{flag} {p} cannot be read ({e.strerror}); check its permissions") from None
 
 
+@dataclass
+class ReadSettings:
+    """What a reader needs besides the file: the flag that named it (for messages), the field
+    or column with the text, whether to keep the bytes as they are; and where it leaves the
+    one-line summary of records it skipped, for the scan to report."""
+    flag: str = "--data_path"
+    text_field: str = "text"
+    raw_text: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> "skipped 3 of 10 lines of ..."
+
+
 @dataclass(frozen=True)
 class Reader:
     """A kind of corpus file: the name endings a directory listing picks up, and a function that
     yields a file's text in blocks, documents separated by <|endoftext|> (each file is a
     document of its own, further split at the markers in it)."""
     suffixes: tuple[str, ...]
-    blocks: Callable[[Path, str], Iterator[str]]  # (path, the flag that named it, for messages)
+    blocks: Callable[[Path, ReadSettings], Iterator[str]]
 
 
-def read_blocks(path: Path, flag: str = "--data_path") -> Iterator[str]:
-    """A UTF-8 file as decoded blocks of about READ_SIZE bytes; a decoding error or a NUL byte
-    (a binary file) is a TinyLLMError naming the byte offset."""
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # read through a decompressor, streamed
+
+
+def raw_blocks(path: Path, flag: str) -> Iterator[bytes]:
+    """A file's bytes in blocks of READ_SIZE, decompressed on the fly when its name ends in
+    .gz, .bz2, .xz (standard library) or .zst (zstandard); a corrupt or truncated archive is a
+    TinyLLMError naming the file."""
+    kind = next((c for c in COMPRESSIONS if path.name.endswith(c)), "")
+    if kind == ".zst":
+        zstd = require("zstandard", f"reading {path.name}")
+    try:
+        with open(path, "rb") as f:
+            if kind == ".gz":
+                import gzip
+                f = gzip.GzipFile(fileobj=f)
+            elif kind == ".bz2":
+                import bz2
+                f = bz2.BZ2File(f)
+            elif kind == ".xz":
+                import lzma
+                f = lzma.LZMAFile(f)
+            elif kind == ".zst":
+                f = zstd.ZstdDecompressor().stream_reader(f)
+            while block := f.read(READ_SIZE):
+                yield block
+    except TinyLLMError:
+        raise
+    except Exception as e:  # zlib/bz2/lzma/zstd errors, or EOFError for a cut-off archive
+        if not kind or isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise TinyLLMError(f"{flag} {path} is not a valid {kind} archive ({first_line(e)}); it is "
+                           f"corrupt or truncated: download or compress it again") from None
+
+
+def read_blocks(path: Path, settings: ReadSettings | None = None) -> Iterator[str]:
+    """A UTF-8 file (compressed or not) as decoded blocks of about READ_SIZE bytes; a decoding
+    error or a NUL byte (a binary file) is a TinyLLMError naming the byte offset."""
+    flag = (settings or ReadSettings()).flag
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        while True:
-            raw = f.read(READ_SIZE)
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise TinyLLMError(f"{flag} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
-                                   f"offset {offset + e.start}); convert it to UTF-8 or pick a text "
-                                   f"file") from None
-            if "\x00" in text:
-                at = offset + raw.find(NUL)
-                raise TinyLLMError(f"{flag} {path} looks binary (it contains a NUL byte at offset {at}); "
-                                   f"point {flag} at a text file")
-            if text:
+    blocks = raw_blocks(path, flag)
+    while True:
+        raw = next(blocks, b"")
+        try:
+            text = decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as e:
+            raise TinyLLMError(f"{flag} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                               f"offset {offset + e.start}); convert it to UTF-8 or pick a text "
+                               f"file") from None
+        if "\x00" in text:
+            at = offset + raw.find(NUL)
+            raise TinyLLMError(f"{flag} {path} looks binary (it contains a NUL byte at offset {at}); "
+                               f"point {flag} at a text file")
+        if text:
+            yield text
+        if not raw:
+            return
+        offset += len(raw)
+
+
+def jsonl_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
+    """JSON Lines: one document per line, its text the string under --text_field. A line that
+    is not JSON, not an object, or has no string there is skipped and counted (blank lines are
+    not records); a file with no usable line is refused."""
+    field_, skipped, total, first, reasons = settings.text_field, 0, 0, [], {}
+
+    def records() -> Iterator[str]:
+        carry, number = "", 0
+        for block in read_blocks(path, settings):
+            lines = (carry + block).split("\n")
+            carry = lines.pop()
+            for line in lines:
+                number += 1
+                text = line_text(line.lstrip("\ufeff") if number == 1 else line, number)
+                if text is not None:
+                    yield text
+        if carry.strip():
+            text = line_text(carry.lstrip("\ufeff") if number == 0 else carry, number + 1)
+            if text is not None:
                 yield text
-            if not raw:
-                return
-            offset += len(raw)
+
+    def line_text(line: str, number: int) -> str | None:
+        """The line's text, or None: for a blank line, or a bad record (counted)."""
+        nonlocal skipped, total
+        if not line.strip():
+            return None
+        total += 1
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record, why = None, "not JSON"
+        else:
+            why = "not an object" if not isinstance(record, dict) else \
+                f'no "{field_}"' if not isinstance(record.get(field_), str) else ""
+        if not why:
+            return record[field_]
+        skipped += 1
+        reasons[why] = True
+        if len(first) < 3:
+            first.append(number)
+        return None
+
+    yield from joined_documents(records())
+    if skipped:
+        lines = ", ".join(f"{n:,}" for n in first) + (", ..." if skipped > len(first) else "")
+        settings.skipped[str(path)] = (f"skipped {skipped:,} of {total:,} lines of {path} "
+                                       f"({', '.join(reasons)}): lines {lines}")
+    if skipped == total and total:
+        raise TinyLLMError(f"{settings.flag} {path} has no usable line: all {total:,} are "
+                           f"{', '.join(reasons)}; point --text_field at the field that holds the text")
 
 
-READERS: dict[str, Reader] = {"text": Reader((".txt", ".md"), read_blocks)}
+def parquet_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
+    """Parquet: one document per row, its text the --text_field column, read one row group at
+    a time in batches, so that a large shard never sits in memory. Rows without a string there
+    are skipped and counted."""
+    pq = require("pyarrow.parquet", f"reading {path.name}", "pyarrow")
+    try:
+        shard = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError and others for a damaged file
+        raise TinyLLMError(f"{settings.flag} {path} is not a readable Parquet file ({first_line(e)}); "
+                           f"download or write it again") from None
+    columns = shard.schema_arrow.names
+    if settings.text_field not in columns:
+        raise TinyLLMError(f"{settings.flag} {path} has no column \"{settings.text_field}\"; its columns "
+                           f"are {', '.join(columns)}: point --text_field at the one that holds the text")
+    skipped = total = 0
+
+    def rows() -> Iterator[str]:
+        nonlocal skipped, total
+        for group in range(shard.num_row_groups):
+            for batch in shard.iter_batches(batch_size=4096, row_groups=[group],
+                                            columns=[settings.text_field]):
+                for value in batch.column(0).to_pylist():
+                    total += 1
+                    if isinstance(value, str):
+                        yield value
+                    else:
+                        skipped += 1
+
+    yield from joined_documents(rows())
+    if skipped:
+        settings.skipped[str(path)] = (f"skipped {skipped:,} of {total:,} rows of {path} (no string in "
+                                       f"\"{settings.text_field}\")")
+    if skipped == total and total:
+        raise TinyLLMError(f"{settings.flag} {path} has no row with a string in \"{settings.text_field}\"; "
+                           f"point --text_field at the column that holds the text")
+
+
+def joined_documents(texts: Iterator[str]) -> Iterator[str]:
+    """Documents as blocks of about READ_SIZE characters, with <|endoftext|> between them."""
+    parts, size, first = [], 0, True
+    for text in texts:
+        parts.append(text if first else EOT + text)
+        first, size = False, size + len(text)
+        if size >= READ_SIZE:
+            yield "".join(parts)
+            parts, size = [], 0
+    if parts:
+        yield "".join(parts)
+
+
+def compressed(*suffixes: str) -> tuple[str, ...]:
+    return tuple(s + c for s in suffixes for c in ("", *COMPRESSIONS))
+
+
+READERS: dict[str, Reader] = {
+    "text": Reader(compressed(".txt", ".md"), read_blocks),
+    "jsonl": Reader(compressed(".jsonl"), jsonl_blocks),
+    "parquet": Reader((".parquet",), parquet_blocks),
+}
+
+
+def without_format_suffix(path: Path) -> str:
+    """The path without the ending its reader matched: data/stories.jsonl.gz -> data/stories."""
+    reader = reader_for(path)
+    ending = max((s for s in reader.suffixes if path.name.endswith(s)), key=len) if reader else ""
+    return str(path)[:len(str(path)) - len(ending)] if ending else str(path)
 
 
 def reader_for(path: Path) -> Reader | None:
@@ -1187,11 +1375,12 @@ def reader_for(path: Path) -> Reader | None:
     return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
-def blocks_of(path: Path, flag: str = "--data_path", raw_text: bool = False) -> Iterator[str]:
+def blocks_of(path: Path, settings: ReadSettings | None = None) -> Iterator[str]:
     """A corpus file's text blocks, read by the reader of its kind (a file named directly whose
-    ending no reader claims is read as plain text), normalized unless raw_text."""
-    blocks = (reader_for(path) or READERS["text"]).blocks(path, flag)
-    return blocks if raw_text else normalized(blocks)
+    ending no reader claims is read as plain text), normalized unless --raw_text."""
+    settings = settings or ReadSettings()
+    blocks = (reader_for(path) or READERS["text"]).blocks(path, settings)
+    return blocks if settings.raw_text else normalized(blocks)
 
 
 def normalized(blocks: Iterator[str]) -> Iterator[str]:
@@ -1210,12 +1399,14 @@ def normalized(blocks: Iterator[str]) -> Iterator[str]:
         yield held
 
 
-def read_text_file(path: str, flag: str = "--data_path", raw_text: bool = False) -> str:
-    """A whole (small) text file, with the same checks and normalization as a corpus file."""
-    check_text_file(Path(path), flag)
-    text = "".join(blocks_of(Path(path), flag, raw_text))
+def read_text_file(path: str, settings: ReadSettings | None = None) -> str:
+    """A whole (small) file of any kind as text, with the same checks and normalization as a
+    corpus file (documents of JSON Lines or Parquet joined by <|endoftext|>)."""
+    settings = settings or ReadSettings()
+    check_text_file(Path(path), settings.flag)
+    text = "".join(blocks_of(Path(path), settings))
     if not text.strip():
-        raise TinyLLMError(f"{flag} {path} is empty; give it some text")
+        raise TinyLLMError(f"{settings.flag} {path} is empty; give it some text")
     return text
 
 
@@ -1298,19 +1489,23 @@ def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
     return tok
 
 
-def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction: float) -> dict[str, Any]:
+def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction: float,
+                  val_corpus: Corpus | None = None) -> dict[str, Any]:
     """Stream the corpus through the tokenizer into train/val token files in `folder`, in
-    bounded memory. Split by documents (hash of their keys) when there are enough of them,
-    else by the tail. Returns the metadata of the split."""
+    bounded memory. The val split is the --val_data corpus when there is one; else documents
+    chosen by a hash of their keys when there are enough of them, else the tail. Returns the
+    metadata of the split."""
     t0 = time.time()
-    by_document = corpus.documents >= MIN_DOCS_FOR_DOC_SPLIT
+    by_document = corpus.documents >= MIN_DOCS_FOR_DOC_SPLIT and val_corpus is None
     writer = TokenWriter(folder, tok, by_document, val_fraction)
-    bar = byte_bar(corpus.n_bytes, "tokenizing")
+    n_bytes = corpus.n_bytes + (val_corpus.n_bytes if val_corpus else 0)
+    bar = byte_bar(n_bytes, "tokenizing")
     try:
-        for key, piece, ends in document_pieces(corpus):
-            done = writer.add(key, piece, ends)
-            if bar is not None and done:
-                bar.update(done)
+        for source, split in ((corpus, None), (val_corpus, "val")):
+            for key, piece, ends in document_pieces(source) if source else ():
+                done = writer.add(key, piece, ends, split)
+                if bar is not None and done:
+                    bar.update(done)
         writer.close()
     except OSError as e:  # a full disk or a vanished cache folder: name where it happened
         writer.abandon()
@@ -1324,17 +1519,18 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction
     final = {s: folder / f"{s}.bin" for s in ("train", "val")}
     for split, tmp in writer.paths.items():
         os.replace(tmp, final[split])
-    if not by_document:
+    tail = not by_document and val_corpus is None
+    if tail:
         move_tail_to_val(final["train"], final["val"], val_fraction, writer.dtype)
     itemsize = writer.dtype.itemsize
     meta = {"corpus": corpus.name, "dtype": writer.dtype.name,
-            "split": "documents" if by_document else "tail",
+            "split": "--val_data" if val_corpus else "documents" if by_document else "tail",
             "train_tokens": final["train"].stat().st_size // itemsize,
             "val_tokens": final["val"].stat().st_size // itemsize,
-            "val_bytes": writer.val_bytes if by_document else decoded_bytes(final["val"], tok, writer.dtype)}
+            "val_bytes": decoded_bytes(final["val"], tok, writer.dtype) if tail else writer.val_bytes}
     seconds = time.time() - t0
-    print0(f"data: encoded {corpus.n_bytes / 1e6:.2f} MB into {meta['train_tokens'] + meta['val_tokens']:,} "
-           f"tokens in {seconds:.1f}s ({corpus.n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s), split by "
+    print0(f"data: encoded {n_bytes / 1e6:.2f} MB into {meta['train_tokens'] + meta['val_tokens']:,} "
+           f"tokens in {seconds:.1f}s ({n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s), split by "
            f"{meta['split']}")
     return meta
 
@@ -1353,11 +1549,12 @@ class TokenWriter:
         self.pending_chars = 0
         self.val_bytes = 0
 
-    def add(self, key: str, piece: str, ends: bool) -> int:
-        """Queue a piece; returns the bytes encoded when the queue was flushed. A batch holds at
-        most about a million characters: one encode_batch call (native code, deaf to Ctrl-C
-        until it returns) then takes well under a second."""
-        split = "val" if self.by_document and is_val_document(key, self.val_fraction) else "train"
+    def add(self, key: str, piece: str, ends: bool, split: str | None = None) -> int:
+        """Queue a piece for `split`, else for the split its document falls in; returns the
+        bytes encoded when the queue was flushed. A batch holds at most about a million
+        characters: one encode_batch call (native code, deaf to Ctrl-C until it returns) then
+        takes well under a second."""
+        split = split or ("val" if self.by_document and is_val_document(key, self.val_fraction) else "train")
         self.pending.append((split, piece, ends))
         self.pending_chars += len(piece)
         return self.flush() if len(self.pending) >= 256 or self.pending_chars >= 1 << 20 else 0
@@ -2888,10 +3085,11 @@ def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
 def eval_tokens_for(use: Loaded) -> tuple[np.ndarray, float, str]:
     """Tokens to evaluate, tokens per byte, and a name: --eval_data, else the run's val split."""
     if use.cfg.eval_data:
-        text = read_text_file(use.cfg.eval_data, "--eval_data", use.cfg.raw_text)
+        text = read_text_file(use.cfg.eval_data, ReadSettings("--eval_data", use.cfg.text_field,
+                                                             use.cfg.raw_text))
         tokens = encode_text(use.tok, text, use.cfg.eval_data)
         return tokens, len(tokens) / len(text.encode("utf-8")), use.cfg.eval_data
-    splits = prepare_data(use.cfg, load_corpus(use.cfg), use.tok)
+    splits = prepare_data(use.cfg, load_corpus(use.cfg), use.tok, load_val_corpus(use.cfg))
     return splits["val"].tokens(), splits["val"].tokens_per_byte, "the val split"
 
 

@@ -91,7 +91,7 @@ def test_a_new_entry_is_a_new_flag_value(monkeypatch, tmp_path):
 def test_a_new_reader_serves_directories_and_globs(monkeypatch, tmp_path):
     """A reader registered for a file ending is picked up by directory listings and used to
     read those files: here one that reverses each line."""
-    def reversed_lines(path, flag):
+    def reversed_lines(path, settings):
         yield "\n".join(line[::-1] for line in path.read_text().splitlines())
 
     monkeypatch.setitem(tl.READERS, "reversed", tl.Reader((".rev",), reversed_lines))
@@ -104,14 +104,14 @@ def test_a_new_reader_serves_directories_and_globs(monkeypatch, tmp_path):
     assert [f.name for f in files] == ["a.rev", "b.txt"]
     corpus = tl.load_corpus(tl.Config(data_path=str(folder / "*.rev")))
     assert "".join(text for _, blocks in corpus.sources() for text in blocks) == "the cat"
-    assert tl.read_text_file(str(folder / "a.rev"), "--eval_data") == "the cat"  # --eval_data too
+    assert tl.read_text_file(str(folder / "a.rev"), tl.ReadSettings("--eval_data")) == "the cat"
 
 
 def test_directory_listing_by_suffix(monkeypatch, tmp_path):
     """A dotfile that is only a suffix is no match, and the refusal names the known suffixes."""
     (tmp_path / ".txt").write_text("not a corpus")
-    with pytest.raises(tl.TinyLLMError, match="is a directory with no .txt or .md files"):
+    with pytest.raises(tl.TinyLLMError, match="is a directory with no .txt, .md, .jsonl or .parquet files"):
         tl.resolve_data_path(str(tmp_path))
-    monkeypatch.setitem(tl.READERS, "text", tl.Reader((".txt",), tl.read_blocks))
-    with pytest.raises(tl.TinyLLMError, match="is a directory with no .txt files;"):
+    monkeypatch.setattr(tl, "READERS", {"text": tl.Reader((".txt",), tl.read_blocks)})
+    with pytest.raises(tl.TinyLLMError, match="is a directory with no .txt files "):
         tl.resolve_data_path(str(tmp_path))

@@ -54,7 +54,7 @@ def bad_inputs(t: dict[str, Path]) -> list[tuple[str, list[str], str]]:
     return [
         ("missing data file", ["--data_path", str(root / "nope.txt"), *fresh], "does not exist"),
         ("directory without text files", ["--data_path", str(root / "no_text"), *fresh],
-         "is a directory with no .txt or .md files"),
+         "is a directory with no .txt, .md, .jsonl or .parquet files"),
         ("glob matching nothing", ["--data_path", str(root / "*.nothing"), *fresh], "matches no files"),
         ("empty data file", ["--data_path", str(root / "empty.txt"), *fresh], "is empty"),
         ("not UTF-8", ["--data_path", str(root / "latin1.txt"), *fresh], "is not UTF-8 text"),
