@@ -1139,6 +1139,9 @@ def scan_files(files: list[Path], settings: ReadSettings) -> tuple[int, int]:
     documents = n_bytes = 0
     for p in files:
         check_text_file(p, settings.flag)
+    packed = any(p.name.endswith(COMPRESSIONS) for p in files)  # then the text's size is unknown: no ETA
+    bar = byte_bar(0 if packed else sum(p.stat().st_size for p in files), "scanning")
+    for p in files:
         carry, has_text = "", False
         for block in blocks_of(p, settings):
             text = carry + block
@@ -1146,11 +1149,15 @@ def scan_files(files: list[Path], settings: ReadSettings) -> tuple[int, int]:
             carry = text[-(len(EOT) - 1):]
             has_text = has_text or bool(block.strip())
             n_bytes += len(block.encode("utf-8"))
+            if bar is not None:
+                bar.update(len(block.encode("utf-8")))
         if not has_text:
             raise TinyLLMError(f"{settings.flag} {p} is empty; give it some text to train on")
         if str(p) in settings.skipped:
             print0(f"data: {settings.skipped[str(p)]}")
         documents += 1
+    if bar is not None:
+        bar.close()
     return documents, n_bytes
 
 
@@ -1415,6 +1422,7 @@ def read_text_file(path: str, settings: ReadSettings | None = None) -> str:
 # Places where byte-level pre-tokenization of the two parts equals that of the whole: after a
 # newline, or before a space that starts a word, with no other whitespace around.
 SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+NO_CUT_LIMIT = 1 << 18  # characters without a safe cut after which a piece is cut anyway
 
 
 def safe_cut(text: str, limit: int) -> int:
@@ -1427,17 +1435,22 @@ def safe_cut(text: str, limit: int) -> int:
     return 0
 
 
-def next_safe_cut(text: str, start: int) -> int:
-    """The first safe cut after `start` (0 when there is none)."""
-    m = SAFE_CUT.search(text, start + 1)
+def next_safe_cut(text: str, start: int, end: int) -> int:
+    """The first safe cut after `start` and before `end` (0 when there is none)."""
+    m = SAFE_CUT.search(text, start + 1, end)
     return m.start() if m else 0
 
 
 def text_chunks(text: str, size: int = 1 << 16) -> list[str]:
-    """Cut text into pieces of about `size` characters at safe cuts (see SAFE_CUT)."""
+    """Cut text into pieces of about `size` characters at safe cuts (see SAFE_CUT). Where none
+    comes within NO_CUT_LIMIT characters (a run without whitespace) the piece is cut at `size`
+    anyway: its tokens at that seam may differ from the whole text's, but no piece costs the
+    tokenizer more than a bounded amount."""
     pieces = []
     while len(text) > size:
-        cut = safe_cut(text, size) or next_safe_cut(text, size) or len(text)
+        limit = max(size, NO_CUT_LIMIT)
+        cut = safe_cut(text, size) or next_safe_cut(text, size, limit) or \
+            (size if len(text) > limit else len(text))
         pieces.append(text[:cut])
         text = text[cut:]
     return pieces + ([text] if text else [])
@@ -1459,6 +1472,7 @@ def document_pieces(corpus: Corpus, size: int = 1 << 16) -> Iterator[tuple[str, 
                 index, started = index + 1, False
             carry = parts[-1] if started else parts[-1].lstrip()
             cut = safe_cut(carry, len(carry) - len(EOT)) if len(carry) > 2 * size else 0
+            cut = cut or (len(carry) - len(EOT) if len(carry) > max(size, NO_CUT_LIMIT) else 0)
             if cut:  # a long document: hand on what is complete, keep the rest (a marker may be starting)
                 yield from ((f"{source}:{index}", p, False) for p in text_chunks(carry[:cut], size))
                 carry, started = carry[cut:], True
@@ -1467,9 +1481,22 @@ def document_pieces(corpus: Corpus, size: int = 1 << 16) -> Iterator[tuple[str, 
             yield f"{source}:{index}", "", True
 
 
+LONG_RUN = re.compile(r"\S{1000,}")  # longer runs without whitespace are cut for BPE training
+
+
 def training_texts(corpus: Corpus) -> Iterator[str]:
-    """The corpus text without markers, for training a tokenizer."""
-    return (piece for _, piece, _ in document_pieces(corpus, 1 << 20) if piece)
+    """The corpus text without markers, for training a tokenizer, with every run of more than
+    1,000 characters without whitespace cut into pieces: the BPE trainer takes such a run as
+    one word, and a word of millions of characters costs it minutes per merge and gigabytes.
+    Ordinary text has no such runs and passes whole."""
+    for _, piece, _ in document_pieces(corpus, 1 << 20):
+        start = 0
+        for run in LONG_RUN.finditer(piece):
+            for cut in range(run.start() + 1000, run.end(), 1000):
+                yield piece[start:cut]
+                start = cut
+        if piece[start:]:
+            yield piece[start:]
 
 
 def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
@@ -1482,7 +1509,8 @@ def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
         print0(f"tokenizer: reusing {cached}")
         return TextTokenizer.from_str(cached.read_text(encoding="utf-8"))
     t0 = time.time()
-    tok = TOKENIZERS[cfg.tokenizer](training_texts(corpus), cfg)
+    texts = metered(training_texts(corpus), byte_bar(corpus.n_bytes, "tokenizer training"))
+    tok = TOKENIZERS[cfg.tokenizer](texts, cfg)
     print0(f"tokenizer: trained {cfg.tokenizer}, {tok.vocab_size} tokens, in {time.time() - t0:.1f}s")
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cached, tok.to_str())
@@ -1625,6 +1653,16 @@ def byte_bar(total: int, what: str) -> Any:
         return None
     from tqdm import tqdm
     return tqdm(total=total or None, desc=what, unit="B", unit_scale=True, unit_divisor=1000)
+
+
+def metered(pieces: Iterator[str], bar: Any) -> Iterator[str]:
+    """The pieces, passed through and counted in bytes on `bar` (when there is one)."""
+    for piece in pieces:
+        if bar is not None:
+            bar.update(len(piece.encode("utf-8")))
+        yield piece
+    if bar is not None:
+        bar.close()
 
 
 def check_known_chars(tok: TextTokenizer, text: str, name: str) -> None:

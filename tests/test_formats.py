@@ -144,3 +144,25 @@ def test_text_field_reaches_every_reader(tmp_path):
     path = tmp_path / "t.parquet"
     write_parquet(path, DOCS[:120], column="body")
     assert tl.load_corpus(tl.Config(data_path=str(path), text_field="body")).documents == 120
+
+
+def test_text_without_whitespace_is_cut_into_bounded_pieces(tmp_path):
+    """A 300,000-character line with no whitespace: BPE training gets it in runs of at most
+    1,000 characters (a longer 'word' costs the trainer minutes per merge), encoding in pieces
+    of at most NO_CUT_LIMIT characters; nothing is dropped, and ordinary text is not cut."""
+    import random
+    import re
+    rng = random.Random(0)
+    line = "".join(rng.choice("abcdefghij") for _ in range(300_000))
+    path = tmp_path / "one_line.txt"
+    path.write_text(f"Normal words here.\n{line}\nMore normal words.\n")
+    corpus = tl.load_corpus(tl.Config(data_path=str(path)))
+    fed = list(tl.training_texts(corpus))
+    assert "".join(fed) == path.read_text().strip()
+    assert max(len(run) for piece in fed for run in re.findall(r"\S+", piece)) <= 1000
+    assert fed[0].startswith("Normal words here.\n")  # cut only inside the long run
+    long_line = line * 3  # 900,000 characters without a safe cut
+    pieces = tl.text_chunks(long_line, 1 << 16)
+    assert "".join(pieces) == long_line and max(map(len, pieces)) <= tl.NO_CUT_LIMIT and len(pieces) > 3
+    tok = tl.train_bpe_tokenizer(iter(fed), 300)
+    assert tok.decode(tok.encode(line[:5000])) == line[:5000]

@@ -110,6 +110,7 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(run_args, tmp_path):
                                                                 "--eval_interval", "30", out="tty")])
     assert "30/30" in screen and ("step/s" in screen or "s/step" in screen)  # tqdm's bar
     assert "tok/s" in screen and "MFU" in screen and "tokenizing" in screen  # MB/s bar of the corpus
+    assert "scanning" in screen and "tokenizer training" in screen and "MB/s" in screen  # every stage
     assert "\nstep     10/30 | loss" not in screen  # no plain log lines under the bar
     assert screen.index("measuring:") < screen.index("| 0/30")  # the startup lines come before the bar
     piped = subprocess.run([sys.executable, SCRIPT, *run_args("--max_steps", "30", "--log_interval", "10",
