@@ -873,6 +873,127 @@ def load_tokenizer_file(path: str) -> TextTokenizer:
                            f"give a tokenizer.json file or leave it empty to train one") from None
 
 
+# ---- tiktoken: the same byte-level BPE as a table of ranks, for exact and fast encoding ------
+
+# The regular expression of HF's ByteLevel pre-tokenizer with use_regex=True, which is GPT-2's:
+# contractions, letters, digits and other symbols (each with one optional leading space), then
+# whitespace runs that leave their last space to the next word.
+GPT2_SPLIT_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+
+
+def byte_level_chars() -> dict[str, int]:
+    """The byte-level BPE alphabet: the character that spells each byte in a vocabulary. Bytes
+    that are printable Latin-1 and not space stand for themselves; the other 68 become
+    U+0100.. in byte order, so that every token is a printable string."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    chars, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + shifted)] = b
+            shifted += 1
+    return chars
+
+
+def check_tiktoken_compatible(spec: dict[str, Any]) -> None:
+    """tiktoken does regex splitting then rank-ordered byte merges, nothing else: refuse any
+    tokenizer.json that does more or differently, naming the part."""
+    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+    fix = "tiktoken can only express GPT-2-style byte-level BPE; use the tokenizer.json instead"
+    if model.get("type") == "WordLevel":
+        raise TinyLLMError(f"a char-level tokenizer has no byte-level merges for tiktoken to run "
+                           f"(it maps whole characters, not UTF-8 bytes); {fix}")
+    if model.get("type") != "BPE":
+        raise TinyLLMError(f"the tokenizer is {model.get('type')}, not BPE; {fix}")
+    if pre != {**pre, "type": "ByteLevel", "add_prefix_space": False, "use_regex": True}:
+        raise TinyLLMError(f"the tokenizer's pre-tokenizer is {json.dumps(pre)}, not ByteLevel with "
+                           f"use_regex and no add_prefix_space; {fix}")
+    extras = [k for k in ("normalizer",) if spec.get(k)] + \
+        [k for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix") if model.get(k)] + \
+        ["byte_fallback"] * bool(model.get("byte_fallback"))
+    if extras:
+        raise TinyLLMError(f"the tokenizer uses {', '.join(extras)}, which tiktoken does not have; {fix}")
+
+
+def tiktoken_tables(tok: TextTokenizer) -> tuple[dict[bytes, int], dict[str, int]]:
+    """(mergeable ranks, special tokens) with ranks = our token ids, so both give the same ids."""
+    spec = json.loads(tok.to_str())
+    check_tiktoken_compatible(spec)
+    added = tok.hf.get_added_tokens_decoder()  # {id: AddedToken}; the trainer also puts them in the vocab
+    plain = [a.content for a in added.values() if not a.special]
+    if plain:
+        raise TinyLLMError(f"the tokenizer has added tokens that are not special ({plain[:5]}); "
+                           f"tiktoken only knows special tokens: use the tokenizer.json instead")
+    chars = byte_level_chars()
+    try:
+        ranks = {bytes(chars[c] for c in token): i for token, i in
+                 tok.hf.get_vocab(with_added_tokens=False).items() if i not in added}
+    except KeyError as e:
+        raise TinyLLMError(f"the vocabulary has a token with {e.args[0]!r}, which is not in the "
+                           f"byte-level alphabet; use the tokenizer.json instead") from None
+    missing = 256 - sum(len(b) == 1 for b in ranks)
+    if missing:
+        raise TinyLLMError(f"the tokenizer lacks {missing} of the 256 single-byte tokens, so "
+                           f"tiktoken could not encode every text; train it with the full byte "
+                           f"alphabet (train_bpe_tokenizer does)")
+    check_merge_order(tok, spec["model"]["merges"], ranks, chars)
+    return ranks, {a.content: i for i, a in added.items()}
+
+
+def check_merge_order(tok: TextTokenizer, merges: list[Any], ranks: dict[bytes, int],
+                      chars: dict[str, int]) -> None:
+    """What tiktoken needs of a BPE to encode as HF does: merges made tokens in id order
+    (tiktoken ranks a pair by the id of the token it makes, HF by the merge's place in the list),
+    and every token is what HF's merges make of its own bytes (tiktoken takes a pre-token that is
+    a whole token as it is, without merging). Tokenizers from train_bpe_tokenizer pass."""
+    spell = {b: c for c, b in chars.items()}
+    last = -1
+    for merge in merges:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge  # old and new format
+        made = bytes(chars[c] for c in left + right)
+        if ranks.get(made, -1) <= last:
+            raise TinyLLMError(f"the merge {left!r} + {right!r} does not make a token with a larger id "
+                               f"than the merge before it, so tiktoken would merge in another order; "
+                               f"use the tokenizer.json instead")
+        last = ranks[made]
+    for token, i in ranks.items():
+        if len(token) > 1 and [t.id for t in tok.hf.model.tokenize("".join(spell[b] for b in token))] != [i]:
+            raise TinyLLMError(f"token {i} ({token!r}) is not what the tokenizer's own merges make of "
+                               f"its bytes, so tiktoken (which looks whole pre-tokens up) would encode "
+                               f"differently; use the tokenizer.json instead")
+
+
+# Accents, CJK, emoji (4-byte UTF-8), runs of spaces, tabs and newlines, digits, contractions:
+# the fast encoder must give HF's ids on this before it is trusted.
+ENCODER_PROBE = ["Hello wörld,  the cat's 日本語 sat\n\n\n on the mat!  12345 \t\tx\ty 😀🎉👍🏽 don't "
+                 "I'll SHE'D  ümlaut ...--- \"q\" (p) x=1+2*3; naïve café \r\n tail   \n", "a", " ", ""]
+
+
+def fast_batch_encoder(tok: TextTokenizer) -> Callable[[list[str]], list[list[int]]]:
+    """The fastest exact batch encoder for `tok`: tiktoken run on our own ranks where tiktoken
+    is installed and can express the tokenizer (our byte-level BPE), with the same ids and about
+    five times the speed of HF's encoder on two cores; else HF's. Texts must hold no special
+    tokens (document pieces never do)."""
+    if tok.kind == "char":
+        return tok.encode_batch
+    if importlib.util.find_spec("tiktoken") is None:
+        print0("data: encoding with the tokenizers library; pip install tiktoken to encode the same "
+               "ids about five times faster")
+        return tok.encode_batch
+    try:
+        ranks, special = tiktoken_tables(tok)
+    except TinyLLMError:  # a tokenizer.json that tiktoken cannot express
+        return tok.encode_batch
+    import tiktoken
+    enc = tiktoken.Encoding("tinyllm", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                            special_tokens=special)
+    if enc.encode_ordinary_batch(ENCODER_PROBE) != tok.encode_batch(ENCODER_PROBE):
+        return tok.encode_batch  # never trust an encoder that disagrees
+    threads = os.cpu_count() or 1
+    return lambda texts: enc.encode_ordinary_batch(texts, num_threads=threads)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: the token files and random windows training reads, and where they come from
 # ----------------------------------------------------------------------------------------------
@@ -1565,10 +1686,11 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction
 
 class TokenWriter:
     """Appends encoded documents to the train and val token files, with the end-of-text token
-    between documents, encoding pieces in batches with the tokenizer's parallel encoder."""
+    between documents, encoding pieces in batches with the fastest exact encoder there is."""
 
     def __init__(self, folder: Path, tok: TextTokenizer, by_document: bool, val_fraction: float):
         self.tok, self.by_document, self.val_fraction = tok, by_document, val_fraction
+        self.encode_batch = fast_batch_encoder(tok)
         self.dtype = token_dtype(tok.vocab_size)
         self.paths = {s: folder / f".{s}.bin.tmp{os.getpid()}" for s in ("train", "val")}
         self.files = {s: open(p, "wb") for s, p in self.paths.items()}
@@ -1592,7 +1714,7 @@ class TokenWriter:
         for piece in pieces:
             check_known_chars(self.tok, piece, "the corpus")
         n_bytes = 0
-        for (split, piece, ends), ids in zip(self.pending, self.tok.encode_batch(pieces)):
+        for (split, piece, ends), ids in zip(self.pending, self.encode_batch(pieces)):
             between = self.files[split].tell() and self.tok.eot_id is not None
             if piece and not self.started[split] and between:
                 ids = [self.tok.eot_id, *ids]  # between documents, never after the last
@@ -3621,95 +3743,6 @@ def export_torchscript(model: GPT, path: Path) -> None:
         warnings.filterwarnings("ignore", message="`torch.jit", category=DeprecationWarning)
         traced = torch.jit.trace(wrapper, (example,), check_trace=False)
         atomic_write(export_file(path), lambda p: torch.jit.save(traced, str(p)))
-
-
-# The regular expression of HF's ByteLevel pre-tokenizer with use_regex=True, which is GPT-2's:
-# contractions, letters, digits and other symbols (each with one optional leading space), then
-# whitespace runs that leave their last space to the next word.
-GPT2_SPLIT_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
-
-
-def byte_level_chars() -> dict[str, int]:
-    """The byte-level BPE alphabet: the character that spells each byte in a vocabulary. Bytes
-    that are printable Latin-1 and not space stand for themselves; the other 68 become
-    U+0100.. in byte order, so that every token is a printable string."""
-    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
-    chars, shifted = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + shifted)] = b
-            shifted += 1
-    return chars
-
-
-def check_tiktoken_compatible(spec: dict[str, Any]) -> None:
-    """tiktoken does regex splitting then rank-ordered byte merges, nothing else: refuse any
-    tokenizer.json that does more or differently, naming the part."""
-    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-    fix = "tiktoken can only express GPT-2-style byte-level BPE; use the tokenizer.json instead"
-    if model.get("type") == "WordLevel":
-        raise TinyLLMError(f"a char-level tokenizer has no byte-level merges for tiktoken to run "
-                           f"(it maps whole characters, not UTF-8 bytes); {fix}")
-    if model.get("type") != "BPE":
-        raise TinyLLMError(f"the tokenizer is {model.get('type')}, not BPE; {fix}")
-    if pre != {**pre, "type": "ByteLevel", "add_prefix_space": False, "use_regex": True}:
-        raise TinyLLMError(f"the tokenizer's pre-tokenizer is {json.dumps(pre)}, not ByteLevel with "
-                           f"use_regex and no add_prefix_space; {fix}")
-    extras = [k for k in ("normalizer",) if spec.get(k)] + \
-        [k for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix") if model.get(k)] + \
-        ["byte_fallback"] * bool(model.get("byte_fallback"))
-    if extras:
-        raise TinyLLMError(f"the tokenizer uses {', '.join(extras)}, which tiktoken does not have; {fix}")
-
-
-def tiktoken_tables(tok: TextTokenizer) -> tuple[dict[bytes, int], dict[str, int]]:
-    """(mergeable ranks, special tokens) with ranks = our token ids, so both give the same ids."""
-    spec = json.loads(tok.to_str())
-    check_tiktoken_compatible(spec)
-    added = tok.hf.get_added_tokens_decoder()  # {id: AddedToken}; the trainer also puts them in the vocab
-    plain = [a.content for a in added.values() if not a.special]
-    if plain:
-        raise TinyLLMError(f"the tokenizer has added tokens that are not special ({plain[:5]}); "
-                           f"tiktoken only knows special tokens: use the tokenizer.json instead")
-    chars = byte_level_chars()
-    try:
-        ranks = {bytes(chars[c] for c in token): i for token, i in
-                 tok.hf.get_vocab(with_added_tokens=False).items() if i not in added}
-    except KeyError as e:
-        raise TinyLLMError(f"the vocabulary has a token with {e.args[0]!r}, which is not in the "
-                           f"byte-level alphabet; use the tokenizer.json instead") from None
-    missing = 256 - sum(len(b) == 1 for b in ranks)
-    if missing:
-        raise TinyLLMError(f"the tokenizer lacks {missing} of the 256 single-byte tokens, so "
-                           f"tiktoken could not encode every text; train it with the full byte "
-                           f"alphabet (train_bpe_tokenizer does)")
-    check_merge_order(tok, spec["model"]["merges"], ranks, chars)
-    return ranks, {a.content: i for i, a in added.items()}
-
-
-def check_merge_order(tok: TextTokenizer, merges: list[Any], ranks: dict[bytes, int],
-                      chars: dict[str, int]) -> None:
-    """What tiktoken needs of a BPE to encode as HF does: merges made tokens in id order
-    (tiktoken ranks a pair by the id of the token it makes, HF by the merge's place in the list),
-    and every token is what HF's merges make of its own bytes (tiktoken takes a pre-token that is
-    a whole token as it is, without merging). Tokenizers from train_bpe_tokenizer pass."""
-    spell = {b: c for c, b in chars.items()}
-    last = -1
-    for merge in merges:
-        left, right = merge.split(" ") if isinstance(merge, str) else merge  # old and new format
-        made = bytes(chars[c] for c in left + right)
-        if ranks.get(made, -1) <= last:
-            raise TinyLLMError(f"the merge {left!r} + {right!r} does not make a token with a larger id "
-                               f"than the merge before it, so tiktoken would merge in another order; "
-                               f"use the tokenizer.json instead")
-        last = ranks[made]
-    for token, i in ranks.items():
-        if len(token) > 1 and [t.id for t in tok.hf.model.tokenize("".join(spell[b] for b in token))] != [i]:
-            raise TinyLLMError(f"token {i} ({token!r}) is not what the tokenizer's own merges make of "
-                               f"its bytes, so tiktoken (which looks whole pre-tokens up) would encode "
-                               f"differently; use the tokenizer.json instead")
 
 
 def export_tiktoken(tok: TextTokenizer, path: Path) -> None:

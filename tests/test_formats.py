@@ -166,3 +166,26 @@ def test_text_without_whitespace_is_cut_into_bounded_pieces(tmp_path):
     assert "".join(pieces) == long_line and max(map(len, pieces)) <= tl.NO_CUT_LIMIT and len(pieces) > 3
     tok = tl.train_bpe_tokenizer(iter(fed), 300)
     assert tok.decode(tok.encode(line[:5000])) == line[:5000]
+
+
+def test_fast_encoding_gives_the_ids_of_the_tokenizers_library(tmp_path, monkeypatch, capsys):
+    """Token files are encoded with tiktoken on our own ranks when it is installed: the same
+    files as HF's encoder makes (the oracle), which is used without tiktoken, with a note."""
+    import importlib.util
+    text = "".join(f"Doc {i}: naïve café, don't!  日本語 😀 {i * 31}\n\tindented   line\n"
+                   for i in range(400))
+    (tmp_path / "c.txt").write_text(text)
+    cfg = tl.build_config({"data_path": str(tmp_path / "c.txt"), "cache_dir": str(tmp_path / "a"),
+                           "tokenizer": "bpe", "bpe_vocab_size": 400, "block_size": 8})
+    corpus = tl.load_corpus(cfg)
+    tok = tl.build_tokenizer(cfg, corpus)
+    assert tl.fast_batch_encoder(tok) != tok.encode_batch  # tiktoken is in requirements-dev.txt
+    fast = tl.prepare_data(cfg, corpus, tok)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tiktoken" else real(name, *a))
+    assert tl.fast_batch_encoder(tok) == tok.encode_batch
+    slow = tl.prepare_data(tl.build_config({**tl.asdict(cfg), "cache_dir": str(tmp_path / "b")}), corpus, tok)
+    assert "pip install tiktoken" in capsys.readouterr().out
+    for split in ("train", "val"):
+        assert np.array_equal(fast[split].tokens(), slow[split].tokens()) and len(fast[split]) > 100
