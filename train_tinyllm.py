@@ -597,6 +597,11 @@ def require(module: str, what: str, install: str | None = None) -> Any:
                            f"{install or module.split('.')[0]}") from None
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line, kept short for a one-line message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+
+
 def has_native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -1134,7 +1139,7 @@ class Corpus:
     text: str = ""  # the built-in corpus only
     documents: int = 1
     n_bytes: int = 0  # of text, once decompressed
-    settings: ReadSettings = field(default_factory=lambda: ReadSettings())
+    settings: ReadSettings = field(default_factory=lambda: ReadSettings())  # defined below: looked up late
 
     def sources(self) -> Iterator[tuple[str, Iterator[str]]]:
         """(document key prefix, decoded blocks) per file, or the built-in text as one source.
@@ -1269,9 +1274,10 @@ def scan_files(files: list[Path], settings: ReadSettings) -> tuple[int, int]:
             documents += text.count(EOT) - carry.count(EOT)
             carry = text[-(len(EOT) - 1):]
             has_text = has_text or bool(block.strip())
-            n_bytes += len(block.encode("utf-8"))
+            size = len(block.encode("utf-8"))
+            n_bytes += size
             if bar is not None:
-                bar.update(len(block.encode("utf-8")))
+                bar.update(size)
         if not has_text:
             raise TinyLLMError(f"{settings.flag} {p} is empty; give it some text to train on")
         if str(p) in settings.skipped:
@@ -3144,11 +3150,6 @@ def write_failure(e: BaseException, folder: Path) -> str:
     except OSError:
         pass
     return first_line(e)
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's first line, kept short for a one-line message."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
 
 
 def sampling_model(run: Run) -> GPT:
