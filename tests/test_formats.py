@@ -61,7 +61,8 @@ def test_every_format_gives_the_token_files_of_the_plain_text(stories, tmp_path,
     tok, train, val = prepared(stories / "stories.txt", tmp_path)
     other_tok, other_train, other_val = prepared(stories / f"stories{suffix}", tmp_path)
     assert other_tok == tok and np.array_equal(other_train, train) and np.array_equal(other_val, val)
-    assert len(val) > 0 and len(train) > 5 * len(val)  # split by documents, not empty
+    # split by documents, not empty; which ~10% go to val depends on the paths' hashes (tmp dir)
+    assert 0 < len(val) < len(train) / 2
 
 
 def test_a_directory_of_shards_reads_every_format(stories, tmp_path, capsys):
