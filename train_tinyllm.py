@@ -641,6 +641,14 @@ def keep_freed_memory(cfg: Config, device: torch.device) -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
 
 
+def release_freed_memory() -> None:
+    """Hand memory that glibc keeps after a large native job (BPE training, encoding) back to
+    the system, so that the stages after it do not start from that job's high-water mark."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
@@ -1038,13 +1046,25 @@ def start_ids_for(tok: TextTokenizer, train: TokenSplit) -> list[int]:
     """What an empty prompt starts from: a token the model saw text follow in training. The
     end-of-text token where the data has it (between documents), else a newline where it has
     one, else the data's first token (a one-document corpus never shows end-of-text)."""
-    data, chunk = train.tokens(), 1 << 24
     newline = tok.encode("\n") if not tok.unknown_chars("\n") else []
     candidates = ([[tok.eot_id]] if tok.eot_id is not None else []) + ([newline] if len(newline) == 1 else [])
     for ids in candidates:
-        if any(np.any(data[i:i + chunk] == ids[0]) for i in range(0, len(data), chunk)):
+        if any(np.any(chunk == ids[0]) for chunk in token_chunks(train.path, train.dtype)):
             return ids
-    return [int(data[0])]
+    return [int(next(token_chunks(train.path, train.dtype))[0])]
+
+
+def token_chunks(path: Path, dtype: np.dtype, start: int = 0, stop: int | None = None,
+                 size: int = 1 << 22) -> Iterator[np.ndarray]:
+    """Tokens start..stop of a token file, `size` at a time, read rather than mapped: pages of a
+    memmap that is read through count in the resident memory of the process until it is
+    closed, so a scan of a 3 GB token file would look like 3 GB of memory."""
+    itemsize = np.dtype(dtype).itemsize
+    stop = path.stat().st_size // itemsize if stop is None else stop
+    with open(path, "rb") as f:
+        f.seek(start * itemsize)
+        for i in range(start, stop, size):
+            yield np.fromfile(f, dtype, count=min(size, stop - i))
 
 
 def get_batch(split: TokenSplit, batch_size: int, block_size: int, generator: torch.Generator,
@@ -1615,8 +1635,9 @@ def training_texts(corpus: Corpus) -> Iterator[str]:
     """The corpus text without markers, for training a tokenizer, with every run of more than
     1,000 characters without whitespace cut into pieces: the BPE trainer takes such a run as
     one word, and a word of millions of characters costs it minutes per merge and gigabytes.
-    Ordinary text has no such runs and passes whole."""
-    for _, piece, _ in document_pieces(corpus, 1 << 20):
+    Ordinary text has no such runs and passes whole. The pieces are about 64K characters: the
+    trainer holds a few hundred of them at a time, so their size sets its memory."""
+    for _, piece, _ in document_pieces(corpus, 1 << 16):
         start = 0
         for run in LONG_RUN.finditer(piece):
             for cut in range(run.start() + 1000, run.end(), 1000):
@@ -1638,6 +1659,7 @@ def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
     t0 = time.time()
     texts = metered(training_texts(corpus), byte_bar(corpus.n_bytes, "tokenizer training"))
     tok = TOKENIZERS[cfg.tokenizer](texts, cfg)
+    release_freed_memory()
     print0(f"tokenizer: trained {cfg.tokenizer}, {tok.vocab_size} tokens, in {time.time() - t0:.1f}s")
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cached, tok.to_str())
@@ -1671,6 +1693,7 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction
         raise
     if bar is not None:
         bar.close()
+    release_freed_memory()
     final = {s: folder / f"{s}.bin" for s in ("train", "val")}
     for split, tmp in writer.paths.items():
         os.replace(tmp, final[split])
@@ -1760,19 +1783,16 @@ def move_tail_to_val(train: Path, val: Path, fraction: float, dtype: np.dtype) -
     copied in bounded chunks, then cut off the train file."""
     n = train.stat().st_size // dtype.itemsize
     start = n - max(1, int(n * fraction))
-    source = np.memmap(train, dtype, mode="r")
     with open(val, "wb") as f:
-        for i in range(start, n, 1 << 24):
-            f.write(np.asarray(source[i:min(n, i + (1 << 24))]).tobytes())
-    del source
+        for chunk in token_chunks(train, dtype, start, n):
+            f.write(chunk.tobytes())
     os.truncate(train, start * dtype.itemsize)
 
 
 def decoded_bytes(path: Path, tok: TextTokenizer, dtype: np.dtype) -> int:
     """UTF-8 bytes that a token file decodes to, decoded a million tokens at a time."""
-    data = np.memmap(path, dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
-    return sum(len(tok.decode(data[i:i + (1 << 20)].tolist()).encode("utf-8"))
-               for i in range(0, len(data), 1 << 20))
+    return sum(len(tok.decode(chunk.tolist()).encode("utf-8"))
+               for chunk in token_chunks(path, dtype, size=1 << 20))
 
 
 def byte_bar(total: int, what: str) -> Any:

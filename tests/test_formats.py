@@ -190,3 +190,35 @@ def test_fast_encoding_gives_the_ids_of_the_tokenizers_library(tmp_path, monkeyp
     assert "pip install tiktoken" in capsys.readouterr().out
     for split in ("train", "val"):
         assert np.array_equal(fast[split].tokens(), slow[split].tokens()) and len(fast[split]) > 100
+
+
+def test_tokenizer_training_gets_bounded_pieces_of_one_huge_document(tmp_path):
+    """One document without markers (a multi-gigabyte .txt): the BPE trainer buffers a few
+    hundred of the pieces it is given, so they must stay small however long the document is."""
+    text = " ".join(f"word{i % 97} and more words," for i in range(60_000))  # ~1.5 MB, one document
+    (tmp_path / "one.txt").write_text(text)
+    corpus = tl.load_corpus(tl.Config(data_path=str(tmp_path / "one.txt")))
+    fed = list(tl.training_texts(corpus))
+    assert "".join(fed) == text and len(fed) > 10 and max(map(len, fed)) <= 1 << 16
+
+
+def test_token_files_are_read_in_chunks_not_mapped(tmp_path, monkeypatch):
+    """Reading a whole token file through a memmap counts every page of it as resident memory;
+    preparing the data (tail split, start ids, hashes) reads the files in chunks instead."""
+    path = tmp_path / "t.bin"
+    tokens = np.arange(10_000, dtype=np.uint16)
+    tokens.tofile(path)
+    for start, stop, size in ((0, None, 4096), (17, 9_999, 1000), (5, 6, 1), (0, 10_000, 1 << 22)):
+        chunks = list(tl.token_chunks(path, np.uint16, start, stop, size))
+        assert np.array_equal(np.concatenate(chunks), tokens[start:stop]) and max(map(len, chunks)) <= size
+
+    def no_memmap(*args, **kwargs):
+        raise AssertionError("a token file was mapped while the data was prepared")
+    monkeypatch.setattr(tl.np, "memmap", no_memmap)
+    (tmp_path / "one.txt").write_text("a single long document\n" * 300)  # one document: tail split
+    for memmap in (True, False):
+        cfg = tl.build_config({"data_path": str(tmp_path / "one.txt"), "block_size": 8,
+                               "cache_dir": str(tmp_path / f"c{memmap}"), "memmap_dataset": memmap})
+        corpus = tl.load_corpus(cfg)
+        splits = tl.prepare_data(cfg, corpus, tl.build_tokenizer(cfg, corpus))
+        assert len(splits["val"]) > 0 and splits["train"].start_ids and splits["val"].tokens_per_byte > 0
