@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import concurrent.futures
 import contextlib
 import copy
 import ctypes
@@ -146,7 +147,10 @@ class Config:
     n_head: int = opt(4, "Query heads per attention layer.", "model", arch=True)
     n_kv_head: int = opt(0, "Key/value heads (grouped-query attention): 0 = n_head (MHA), 1 = MQA. "
                             "Must divide n_head.", "model", arch=True)
-    n_embd: int = opt(128, "Model width; must be divisible by n_head.", "model", arch=True)
+    n_embd: int = opt(128, "Model width; must be divisible by n_head unless head_dim is set.", "model",
+                      arch=True)
+    head_dim: int = opt(0, "Width of each attention head; 0 = n_embd / n_head. Qwen3 sets its own "
+                           "(attention is then n_head x head_dim wide).", "model", arch=True)
     block_size: int = opt(128, "Context length in tokens.", "model", arch=True)
     dropout: float = opt(0.0, "Dropout on attention, residual and embedding outputs, in [0, 1).",
                          "model")
@@ -426,6 +430,11 @@ def finite_checks(cfg: Config) -> list[Check]:
             for name in FIELDS if field_type(name) is float]
 
 
+def head_size(cfg: Config) -> int:
+    """Width of one attention head."""
+    return cfg.head_dim or cfg.n_embd // max(cfg.n_head, 1)
+
+
 def model_checks(cfg: Config) -> list[Check]:
     kv = cfg.n_kv_head or cfg.n_head
     return [
@@ -433,15 +442,16 @@ def model_checks(cfg: Config) -> list[Check]:
         (cfg.n_head < 1, "--n_head must be at least 1"),
         (cfg.n_embd < 1, "--n_embd must be at least 1"),
         (cfg.n_kv_head < 0, "--n_kv_head must be 0 (= n_head) or a positive divisor of n_head"),
-        (cfg.n_embd % cfg.n_head != 0,
+        (cfg.head_dim < 0, "--head_dim must be 0 (n_embd / n_head) or positive"),
+        (cfg.head_dim == 0 and cfg.n_embd % cfg.n_head != 0,
          f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}; pick n_embd as a "
-         f"multiple of n_head"),
+         f"multiple of n_head, or set --head_dim"),
         (cfg.n_kv_head > 0 and cfg.n_head % kv != 0,
          f"--n_head {cfg.n_head} is not divisible by --n_kv_head {cfg.n_kv_head}; use a divisor of "
          f"n_head (1 = MQA, n_head = MHA)"),
-        (cfg.pos_encoding == "rope" and (cfg.n_embd // max(cfg.n_head, 1)) % 2 != 0,
-         f"rope needs an even head size, but n_embd/n_head = {cfg.n_embd}/{cfg.n_head} is odd; "
-         f"change --n_embd or --n_head, or use --pos_encoding learned"),
+        (cfg.pos_encoding == "rope" and head_size(cfg) % 2 != 0,
+         f"rope needs an even head size, but it is {head_size(cfg)}; change --n_embd, --n_head or "
+         f"--head_dim, or use --pos_encoding learned"),
         (cfg.block_size < 1, "--block_size must be at least 1"),
         (not 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
         (cfg.norm_eps <= 0, "--norm_eps must be positive"),
@@ -1004,7 +1014,17 @@ def fast_batch_encoder(tok: TextTokenizer) -> Callable[[list[str]], list[list[in
     if enc.encode_ordinary_batch(ENCODER_PROBE) != tok.encode_batch(ENCODER_PROBE):
         return tok.encode_batch  # never trust an encoder that disagrees
     threads = os.cpu_count() or 1
-    return lambda texts: enc.encode_ordinary_batch(texts, num_threads=threads)
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        # One task per thread, each a run of texts (tiktoken lets go of the GIL while it encodes):
+        # tiktoken's own batch call makes a task per text, and with short documents handing them
+        # to threads took longer than encoding them.
+        step = max(1, -(-len(texts) // threads))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            runs = pool.map(lambda run: [enc.encode_ordinary(t) for t in run],
+                            [texts[i:i + step] for i in range(0, len(texts), step)])
+        return [ids for run in runs for ids in run]
+    return encode
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1736,7 +1756,7 @@ class TokenWriter:
         split = split or ("val" if self.by_document and is_val_document(key, self.val_fraction) else "train")
         self.pending.append((split, piece, ends))
         self.pending_chars += len(piece)
-        return self.flush() if len(self.pending) >= 256 or self.pending_chars >= 1 << 20 else 0
+        return self.flush() if len(self.pending) >= 1 << 14 or self.pending_chars >= 1 << 20 else 0
 
     def flush(self) -> int:
         pieces = [p for _, p, _ in self.pending]
@@ -1842,19 +1862,26 @@ NORMS.update({
 def mlp_hidden_size(cfg: Config) -> int:
     if cfg.mlp_hidden:
         return cfg.mlp_hidden
-    if cfg.mlp == "gelu":
+    if cfg.mlp in ("gelu", "gelu_tanh"):
         return 4 * cfg.n_embd
     return 32 * math.ceil(8 * cfg.n_embd / 3 / 32)  # same parameters as a 4x gelu MLP, rounded
 
 
 class GeluMLP(nn.Module):
+    approximate = "none"  # exact erf GELU
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, mlp_hidden_size(cfg), bias=cfg.bias)
         self.out_proj = nn.Linear(mlp_hidden_size(cfg), cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(F.gelu(self.fc(x)))
+        return self.out_proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class TanhGeluMLP(GeluMLP):
+    """GELU by its tanh approximation: what GPT-2 was trained with (transformers' gelu_new)."""
+    approximate = "tanh"
 
 
 class SwiGLUMLP(nn.Module):
@@ -1869,7 +1896,7 @@ class SwiGLUMLP(nn.Module):
         return self.out_proj(F.silu(self.gate(x)) * self.up(x))
 
 
-MLPS.update({"gelu": GeluMLP, "swiglu": SwiGLUMLP})
+MLPS.update({"gelu": GeluMLP, "gelu_tanh": TanhGeluMLP, "swiglu": SwiGLUMLP})
 
 
 class LearnedPositions(nn.Module):
@@ -1893,7 +1920,7 @@ class RotaryPositions(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        head_dim = cfg.n_embd // cfg.n_head
+        head_dim = head_size(cfg)
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
         angles = torch.outer(torch.arange(cfg.block_size).float(), inv_freq)  # (T, D/2)
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -1964,10 +1991,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.head_dim = head_size(cfg)
         self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
                              bias=cfg.bias)
-        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.out_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
         self.q_norm = NORMS[cfg.norm](self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
         self.k_norm = NORMS[cfg.norm](self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.dropout
@@ -1988,7 +2015,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and start == 0,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != H_kv)
-        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype)  # (B, T, H*D); H*D = C unless head_dim is set
         return self.resid_dropout(self.out_proj(y))
 
 
@@ -2393,7 +2420,8 @@ def flops_per_token(model: GPT, context: int) -> float:
     context x width (the count of the PaLM paper's appendix B), over the window if one is set."""
     matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     seen = min(context, model.cfg.sliding_window or context)
-    return 6 * matmul_weights + 12 * model.cfg.n_layer * seen * model.cfg.n_embd
+    width = model.cfg.n_head * head_size(model.cfg)  # of attention: n_embd unless head_dim is set
+    return 6 * matmul_weights + 12 * model.cfg.n_layer * seen * width
 
 
 # Dense peaks in TFLOP/s from vendor datasheets: (bf16/fp16 tensor cores, fp32 with TF32 where
@@ -3626,7 +3654,7 @@ def hf_config(model: GPT, tok: TextTokenizer, layout: str) -> dict[str, Any]:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
             "hidden_size": cfg.n_embd, "intermediate_size": mlp_hidden_size(cfg),
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.n_kv_head or cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head or cfg.n_head, "head_dim": head_size(cfg),
             "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
             "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
             "attention_dropout": cfg.dropout, "pretraining_tp": 1,
