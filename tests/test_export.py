@@ -65,6 +65,10 @@ HF_CASES = {
                           "norm_eps": 1e-6}, "LlamaForCausalLM"),
     "llama-mqa": ({"arch": "llama", "n_kv_head": 1}, "LlamaForCausalLM"),
     "llama-bias": ({"arch": "llama", "bias": True, "mlp_hidden": 40}, "LlamaForCausalLM"),
+    "llama-head_dim": ({"arch": "llama", "n_kv_head": 2, "head_dim": 12}, "LlamaForCausalLM"),
+    "gpt2-gelu_tanh": ({"arch": "gpt2", "mlp": "gelu_tanh"}, "GPT2LMHeadModel"),
+    "qwen3-qk_norm-head_dim": ({"arch": "llama", "qk_norm": True, "n_kv_head": 2, "head_dim": 16,
+                                "tie_weights": False}, "Qwen3ForCausalLM"),
 }
 
 
@@ -137,7 +141,9 @@ def test_hf_tokenizer_matches(kind, char_tok, bpe_tok, tmp_path):
 
 
 REFUSED = {
-    "qk_norm": {"arch": "llama", "qk_norm": True},
+    "qk_norm": {"arch": "gpt2", "qk_norm": True},
+    "head_dim": {"arch": "gpt2", "head_dim": 16},
+    "bias": {"arch": "llama", "qk_norm": True, "bias": True},
     "parallel_block": {"arch": "gpt2", "parallel_block": True},
     "sliding_window": {"arch": "llama", "sliding_window": 4},
     "norm": {"arch": "llama", "norm": "layernorm"},
@@ -360,10 +366,11 @@ def test_cli_export_every_format_and_sample_from_safetensors(run_args, tmp_path,
 
 
 def test_cli_export_refusal_is_one_line(run_args, tmp_path, capsys):
-    assert tl.main(run_args("--qk_norm")) == 0
+    assert tl.main(run_args("--parallel_block")) == 0
     capsys.readouterr()
     assert tl.main(["--export", "hf", "--out_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --qk_norm has no switch in transformers") and len(err.splitlines()) == 1
+    assert err.startswith("error: --parallel_block has no switch in transformers")
+    assert len(err.splitlines()) == 1
     assert tl.main(["--export", "tiktoken", "--out_dir", str(tmp_path / "out")]) == 2
     assert "char-level tokenizer" in capsys.readouterr().err
