@@ -185,7 +185,8 @@ class Config:
     batch_size: int = opt(32, "Sequences per micro-batch.", "training")
     grad_accum_steps: int = opt(1, "Micro-batches per optimizer step.", "training")
     learning_rate: float = opt(2e-3, "Peak learning rate (AdamW).", "training")
-    min_lr: float = opt(2e-4, "Learning rate at the end of the cosine decay.", "training")
+    min_lr: float = opt(2e-4, "Learning rate at the end of the decay; when neither a flag, a config file "
+                              "nor the checkpoint sets it, learning_rate / 10.", "training")
     warmup_steps: int = opt(50, "Linear warmup steps from 0 to learning_rate.", "training")
     weight_decay: float = opt(0.1, "AdamW weight decay, applied to 2-D weights only.", "training")
     beta1: float = opt(0.9, "AdamW beta1.", "training")
@@ -425,7 +426,10 @@ def merge_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -
     """Defaults < base (a checkpoint's config) < the explicit --arch preset < explicit settings."""
     base = {k: v for k, v in (base or {}).items() if k in FIELDS and k not in RUN_KEYS}
     preset = PRESETS[explicit["arch"]] if "arch" in explicit else {}
-    return Config(**{**base, **preset, **explicit})
+    merged = {**base, **preset, **explicit}
+    if "min_lr" not in merged and "learning_rate" in merged:  # a fine-tuning rate of 1e-4 gets 1e-5
+        merged["min_lr"] = merged["learning_rate"] / 10
+    return Config(**merged)
 
 
 def build_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> Config:
@@ -1358,12 +1362,16 @@ def scan_files(files: list[Path], settings: ReadSettings) -> tuple[int, int]:
         check_text_file(p, settings.flag)
     packed = any(p.name.endswith(COMPRESSIONS) for p in files)  # then the text's size is unknown: no ETA
     bar = byte_bar(0 if packed else sum(p.stat().st_size for p in files), "scanning")
+    keep = len(EOT) - 1  # the end of a block may hold the start of a marker
     for p in files:
-        carry, has_text = "", False
+        carry, has_text, open_text = "", False, False  # open_text: the current document has text
         for block in blocks_of(p, settings):
-            text = carry + block
-            documents += text.count(EOT) - carry.count(EOT)
-            carry = text[-(len(EOT) - 1):]
+            *closed, carry = (carry + block).split(EOT)
+            for part in closed:  # documents a marker ends; empty ones are no documents
+                documents += open_text or bool(part.strip())
+                open_text = False
+            open_text = open_text or bool(carry[:-keep].strip())
+            carry = carry[-keep:]
             has_text = has_text or bool(block.strip())
             size = len(block.encode("utf-8"))
             n_bytes += size
@@ -1373,7 +1381,7 @@ def scan_files(files: list[Path], settings: ReadSettings) -> tuple[int, int]:
             raise TinyLLMError(f"{settings.flag} {p} is empty; give it some text to train on")
         if str(p) in settings.skipped:
             print0(f"data: {settings.skipped[str(p)]}")
-        documents += 1
+        documents += open_text or bool(carry.strip())
     if bar is not None:
         bar.close()
     return documents, n_bytes

@@ -145,3 +145,10 @@ def test_the_core_never_calls_the_tools():
     used = {n.id for n in ast.walk(core)  # names read as values: calls, references, not field names
             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in in_annotations}
     assert tool_names and "train" not in tool_names and not used & tool_names, used & tool_names
+
+
+def test_min_lr_follows_the_learning_rate_unless_set():
+    assert tl.merge_config({"learning_rate": 1e-4}).min_lr == pytest.approx(1e-5)
+    assert tl.merge_config({}).min_lr == tl.Config().min_lr == tl.Config().learning_rate / 10
+    assert tl.merge_config({"learning_rate": 1e-4, "min_lr": 0.0}).min_lr == 0.0
+    assert tl.merge_config({"learning_rate": 1e-4}, base={"min_lr": 3e-5}).min_lr == 3e-5  # a resume's

@@ -81,7 +81,7 @@ def test_documents_split_at_markers_with_end_of_text_between(tmp_path, kind):
     docs = stories(150)
     (tmp_path / "s.txt").write_text(f"\n{EOT}\n".join(docs) + f"\n{EOT}\n")
     corpus, tok, splits = prepared(tmp_path, str(tmp_path / "s.txt"), tokenizer=kind, bpe_vocab_size=300)
-    assert corpus.documents == 151  # the trailing marker leaves an empty last document, skipped
+    assert corpus.documents == 150  # the trailing marker ends the last one: nothing empty counts
     train, val = (tok.decode(splits[s].tokens().tolist()).split(EOT) for s in ("train", "val"))
     assert sorted(train + val) == sorted(docs)  # every document whole, in exactly one split
     assert 5 <= len(val) <= 30  # about val_fraction of 150 documents, chosen by hash

@@ -222,3 +222,10 @@ def test_token_files_are_read_in_chunks_not_mapped(tmp_path, monkeypatch):
         corpus = tl.load_corpus(cfg)
         splits = tl.prepare_data(cfg, corpus, tl.build_tokenizer(cfg, corpus))
         assert len(splits["val"]) > 0 and splits["train"].start_ids and splits["val"].tokens_per_byte > 0
+
+
+def test_empty_documents_are_not_counted(tmp_path):
+    """Markers at the start, the end, twice in a row, or around whitespace end no document."""
+    text = f"{EOT}\n one {EOT}{EOT}  \n{EOT} two {EOT}\n\n{EOT}" + "x" * 5000 + f"{EOT} \n"
+    (tmp_path / "m.txt").write_text(text)
+    assert tl.load_corpus(tl.Config(data_path=str(tmp_path / "m.txt"))).documents == 3
