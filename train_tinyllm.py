@@ -1178,7 +1178,7 @@ def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE
     return tok, splits, data
 
 
-TOKEN_CACHE_FORMAT = 4  # bump when the layout of the token cache changes: old entries are ignored
+TOKEN_CACHE_FORMAT = 5  # bump when the layout of the token cache changes: old entries are ignored
 
 
 def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer, val_corpus: Corpus | None = None
@@ -2194,11 +2194,16 @@ LORA_TARGETS = {"attn": ("attn.qkv", "attn.out_proj"),  # --lora_targets: names 
                 "mlp": ("mlp.fc", "mlp.gate", "mlp.up", "mlp.out_proj")}
 
 
+def lora_target_set(targets: str) -> set[str]:
+    """--lora_targets as a set: 'mlp, attn' is 'attn,mlp'."""
+    return {t.strip() for t in targets.split(",")}
+
+
 def add_lora(model: GPT, cfg: Config) -> GPT:
     """Freeze every weight and put adapters on the --lora_targets layers of every block; the
     embedding and output head (tied or not) stay as they are."""
     model.requires_grad_(False)
-    wanted = {name for target in cfg.lora_targets.split(",") for name in LORA_TARGETS[target.strip()]}
+    wanted = {name for target in lora_target_set(cfg.lora_targets) for name in LORA_TARGETS[target]}
     for name, module in list(model.named_modules()):
         parent, _, attr = name.rpartition(".")
         if isinstance(module, nn.Linear) and name.startswith("blocks.") and name.split(".", 2)[2] in wanted:
@@ -2229,15 +2234,15 @@ def saved_weights(model: GPT) -> dict[str, torch.Tensor]:
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor]) -> None:
     """The inverse of saved_weights."""
-    if not has_lora(model):
-        model.load_state_dict(state)
-        return
     expected = saved_weights(model).keys()
-    if state.keys() != expected:
+    if has_lora(model) and state.keys() != expected:
         raise TinyLLMError(f"the checkpoint's adapters ({len(state)} tensors) do not fit this model's "
-                           f"{len(expected)}; resume with the --lora_rank and --lora_targets it was "
-                           f"trained with")
-    model.load_state_dict(state, strict=False)
+                           f"{len(expected)}; use the --lora_rank and --lora_targets it was trained with")
+    try:
+        model.load_state_dict(state, strict=not has_lora(model))
+    except RuntimeError as e:
+        raise TinyLLMError(f"the checkpoint's weights do not fit the model its config describes "
+                           f"({first_line(e)}); the checkpoint is damaged or was edited") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2388,7 +2393,11 @@ def sampling_copy(model: GPT, cfg: Config, device: torch.device) -> GPT:
     sees its weights rounded."""
     dtype = sampling_dtype(cfg, device)
     if has_lora(model):  # adapters folded in: one matmul per layer, as the exports have it
-        return merge_lora(copy.deepcopy(model)).to(dtype)
+        # the frozen base is shared when its dtype is the sampling one, else copied once in that
+        # dtype; merging makes new layers, so the live weights are never touched
+        frozen = {id(p): p if p.dtype == dtype else nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                  for p in model.parameters() if not p.requires_grad}
+        return merge_lora(copy.deepcopy(model, memo=frozen)).to(dtype)
     return copy.deepcopy(model).to(dtype) if dtype != model.wte.weight.dtype else model
 
 
@@ -2569,13 +2578,17 @@ class EMA:
 # ---- Measuring: FLOPs per token, device peaks, MFU, bits per byte, validation loss -----------
 
 def flops_per_token(model: GPT, context: int) -> float:
-    """Training FLOPs per token: 6 per weight of every matmul (2 forward, 4 backward), the output
-    head included and embedding lookups not, plus attention scores and mixing at 12 x layers x
-    context x width (the count of the PaLM paper's appendix B), over the window if one is set."""
-    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    """Training FLOPs per token: 6 per weight of every matmul (2 forward, 4 backward), 4 per
+    frozen one (LoRA's base: no weight gradient), the output head included and embedding lookups
+    not, plus attention scores and mixing at 12 x layers x context x width (the count of the PaLM
+    paper's appendix B), over the window if one is set."""
+    linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    trained = sum(w.numel() for w in linears if w.requires_grad)
+    frozen = sum(w.numel() for w in linears if not w.requires_grad)  # LoRA's base: no weight gradient
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     seen = min(context, model.cfg.sliding_window or context)
     width = model.cfg.n_head * head_size(model.cfg)  # of attention: n_embd unless head_dim is set
-    return 6 * matmul_weights + 12 * model.cfg.n_layer * seen * width
+    return 6 * (trained + adapters) + 4 * frozen + 12 * model.cfg.n_layer * seen * width
 
 
 # Dense peaks in TFLOP/s from vendor datasheets: (bf16/fp16 tensor cores, fp32 with TF32 where
@@ -2706,9 +2719,11 @@ def checkpoint_to_use(cfg: Config, mode: str) -> Path | None:
     return find_checkpoint(cfg) if mode in ("generate", "eval", "export") else None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     """Load with weights_only=True: a checkpoint can never run code while it is read. A
-    .safetensors export (no pickle at all) loads too, for sampling and evaluation."""
+    .safetensors export (no pickle at all) loads too, for sampling and evaluation. With `mmap`,
+    tensors are read from the file only when used (--init_from needs the weights, not the
+    optimizer state)."""
     if path.suffix == ".safetensors" and path.is_file():
         return load_safetensors(path)
     if not path.is_file():
@@ -2717,7 +2732,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         if holds_code(e, path):
             raise TinyLLMError(f"{path} was refused: it holds Python objects, not only tensors and "
@@ -2800,8 +2815,10 @@ def check_compatible(cfg: Config, explicit: dict[str, Any], ckpt: dict[str, Any]
             raise TinyLLMError(f"--{key} {getattr(cfg, key)!r} does not match the checkpoint "
                                f"{path} ({ckpt['config'][key]!r}); drop the flag, or use a new --out_dir "
                                f"to train a different model")
+    def same(key: str, a: Any, b: Any) -> bool:
+        return lora_target_set(a) == lora_target_set(b) if key == "lora_targets" else a == b
     for key in ("lora_rank", "lora_targets", "lora_alpha"):  # the adapters' shapes and scale
-        if key in explicit and explicit[key] != ckpt["config"].get(key, FIELDS[key].default):
+        if key in explicit and not same(key, explicit[key], ckpt["config"].get(key, FIELDS[key].default)):
             raise TinyLLMError(f"--{key} {explicit[key]!r} does not match the checkpoint {path} "
                                f"({ckpt['config'].get(key, FIELDS[key].default)!r}); drop the flag")
     if resuming and "init_from" in explicit and \
@@ -2864,8 +2881,14 @@ class TensorFiles:
             if (folder / single).is_file():
                 self.files = [folder / single]
             elif (folder / index).is_file():
-                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
-                self.files = [folder / shard for shard in sorted(set(weight_map.values()))]
+                weight_map = read_json(folder / index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise TinyLLMError(f"--init_from: {folder / index} has no weight_map; download it again")
+                self.files = [folder / str(shard) for shard in sorted(set(weight_map.values()))]
+                missing = [p.name for p in self.files if not p.is_file()]
+                if missing:
+                    raise TinyLLMError(f"--init_from {folder}: {index} lists {', '.join(missing[:3])}, which "
+                                       f"is missing; download every shard")
             if self.files:
                 for path in self.files:
                     add(path)
@@ -2874,28 +2897,40 @@ class TensorFiles:
                            f"pytorch_model.bin in it; download the whole model directory")
 
     def add_safetensors(self, path: Path) -> None:
+        lfs_pointer(path)
         try:
+            size = path.stat().st_size
             with open(path, "rb") as f:
                 start = 8 + int.from_bytes(f.read(8), "little")
+                if start > size:
+                    raise ValueError("its header is longer than the file")
                 header = json.loads(f.read(start - 8))
-            size = path.stat().st_size
             for name, info in header.items():
-                if name != "__metadata__":
-                    begin, end = info["data_offsets"]
-                    if start + end > size:
-                        raise ValueError(f"{name} ends past the end of the file")
-                    dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                    self.entries[name] = (path, start + begin, dtype, info["shape"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                if start + end > size:
+                    raise ValueError(f"{name} ends past the end of the file")
+                if info["dtype"] not in SAFETENSORS_DTYPES:
+                    raise TinyLLMError(f"--init_from: {path} stores {name} as {info['dtype']}, which we do "
+                                       f"not read; use the model's bf16, fp16 or fp32 weights")
+                self.entries[name] = (path, start + begin, SAFETENSORS_DTYPES[info["dtype"]], info["shape"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise TinyLLMError(f"--init_from: {path} cannot be read as safetensors ({first_line(e)}); "
                                f"it is corrupt, truncated or of a kind we do not read: download it "
                                f"again") from None
 
     def add_bin(self, path: Path) -> None:
+        lfs_pointer(path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # a file from before torch's zip format cannot be mapped
+                    if "mmap" not in str(e):
+                        raise
+                    state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             why = "it holds Python code, which we never run" if holds_code(e, path) else first_line(e)
             raise TinyLLMError(f"--init_from: {path} cannot be loaded safely ({why}); use the model's "
@@ -2916,6 +2951,14 @@ class TensorFiles:
         return tensor
 
 
+def lfs_pointer(path: Path) -> None:
+    """Refuse the small text file git leaves where a large file goes when git-lfs is missing."""
+    with open(path, "rb") as f:
+        if f.read(24) == b"version https://git-lfs.":
+            raise TinyLLMError(f"--init_from: {path} is a Git LFS pointer, not the weights; run git lfs pull "
+                               f"in that clone, or download with huggingface-cli")
+
+
 def load_source(path: Path) -> Source:
     """A HF model directory (config.json, weights, tokenizer.json) or a tinyllm checkpoint or
     safetensors export, as a Source; only headers are read here."""
@@ -2924,23 +2967,29 @@ def load_source(path: Path) -> Source:
     if not (path / "config.json").is_file():
         raise TinyLLMError(f"--init_from {path}: neither a tinyllm checkpoint (.pt) or export "
                            f"(.safetensors) nor a HF model directory with a config.json")
-    hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    hf = read_json(path / "config.json")
     family = HF_FAMILIES.get(hf.get("model_type", ""))
     if family is None:
         raise TinyLLMError(f"--init_from {path}: config.json has model_type = {hf.get('model_type')!r}, "
                            f"which tinyllm cannot compute; it imports {', '.join(HF_FAMILIES)}")
-    if not (path / "tokenizer.json").is_file():
-        raise TinyLLMError(f"--init_from {path}: no tokenizer.json; download the model's tokenizer "
-                           f"files too")
-    settings, context = family.settings(hf, str(path))
+    tok = source_tokenizer(path)
+    try:
+        settings, context = family.settings(hf, str(path))
+        vocab_size = int(hf["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TinyLLMError(f"--init_from {path}: config.json lacks or garbles {first_line(e)}, which a "
+                           f"{hf['model_type']} config has; download it again") from None
+    if tok.vocab_size > vocab_size:
+        raise TinyLLMError(f"--init_from {path}: tokenizer.json has {tok.vocab_size} tokens but the model "
+                           f"only {vocab_size} rows of embeddings; the files do not belong together")
+    if json.loads(tok.to_str())["model"]["type"] == "BPE":  # recorded in our configs and checkpoints
+        settings |= {"tokenizer": "bpe", "bpe_vocab_size": tok.vocab_size}
     files = TensorFiles(path)
     cfg = Config(**settings)
     names = set(files.entries)
-    tensors = family.tensors(cfg, names)
-    tokenizer = (path / "tokenizer.json").read_text(encoding="utf-8")
     return Source(path=path, family=hf["model_type"], config=settings, context=context,
-                  vocab_size=hf["vocab_size"], tokenizer=tokenizer, tensors=tensors, read=files.read,
-                  names=names,
+                  vocab_size=vocab_size, tokenizer=tok.to_str(), tensors=family.tensors(cfg, names),
+                  read=files.read, names=names,
                   transposed=frozenset(n for n in names if family.transposed(n)),
                   ignored=frozenset(n for n in names if n.endswith((".attn.bias", ".attn.masked_bias",
                                                                     "rotary_emb.inv_freq"))
@@ -2948,13 +2997,38 @@ def load_source(path: Path) -> Source:
                   fingerprint=sha256_hex(*map(file_fingerprint, [path / "config.json", *files.files])))
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a downloaded model's file, or one line that names the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TinyLLMError(f"--init_from: {path} cannot be read as JSON ({first_line(e)}); download it "
+                           f"again") from None
+    if not isinstance(value, dict):
+        raise TinyLLMError(f"--init_from: {path} holds no JSON object; download it again")
+    return value
+
+
+def source_tokenizer(path: Path) -> TextTokenizer:
+    if not (path / "tokenizer.json").is_file():
+        fix = ("convert it once with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+               if (path / "tokenizer.model").is_file() else "download the model's tokenizer files too")
+        raise TinyLLMError(f"--init_from {path}: no tokenizer.json; {fix}")
+    try:
+        return TextTokenizer.from_str((path / "tokenizer.json").read_text(encoding="utf-8"))
+    except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
+        raise TinyLLMError(f"--init_from: {path / 'tokenizer.json'} cannot be read as a tokenizer "
+                           f"({first_line(e)}); download it again") from None
+
+
 def tinyllm_source(path: Path) -> Source:
     """Our own checkpoint or safetensors export: its weights to continue from."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=True)
     state, cfg = ckpt["model"], ckpt["config"]
     if cfg.get("lora_rank"):
         raise TinyLLMError(f"--init_from {path} holds LoRA adapters, not a whole model; export it merged "
-                           f"(--export safetensors --ckpt {path}) and start from that file")
+                           f"(--export safetensors --ckpt {path} --out_dir {path.parent}) and start from "
+                           f"{path.parent / 'export-safetensors' / 'model.safetensors'}")
     settings = {k: cfg.get(k, FIELDS[k].default) for k in ARCH_KEYS if k != "block_size"}
     tied = settings["tie_weights"]
     names = set(state)
@@ -3100,15 +3174,16 @@ def check_source_compatible(cfg: Config, explicit: dict[str, Any], source: Sourc
     where = f"--init_from {source.path}"
     if "arch" in explicit:
         raise TinyLLMError(f"--arch sets an architecture, but {where} brings its own; drop --arch")
-    given = {k: explicit[k] for k in ARCH_KEYS if k in explicit and k != "block_size"}
+    for key in ("tokenizer", "tokenizer_path", "bpe_vocab_size"):
+        if key in explicit:
+            raise TinyLLMError(f"--{key}: {where} brings its own tokenizer; drop the flag")
+    given = {k: explicit[k] for k in ARCH_KEYS if k in explicit and k not in ("block_size", "tokenizer",
+                                                                             "bpe_vocab_size")}
     meant = arch_fields(**{**source.config, **given})  # --n_kv_head 4 means 0 with 4 heads, and so on
     for key in given:
         if meant[key] != source.config[key]:
             raise TinyLLMError(f"--{key} {given[key]!r} contradicts {where} ({source.config[key]!r}); "
                                f"the architecture comes from the source: drop the flag")
-    for key in ("tokenizer", "tokenizer_path", "bpe_vocab_size"):
-        if key in explicit:
-            raise TinyLLMError(f"--{key}: {where} brings its own tokenizer; drop the flag")
     if cfg.pos_encoding == "learned" and cfg.block_size > source.context:
         raise TinyLLMError(f"--block_size {cfg.block_size} is longer than the {source.context} positions "
                            f"{where} has learned; use --block_size {source.context} or less")
@@ -3119,8 +3194,10 @@ def model_from_source(cfg: Config, source: Source, device: torch.device) -> GPT:
     tensor at a time in place: no second copy of the weights is ever held."""
     with torch.device("meta"):
         model = GPT(cfg, source.vocab_size)
+    if cfg.tie_weights:  # to_empty would give the head a tensor of its own: tie it again after
+        model.lm_head.register_parameter("weight", None)
     model.to_empty(device=device)
-    if cfg.tie_weights:  # to_empty gives each module its own tensor: tie them again
+    if cfg.tie_weights:
         model.lm_head.weight = model.wte.weight
     with torch.device(device):
         model.positions = POSITIONS[cfg.pos_encoding](cfg)  # rotary tables are computed, not loaded
@@ -3383,7 +3460,8 @@ def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], d
     dtype = pick_dtype(cfg, device)
     peak = peak_flops(cfg, device, dtype)  # on a CPU: measured once, then read from the cache
     seed_everything(cfg.seed)
-    model = model_from_source(cfg, source, device) if source else GPT(cfg, tok.vocab_size).to(device)
+    vocab_size = ckpt["vocab_size"] if ckpt else tok.vocab_size  # a source's may exceed its tokenizer's
+    model = model_from_source(cfg, source, device) if source else GPT(cfg, vocab_size).to(device)
     if cfg.lora_rank:
         add_lora(model, cfg)
     model.grad_checkpointing = cfg.grad_checkpointing
@@ -3439,10 +3517,11 @@ def train(r: Resolved) -> list[dict[str, Any]]:
     """Train as configured, resuming from r.ckpt when there is one; returns the log and eval
     records (also in out_dir/metrics.jsonl)."""
     dist = init_distributed(r.cfg)
+    from_source = r.source is not None and r.ckpt is None  # a fresh run from --init_from
     run = start_run(r, dist)
     try:
         describe_run(run)
-        if r.source is not None and run.state.step == 0:  # where fine-tuning starts: the source's loss
+        if from_source:  # where fine-tuning starts: the source model's loss on this data
             best_weights, report = evaluate(run)
             save_checkpoints(run, best_weights)
             print0(report)
@@ -3573,6 +3652,7 @@ def start_run(r: Resolved, dist: Dist) -> Run:
     run = new_run(cfg, tok=tok, splits=splits, device=device, out=out, dist=dist, ckpt=ckpt, source=r.source)
     run.lock, run.data_sha256 = lock, data
     run.source_fingerprint = r.source.fingerprint if r.source else ""
+    r.source = None  # the model holds its weights now: the source's tensors (and mapped files) can go
     if ckpt and ckpt.get("data_sha256", data) != data:  # allowed by --allow_data_change: other val text
         run.state.best_val = float("inf")
     run.metrics = Metrics.for_run(cfg, out, dist.rank)  # opens TensorBoard/W&B: after every refusal
@@ -3787,6 +3867,7 @@ def load_for_use(r: Resolved) -> Loaded:
     device = pick_device(r.cfg.device)
     tok = TextTokenizer.from_str(ckpt["tokenizer"])
     model = model_from_checkpoint(ckpt, r.cfg, device, r.source).eval()
+    r.source = None  # a LoRA base's tensors are in the merged model now
     return Loaded(r.cfg, r.ckpt_path, ckpt["step"], tok, model, device, ckpt.get("start_ids"))
 
 

@@ -110,7 +110,8 @@ def test_lora_resume_is_exact(run_args, base_run, tmp_path, capsys):
     assert tl.main(lora_args(run_args, base_run, "--lora_dropout", "0.1", out="straight")) == 0
     assert tl.main(lora_args(run_args, base_run, "--lora_dropout", "0.1", "--stop_at_step", "3",
                              out="split")) == 0
-    assert tl.main(lora_args(run_args, base_run, "--lora_dropout", "0.1", "--resume", out="split")) == 0
+    assert tl.main(lora_args(run_args, base_run, "--lora_dropout", "0.1", "--resume", "--lora_targets",
+                             "mlp, attn", out="split")) == 0  # the same targets, written otherwise
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
@@ -173,3 +174,21 @@ def test_lora_compiled_and_on_two_ranks_follows_eager_one_process(run_args, base
     assert losses(records) == pytest.approx(losses(eager), rel=1e-5)
     ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
     assert all(".lora_" in k and not k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sampling_copy_is_merged_and_leaves_the_live_model_alone(dtype):
+    model = tl.add_lora(tiny(), tiny().cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    live = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    cfg = dataclass_replace(model.cfg, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    sampler = tl.sampling_copy(model, cfg, torch.device("cpu"))
+    assert not tl.has_lora(sampler) and sampler.wte.weight.dtype == dtype
+    assert all(torch.equal(p, live[n]) and p.dtype == torch.float32 for n, p in model.state_dict().items())
+    idx = torch.randint(50, (1, 10))
+    with torch.no_grad():
+        expected = tl.merge_lora(copy.deepcopy(model)).to(dtype)(idx)[0]
+        assert (sampler(idx)[0].float() - expected.float()).abs().max() < 1e-2

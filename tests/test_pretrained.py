@@ -65,6 +65,7 @@ def test_logits_and_greedy_tokens_equal_transformers(case, tokenizer_json, tmp_p
     family, overrides = FAMILIES[case]
     theirs = save_hf(family, tmp_path / "hf", tokenizer_json, **overrides)
     model, _ = ours(tmp_path / "hf")
+    assert (model.lm_head.weight is model.wte.weight) == model.cfg.tie_weights  # tied once more
     idx = torch.randint(V, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (model(idx)[0] - theirs(idx).logits).abs().max().item()
@@ -233,3 +234,71 @@ def test_init_from_our_own_checkpoint_starts_fresh(run_args, tmp_path, capsys):
     assert second[0]["step"] == 0 and second[0]["val_loss"] == pytest.approx(first[-1]["val_loss"], abs=1e-6)
     second = torch.load(tmp_path / "second" / "ckpt.pt", weights_only=True)
     assert second["step"] == 6 and second["config"]["init_from"].endswith("ckpt.pt")
+
+
+def broken(kind, folder):
+    """Damage a saved model directory the way downloads go wrong."""
+    if kind == "truncated config.json":
+        (folder / "config.json").write_text((folder / "config.json").read_text()[:40])
+    elif kind == "config without a field":
+        config = json.loads((folder / "config.json").read_text())
+        del config["intermediate_size"]
+        (folder / "config.json").write_text(json.dumps(config))
+    elif kind == "git-lfs pointer":
+        pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:ab\n"
+        (folder / "model.safetensors").write_text(pointer)
+    elif kind == "unreadable tokenizer.json":
+        (folder / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
+    elif kind == "tokenizer larger than the model":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 200}))
+    elif kind == "a shard missing":
+        (folder / "model.safetensors").unlink()
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    elif kind == "fp8 weights":
+        from safetensors.torch import save_file
+        save_file({"model.embed_tokens.weight": torch.zeros(4, 4).to(torch.float8_e4m3fn)},
+                  str(folder / "model.safetensors"))
+    elif kind == "tokenizer.model only":
+        (folder / "tokenizer.json").unlink()
+        (folder / "tokenizer.model").write_bytes(b"\x00")
+
+
+BROKEN = {"truncated config.json": "cannot be read as JSON", "config without a field": "'intermediate_size'",
+          "git-lfs pointer": "Git LFS pointer", "unreadable tokenizer.json": "cannot be read as a tokenizer",
+          "tokenizer larger than the model": "only 200 rows", "a shard missing": "is missing",
+          "fp8 weights": "F8_E4M3", "tokenizer.model only": "AutoTokenizer.from_pretrained"}
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_broken_downloads_are_refused_in_one_line(kind, tokenizer_json, tmp_path, run_args, capsys):
+    save_hf("llama", tmp_path / "hf", tokenizer_json)
+    broken(kind, tmp_path / "hf")
+    capsys.readouterr()
+    assert tl.main(run_args("--init_from", str(tmp_path / "hf"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert BROKEN[kind] in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_legacy_pytorch_bin_loads(tokenizer_json, tmp_path):
+    theirs = save_hf("llama", tmp_path / "hf", tokenizer_json)
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(theirs.state_dict(), tmp_path / "hf" / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)  # as files from before torch 1.6 are
+    model, _ = ours(tmp_path / "hf")
+    idx = torch.randint(V, (1, 8))
+    with torch.no_grad():
+        assert (model(idx)[0] - theirs(idx).logits).abs().max() < 1e-4
+
+
+def test_a_vocabulary_larger_than_the_tokenizer_trains_and_resumes(tokenizer_json, tmp_path, run_args,
+                                                                    capsys):
+    """Qwen3 pads its embedding past its tokenizer (151,936 rows for 151,669 tokens)."""
+    save_hf("llama", tmp_path / "hf", tokenizer_json, vocab_size=V + 20)
+    assert tl.main(run_args("--init_from", str(tmp_path / "hf"), "--stop_at_step", "3")) == 0
+    assert tl.main(run_args("--init_from", str(tmp_path / "hf"), "--resume")) == 0
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["vocab_size"] == V + 20
+    capsys.readouterr()
+    assert tl.main(run_args("--init_from", str(tmp_path / "hf"), "--tokenizer", "bpe", out="other")) == 2
+    assert "brings its own tokenizer" in capsys.readouterr().err
