@@ -494,6 +494,7 @@ def data_checks(cfg: Config) -> list[Check]:
 
 def training_checks(cfg: Config) -> list[Check]:
     targets = [t.strip() for t in cfg.lora_targets.split(",")]
+    narrowest = min(cfg.n_embd, cfg.n_head * head_size(cfg))  # of the layers LoRA adapts
     return [
         (cfg.lora_rank < 0, "--lora_rank must be 0 (off) or positive"),
         (cfg.lora_rank > 0 and not cfg.init_from,
@@ -503,6 +504,9 @@ def training_checks(cfg: Config) -> list[Check]:
         (not 0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}"),
         (not targets or any(t not in LORA_TARGETS for t in targets),
          f"--lora_targets {cfg.lora_targets!r}: give attn, mlp or attn,mlp"),
+        (cfg.lora_rank >= narrowest > 0,
+         f"--lora_rank {cfg.lora_rank} is no low rank for layers {narrowest} wide; use a smaller rank (4 to "
+         f"64 is usual), or full fine-tuning (no --lora_rank)"),
         (cfg.lora_rank > 0 and cfg.optimizer == "muon",
          "--optimizer muon orthogonalizes whole weight matrices, not adapters; with --lora_rank use "
          "adamw, adamw8bit or lion"),
@@ -591,20 +595,25 @@ def resolve(argv: list[str] | None) -> Resolved:
     defaults < --arch preset < --config file < flags; when the mode starts from a checkpoint, its
     config takes the place of the defaults. Every mode takes what this returns."""
     explicit = parse_args(argv)
+    if explicit.get("init_from"):  # absolute: a LoRA checkpoint finds its base by it from anywhere
+        explicit["init_from"] = str(Path(explicit["init_from"]).resolve())
     cfg = merge_config(explicit)
     validate(cfg, (run_checks,))  # the mode first: it decides whether a checkpoint is read
     mode = (modes_asked(cfg) or ["train"])[0]
     path = checkpoint_to_use(cfg, mode)
-    if cfg.init_from and mode != "train":
+    if cfg.init_from and mode != "train" and path is None:
         flag = {"generate": "generate_only", "eval": "eval_only"}.get(mode, mode)
-        raise TinyLLMError(f"--init_from starts a training run and does not combine with --{flag}; "
-                           f"train first, or drop --init_from")
+        raise TinyLLMError(f"--init_from starts a training run (or points a LoRA checkpoint at its moved "
+                           f"base); --{flag} does not take it: drop --init_from")
     if path is None and cfg.init_from:
         source = load_source(Path(cfg.init_from))
-        where = {"init_from": str(source.path.resolve())}  # what a LoRA checkpoint will find it by
-        cfg = merge_config({**explicit, **where}, base=source_defaults(source))
-        validate(cfg, SETTING_CHECKS)
+        cfg = merge_config(explicit, base=source_defaults(source))
+        try:
+            validate(cfg, SETTING_CHECKS)
+        except TinyLLMError as e:  # the source's own config may be what cannot work
+            raise TinyLLMError(f"--init_from {source.path}, with its config: {e}") from None
         check_source_compatible(cfg, explicit, source)
+        check_source_shapes(cfg, source)
         refuse_existing_run(cfg)
         return Resolved(mode, cfg, source=source)
     if path is None:
@@ -616,7 +625,7 @@ def resolve(argv: list[str] | None) -> Resolved:
     cfg = merge_config(explicit, base=ckpt["config"])
     validate(cfg, SETTING_CHECKS)
     check_compatible(cfg, explicit, ckpt, path, resuming=mode == "train")
-    source = lora_base(ckpt, path) if ckpt["config"].get("lora_rank") else None
+    source = lora_base(ckpt, path, cfg.init_from) if ckpt["config"].get("lora_rank") else None
     return Resolved(mode, cfg, ckpt, path, source)
 
 
@@ -833,7 +842,9 @@ class TextTokenizer:
 
     def __init__(self, hf: Any):
         self.hf = hf
-        self.kind = "char" if json.loads(hf.to_str())["model"]["type"] == "WordLevel" else "other"
+        model = json.loads(hf.to_str())["model"]  # ours: WordLevel whose vocabulary has no unknown token
+        self.kind = "char" if model["type"] == "WordLevel" and model.get("unk_token") not in model["vocab"] \
+            else "other"
         self.vocab = hf.get_vocab(with_added_tokens=True)
         special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
         self.eot = next((t for t in END_OF_TEXT if t in special), None)  # between documents
@@ -2350,23 +2361,26 @@ def generate(model: GPT, idx: torch.Tensor, s: SampleSettings, generator: torch.
 
 
 class TextStreamer:
-    """Prints text as tokens arrive. Only the tokens not yet printed are decoded (both our
-    tokenizers decode a run of tokens to exactly its own bytes), and a run that ends inside a
-    UTF-8 character waits for the rest. The end-of-text token ends a sample; it is not printed."""
+    """Prints text as tokens arrive: the text of the prompt and the tokens so far, less what is
+    already printed. Decoding new tokens after what precedes them keeps the space that
+    SentencePiece-style decoders (Llama 2, TinyLlama) drop at the start of a text; a text that
+    ends inside a UTF-8 character waits for the rest. The end-of-text token ends a sample; it is
+    not printed."""
 
-    def __init__(self, tok: TextTokenizer):
-        self.tok, self.pending = tok, []
+    def __init__(self, tok: TextTokenizer, prompt_ids: list[int] | None = None):
+        self.tok, self.ids = tok, list(prompt_ids or [])
+        self.printed = len(tok.decode(self.ids))
 
     def __call__(self, nxt: torch.Tensor) -> None:
         token = int(nxt[0, 0])
         if token == self.tok.eot_id:
             return
-        self.pending.append(token)
-        text = self.tok.decode(self.pending)
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
         if not text.endswith("\ufffd"):
-            sys.stdout.write(text)
+            sys.stdout.write(text[self.printed:])
             sys.stdout.flush()
-            self.pending.clear()
+            self.printed = len(text)
 
 
 def encode_prompt(tok: TextTokenizer, prompt: str, start_ids: list[int] | None = None) -> list[int]:
@@ -2414,7 +2428,7 @@ def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.dev
         if is_rank0():
             print(f"--- sample {i + 1}/{cfg.num_samples} ---\n{cfg.prompt}", end="", flush=True)
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        streamer = TextStreamer(tok) if is_rank0() else None
+        streamer = TextStreamer(tok, prompt_ids) if is_rank0() else None
         generate(model, idx, settings, generator, streamer, stop_id=tok.eot_id)
         print0()
 
@@ -2576,6 +2590,11 @@ class EMA:
 
 
 # ---- Measuring: FLOPs per token, device peaks, MFU, bits per byte, validation loss -----------
+
+def perplexity(loss: float) -> float:
+    """exp(loss), infinite past what a float holds (a model far from the data)."""
+    return math.exp(loss) if loss < 709 else math.inf
+
 
 def flops_per_token(model: GPT, context: int) -> float:
     """Training FLOPs per token: 6 per weight of every matmul (2 forward, 4 backward), 4 per
@@ -2821,10 +2840,15 @@ def check_compatible(cfg: Config, explicit: dict[str, Any], ckpt: dict[str, Any]
         if key in explicit and not same(key, explicit[key], ckpt["config"].get(key, FIELDS[key].default)):
             raise TinyLLMError(f"--{key} {explicit[key]!r} does not match the checkpoint {path} "
                                f"({ckpt['config'].get(key, FIELDS[key].default)!r}); drop the flag")
-    if resuming and "init_from" in explicit and \
-            Path(explicit["init_from"]).resolve() != Path(ckpt["config"].get("init_from") or "/").resolve():
+    lora = bool(ckpt["config"].get("lora_rank"))
+    if "init_from" in explicit and not lora and explicit["init_from"] != ckpt["config"].get("init_from"):
         raise TinyLLMError(f"--init_from {explicit['init_from']} is not what {path} started from "
-                           f"({ckpt['config'].get('init_from') or 'nothing'}); drop the flag to resume")
+                           f"({ckpt['config'].get('init_from') or 'nothing'}) and the checkpoint holds every "
+                           f"weight; drop the flag")
+    if resuming and "optimizer" in explicit and explicit["optimizer"] != ckpt["config"].get("optimizer"):
+        raise TinyLLMError(f"--optimizer {explicit['optimizer']} is not the optimizer of {path} "
+                           f"({ckpt['config'].get('optimizer')}), whose state would not fit; drop the flag, "
+                           f"or start a new run with --init_from {path} --optimizer {explicit['optimizer']}")
     if resuming and "tokenizer_path" in explicit and cfg.tokenizer_path and \
             load_tokenizer_file(cfg.tokenizer_path).to_str() != ckpt["tokenizer"]:
         raise TinyLLMError(f"--tokenizer_path {cfg.tokenizer_path} is not the tokenizer of {path}; "
@@ -2846,6 +2870,7 @@ class Source:
     tokenizer: str  # tokenizer.json
     tensors: dict[str, list[str]]  # our parameter -> source tensors stacked along its rows (q, k, v)
     read: Callable[[str], torch.Tensor]
+    spec: Callable[[str], tuple[tuple[int, ...], torch.dtype]]  # shape and dtype, from the header
     names: set[str]  # every tensor the source holds
     transposed: frozenset[str] = frozenset()  # stored (in, out): GPT-2's Conv1D
     ignored: frozenset[str] = frozenset()  # buffers and duplicates that carry no weights of ours
@@ -2868,9 +2893,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 class TensorFiles:
     """The tensors of a HF model directory by name, each read when asked for: safetensors (one
-    file, or the shards its index lists) through plain file reads, so that no mapped page of a
-    multi-gigabyte file counts as resident memory; else pytorch_model.bin (or its shards),
-    loaded with weights_only=True, memory-mapped."""
+    file, or the shards its index maps each tensor to) through plain file reads, so that no
+    mapped page of a multi-gigabyte file counts as resident memory; else pytorch_model.bin (or
+    its shards), loaded with weights_only=True, memory-mapped."""
 
     def __init__(self, folder: Path):
         self.entries: dict[str, tuple[Path, int, torch.dtype, list[int]] | torch.Tensor] = {}
@@ -2880,47 +2905,34 @@ class TensorFiles:
         for single, index, add in kinds:
             if (folder / single).is_file():
                 self.files = [folder / single]
-            elif (folder / index).is_file():
-                weight_map = read_json(folder / index).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise TinyLLMError(f"--init_from: {folder / index} has no weight_map; download it again")
-                self.files = [folder / str(shard) for shard in sorted(set(weight_map.values()))]
-                missing = [p.name for p in self.files if not p.is_file()]
-                if missing:
-                    raise TinyLLMError(f"--init_from {folder}: {index} lists {', '.join(missing[:3])}, which "
-                                       f"is missing; download every shard")
-            if self.files:
+                add(folder / single, None)
+                return
+            if (folder / index).is_file():
+                shards = shard_map(folder, index)
+                self.files = [folder / shard for shard in sorted(set(shards.values()))]
                 for path in self.files:
-                    add(path)
+                    add(path, {name for name, shard in shards.items() if shard == path.name})
                 return
         raise TinyLLMError(f"--init_from {folder}: no model.safetensors, model.safetensors.index.json or "
                            f"pytorch_model.bin in it; download the whole model directory")
 
-    def add_safetensors(self, path: Path) -> None:
+    def keep(self, path: Path, found: dict[str, Any], wanted: set[str] | None) -> None:
+        """A file's tensors: all of them, or with an index exactly those it maps to this file."""
+        if wanted is not None and wanted - found.keys():
+            raise TinyLLMError(f"--init_from: {path} lacks {sorted(wanted - found.keys())[0]}, which the "
+                               f"index puts there; download the shards again")
+        self.entries.update({k: v for k, v in found.items() if wanted is None or k in wanted})
+
+    def add_safetensors(self, path: Path, wanted: set[str] | None) -> None:
         lfs_pointer(path)
         try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                start = 8 + int.from_bytes(f.read(8), "little")
-                if start > size:
-                    raise ValueError("its header is longer than the file")
-                header = json.loads(f.read(start - 8))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                if start + end > size:
-                    raise ValueError(f"{name} ends past the end of the file")
-                if info["dtype"] not in SAFETENSORS_DTYPES:
-                    raise TinyLLMError(f"--init_from: {path} stores {name} as {info['dtype']}, which we do "
-                                       f"not read; use the model's bf16, fp16 or fp32 weights")
-                self.entries[name] = (path, start + begin, SAFETENSORS_DTYPES[info["dtype"]], info["shape"])
+            self.keep(path, safetensors_header(path), wanted)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise TinyLLMError(f"--init_from: {path} cannot be read as safetensors ({first_line(e)}); "
                                f"it is corrupt, truncated or of a kind we do not read: download it "
                                f"again") from None
 
-    def add_bin(self, path: Path) -> None:
+    def add_bin(self, path: Path, wanted: set[str] | None) -> None:
         lfs_pointer(path)
         try:
             with warnings.catch_warnings():
@@ -2932,10 +2944,21 @@ class TensorFiles:
                         raise
                     state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            why = "it holds Python code, which we never run" if holds_code(e, path) else first_line(e)
-            raise TinyLLMError(f"--init_from: {path} cannot be loaded safely ({why}); use the model's "
-                               f".safetensors files") from None
-        self.entries.update(state)
+            if holds_code(e, path):
+                raise TinyLLMError(f"--init_from: {path} was refused: it holds Python code, which we never "
+                                   f"run; use the model's .safetensors files") from None
+            raise TinyLLMError(f"--init_from: {path} cannot be read ({first_line(e)}); it is corrupt or "
+                               f"truncated: download it again") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise TinyLLMError(f"--init_from: {path} holds no plain state dict of tensors; use the model's "
+                               f".safetensors files")
+        self.keep(path, state, wanted)
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        entry = self.entries[name]
+        if isinstance(entry, torch.Tensor):
+            return tuple(entry.shape), entry.dtype
+        return tuple(entry[3]), entry[2]
 
     def read(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
@@ -2951,6 +2974,53 @@ class TensorFiles:
         return tensor
 
 
+def shard_map(folder: Path, index: str) -> dict[str, str]:
+    """An index's weight_map: tensor name -> shard file, every shard a file in `folder`."""
+    weight_map = read_json(folder / index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise TinyLLMError(f"--init_from: {folder / index} has no weight_map of shard names; download it "
+                           f"again")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard:
+            raise TinyLLMError(f"--init_from: {folder / index} maps tensors to {shard}, outside the model "
+                               f"directory; use the index the model came with")
+        if not (folder / shard).is_file():
+            raise TinyLLMError(f"--init_from {folder}: {index} lists {shard}, which is missing; download "
+                               f"every shard")
+    return weight_map
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[Path, int, torch.dtype, list[int]]]:
+    """Where each tensor of a .safetensors file lies, checked: every span inside the file, of
+    exactly its shape's size, none overlapping another (the format's own rules)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+        if start > size:
+            raise ValueError("its header is longer than the file")
+        header = json.loads(f.read(start - 8))
+    entries, spans = {}, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise TinyLLMError(f"--init_from: {path} stores {name} as {info['dtype']}, which we do not "
+                               f"read; use the model's bf16, fp16 or fp32 weights")
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        if not all(isinstance(n, int) and n >= 0 for n in [*shape, begin, end]):
+            raise ValueError(f"{name} has a negative or non-integer shape or offset")
+        if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:
+            raise ValueError(f"{name} takes bytes {begin}-{end}, which do not hold its shape {shape} "
+                             f"inside the file")
+        entries[name] = (path, start + begin, dtype, shape)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"{name} and {other} share bytes")
+    return entries
+
+
 def lfs_pointer(path: Path) -> None:
     """Refuse the small text file git leaves where a large file goes when git-lfs is missing."""
     with open(path, "rb") as f:
@@ -2962,8 +3032,17 @@ def lfs_pointer(path: Path) -> None:
 def load_source(path: Path) -> Source:
     """A HF model directory (config.json, weights, tokenizer.json) or a tinyllm checkpoint or
     safetensors export, as a Source; only headers are read here."""
+    if not path.exists():
+        raise TinyLLMError(f"--init_from {path} does not exist; give a model directory or a tinyllm "
+                           f"checkpoint")
     if path.is_file():
-        return tinyllm_source(path)
+        try:
+            return tinyllm_source(path)
+        except TinyLLMError:
+            if (path.parent / "config.json").is_file():
+                raise TinyLLMError(f"--init_from {path} is one file of a model directory; give the "
+                                   f"directory, {path.parent}") from None
+            raise
     if not (path / "config.json").is_file():
         raise TinyLLMError(f"--init_from {path}: neither a tinyllm checkpoint (.pt) or export "
                            f"(.safetensors) nor a HF model directory with a config.json")
@@ -2989,12 +3068,25 @@ def load_source(path: Path) -> Source:
     names = set(files.entries)
     return Source(path=path, family=hf["model_type"], config=settings, context=context,
                   vocab_size=vocab_size, tokenizer=tok.to_str(), tensors=family.tensors(cfg, names),
-                  read=files.read, names=names,
+                  read=files.read, spec=files.spec, names=names,
                   transposed=frozenset(n for n in names if family.transposed(n)),
                   ignored=frozenset(n for n in names if n.endswith((".attn.bias", ".attn.masked_bias",
                                                                     "rotary_emb.inv_freq"))
                                     or (n == "lm_head.weight" and cfg.tie_weights)),
-                  fingerprint=sha256_hex(*map(file_fingerprint, [path / "config.json", *files.files])))
+                  fingerprint=content_fingerprint([path / "config.json", *files.files]))
+
+
+def content_fingerprint(files: list[Path]) -> str:
+    """Sizes and the first and last MB of a model's files: cheap for gigabytes, and the same for
+    a copy or a move (unlike file_fingerprint, which keys caches by place and date)."""
+    parts: list[str | bytes] = []
+    for p in files:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(1 << 20)
+            f.seek(max(0, size - (1 << 20)))
+            parts += [str(size), head, f.read(1 << 20)]
+    return sha256_hex(*parts)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -3035,22 +3127,25 @@ def tinyllm_source(path: Path) -> Source:
     return Source(path=path, family="tinyllm", config=settings, context=cfg["block_size"],
                   vocab_size=ckpt["vocab_size"], tokenizer=ckpt["tokenizer"],
                   tensors={k: [k] for k in state if not (tied and k == "lm_head.weight")},
-                  read=state.__getitem__, names=names,
-                  ignored=frozenset({"lm_head.weight"} if tied else ()), fingerprint=file_fingerprint(path))
+                  read=state.__getitem__, spec=lambda n: (tuple(state[n].shape), state[n].dtype),
+                  names=names,
+                  ignored=frozenset({"lm_head.weight"} if tied else ()),
+                  fingerprint=content_fingerprint([path]))
 
 
-def lora_base(ckpt: dict[str, Any], path: Path) -> Source:
-    """The base model a LoRA checkpoint's adapters were trained on, refused when it is gone or
-    its files have changed (the adapters only fit the weights they were trained with)."""
-    base = ckpt["config"]["init_from"]
+def lora_base(ckpt: dict[str, Any], path: Path, base: str) -> Source:
+    """The base model a LoRA checkpoint's adapters were trained on: where the checkpoint says,
+    or where --init_from says it has moved; refused when it is gone or its files differ (the
+    adapters only fit the weights they were trained with)."""
     try:
         source = load_source(Path(base))
     except TinyLLMError as e:
         raise TinyLLMError(f"{path} holds LoRA adapters for the base model {base}, which cannot be read "
-                           f"({e}); put it back where it was") from None
+                           f"({e}); put it back, or give its new place with --init_from") from None
     if source.fingerprint != ckpt.get("source_fingerprint"):
-        raise TinyLLMError(f"{path} holds LoRA adapters for {base}, whose files have changed since (size, "
-                           f"date or content); restore the base they were trained on, or train anew")
+        raise TinyLLMError(f"{path} holds LoRA adapters for a base whose files differ from those at {base} "
+                           f"(size or content); give the base they were trained on (--init_from), or train "
+                           f"anew")
     return source
 
 
@@ -3187,11 +3282,52 @@ def check_source_compatible(cfg: Config, explicit: dict[str, Any], source: Sourc
     if cfg.pos_encoding == "learned" and cfg.block_size > source.context:
         raise TinyLLMError(f"--block_size {cfg.block_size} is longer than the {source.context} positions "
                            f"{where} has learned; use --block_size {source.context} or less")
+    out = Path(cfg.out_dir).resolve()
+    if cfg.lora_rank and (source.path == out or out in source.path.parents):
+        raise TinyLLMError(f"{where} lies in --out_dir {cfg.out_dir}, where this run writes its checkpoints; "
+                           f"the adapters need their base to stay as it is: copy it elsewhere or pick "
+                           f"another --out_dir")
+    if cfg.block_size > source.context:  # rope: allowed, but past what the source was trained on
+        print0(f"note: --block_size {cfg.block_size} is longer than the {source.context} tokens {where} was "
+               f"trained on; rotary positions extend, but quality past {source.context} is not known")
+
+
+def check_source_shapes(cfg: Config, source: Source) -> None:
+    """Every parameter of the model `cfg` describes has its tensors in the source, of the right
+    shapes and floating-point, and no source tensor is left over; checked from the headers
+    before any run directory is touched."""
+    with torch.device("meta"):
+        params = dict(GPT(cfg, source.vocab_size).named_parameters())
+    missing = sorted(set(params) - set(source.tensors))
+    absent = sorted(n for names in source.tensors.values() for n in names if n not in source.names)
+    unused = sorted(source.names - {n for names in source.tensors.values() for n in names} - source.ignored)
+    for problem, names in (("lacks", absent or missing),
+                           ("holds tensors we have no place for, such as", unused)):
+        if names:
+            raise TinyLLMError(f"--init_from {source.path} {problem} {', '.join(names[:3])}; it is not a "
+                               f"plain {source.family} model of the shape its config describes")
+    for ours, names in source.tensors.items():
+        rows, want = 0, tuple(params[ours].shape)
+        for name in names:
+            shape, dtype = source.spec(name)
+            shape = shape[::-1] if name in source.transposed else shape
+            if ours == "positions.wpe.weight":
+                shape = (min(shape[0], cfg.block_size), *shape[1:])  # learned positions cropped
+            if not dtype.is_floating_point or shape[1:] != want[1:]:
+                kind = str(dtype).removeprefix("torch.")
+                raise TinyLLMError(f"--init_from {source.path}: {name} is {kind} {list(shape)}, which does "
+                                   f"not fit {ours} {list(want)} of the model its config describes; the "
+                                   f"files do not belong together")
+            rows += shape[0] if shape else 1
+        if rows != want[0]:
+            raise TinyLLMError(f"--init_from {source.path}: {', '.join(names)} fill {rows} of the {want[0]} "
+                               f"rows of {ours}; the files do not belong together")
 
 
 def model_from_source(cfg: Config, source: Source, device: torch.device) -> GPT:
     """The model with the source's weights, built without random initialization and filled one
     tensor at a time in place: no second copy of the weights is ever held."""
+    check_source_shapes(cfg, source)
     with torch.device("meta"):
         model = GPT(cfg, source.vocab_size)
     if cfg.tie_weights:  # to_empty would give the head a tensor of its own: tie it again after
@@ -3202,31 +3338,16 @@ def model_from_source(cfg: Config, source: Source, device: torch.device) -> GPT:
     with torch.device(device):
         model.positions = POSITIONS[cfg.pos_encoding](cfg)  # rotary tables are computed, not loaded
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(source.tensors))
-    absent = sorted(n for names in source.tensors.values() for n in names if n not in source.names)
-    unused = sorted(source.names - {n for names in source.tensors.values() for n in names} - source.ignored)
-    for problem, names in (("lacks", absent or missing),
-                           ("holds tensors we have no place for, such as", unused)):
-        if names:
-            raise TinyLLMError(f"--init_from {source.path} {problem} {', '.join(names[:3])}; it is not a "
-                               f"plain {source.family} model of the shape its config describes")
     with torch.no_grad():
         for ours, names in source.tensors.items():
-            param, row = params[ours], 0
+            row = 0
             for name in names:
                 tensor = source.read(name)
                 tensor = tensor.t() if name in source.transposed else tensor
                 if ours == "positions.wpe.weight":
                     tensor = tensor[:cfg.block_size]  # learned positions cropped to the context
-                if tensor.shape[1:] != param.shape[1:] or row + len(tensor) > len(param):
-                    raise TinyLLMError(f"--init_from {source.path}: {name} has shape {tuple(tensor.shape)}, "
-                                       f"which does not fit {ours} {tuple(param.shape)} of the shape its "
-                                       f"config describes; the files do not belong together")
-                param[row:row + len(tensor)].copy_(tensor)
+                params[ours][row:row + len(tensor)].copy_(tensor)
                 row += len(tensor)
-            if row != len(param):
-                raise TinyLLMError(f"--init_from {source.path}: {', '.join(names)} fill {row} of the "
-                                   f"{len(param)} rows of {ours}; the files do not belong together")
     return model
 
 
@@ -3669,7 +3790,8 @@ def describe_run(run: Run) -> None:
     if cfg.lora_rank:
         trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
         print0(f"lora: rank {cfg.lora_rank} on {cfg.lora_targets}, alpha {cfg.lora_alpha:g}: {trained:,} "
-               f"trainable parameters ({100 * trained / run.model.num_params():.2f}%), the rest frozen")
+               f"trainable parameters ({100 * trained / run.model.num_params():.2f}%), trained without "
+               f"weight decay; the rest frozen")
     print0(f"engine: device {run.device}, {str(run.dtype).removeprefix('torch.')}"
            f"{' autocast' if run.dtype != torch.float32 else ''}, optimizer {cfg.optimizer}, "
            f"{'compiled' if cfg.compile else 'eager'}, {run.dist.world_size} process(es)"
@@ -3743,7 +3865,7 @@ def evaluate(run: Run) -> tuple[dict[str, torch.Tensor] | None, str]:
     losses = estimate_loss(run.model, run.splits, run.cfg, run.device, run.dtype)
     per_byte = run.splits["val"].tokens_per_byte
     record = {"step": run.state.step, "train_loss": losses["train"], "val_loss": losses["val"],
-              "val_ppl": math.exp(losses["val"]), "val_bpb": bits_per_byte(losses["val"], per_byte),
+              "val_ppl": perplexity(losses["val"]), "val_bpb": bits_per_byte(losses["val"], per_byte),
               "elapsed_s": run.state.elapsed}
     candidates = {"live": (losses["val"], run.model)}
     if run.ema is not None:
@@ -3889,7 +4011,7 @@ def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
                            f"+ 1 = {use.cfg.block_size + 1}")
     result = evaluate_tokens(use.model, tokens, use.cfg.batch_size, use.device,
                              pick_dtype(use.cfg, use.device))
-    result.update(perplexity=math.exp(result["loss"]), bpb=bits_per_byte(result["loss"], per_byte))
+    result.update(perplexity=perplexity(result["loss"]), bpb=bits_per_byte(result["loss"], per_byte))
     print0(f"eval of {use.path} (step {use.step}) on {name}: {int(result['tokens']):,} tokens")
     print0(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | bits per byte "
            f"{result['bpb']:.4f} | next-token accuracy {100 * result['accuracy']:.2f}%")
@@ -4054,9 +4176,13 @@ def export_checkpoint(r: Resolved) -> Path:
     (a full disk, a refusal) leaves no half export, and the previous one stays. Renames within
     one directory need no space, and the directory itself is never replaced (a mount point or a
     symlink stays what it is)."""
+    folder = Path(r.cfg.export_dir or Path(r.cfg.out_dir) / f"export-{r.cfg.export}")
+    base = r.source.path.resolve() if r.source else None  # a LoRA checkpoint's base
+    if base is not None and (base == folder.resolve() or folder.resolve() in base.parents):
+        raise TinyLLMError(f"--export_dir {folder} holds the base model of {r.ckpt_path}, which its adapters "
+                           f"need; exporting there would overwrite it: pick another --export_dir")
     use = load_for_use(r)
     fmt, exporter = use.cfg.export, EXPORTERS[use.cfg.export]
-    folder = Path(use.cfg.export_dir or Path(use.cfg.out_dir) / f"export-{fmt}")
     created = check_export_dir(folder, chosen=bool(use.cfg.export_dir))
     staging = folder / f"{STAGING}{os.getpid()}"
     use.model = use.model.cpu().float()

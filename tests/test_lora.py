@@ -121,16 +121,26 @@ def test_lora_resume_is_exact(run_args, base_run, tmp_path, capsys):
     assert "--lora_rank 8 does not match" in capsys.readouterr().err
 
 
-def test_a_changed_or_missing_base_is_refused(run_args, base_run, tmp_path, capsys):
+def test_a_moved_base_is_found_and_a_changed_one_refused(run_args, base_run, tmp_path, capsys):
     assert tl.main(lora_args(run_args, base_run)) == 0
+    moved = tmp_path / "elsewhere" / "base.pt"
+    moved.parent.mkdir()
+    base_run.rename(moved)
     capsys.readouterr()
-    base_run.write_bytes(base_run.read_bytes())  # same bytes, new date: it may not be the same model
     assert tl.main(["--generate_only", "--out_dir", str(tmp_path / "lora")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "holds LoRA adapters for" in err and "have changed" in err and len(err.splitlines()) == 1
-    base_run.unlink()
-    assert tl.main(lora_args(run_args, base_run, "--resume")) == 2
-    assert "cannot be read" in capsys.readouterr().err
+    assert "cannot be read" in err and "--init_from" in err and len(err.splitlines()) == 1
+    # a copy of the same files is the same base, wherever it is and whatever its date
+    assert tl.main(["--generate_only", "--out_dir", str(tmp_path / "lora"), "--init_from", str(moved)]) == 0
+    assert tl.main(lora_args(run_args, moved, "--resume", "--max_steps", "8")) == 0
+    assert tl.main(["--generate_only", "--out_dir", str(tmp_path / "lora")]) == 0  # it records the new place
+    # another model in its place is refused
+    assert tl.main(run_args("--seed", "7", out="other")) == 0
+    (tmp_path / "other" / "ckpt.pt").replace(moved)
+    capsys.readouterr()
+    assert tl.main(["--export", "safetensors", "--out_dir", str(tmp_path / "lora")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "whose files differ" in err and len(err.splitlines()) == 1
 
 
 def test_lora_refusals(run_args, base_run, tmp_path, capsys):
@@ -192,3 +202,29 @@ def test_sampling_copy_is_merged_and_leaves_the_live_model_alone(dtype):
     with torch.no_grad():
         expected = tl.merge_lora(copy.deepcopy(model)).to(dtype)(idx)[0]
         assert (sampler(idx)[0].float() - expected.float()).abs().max() < 1e-2
+
+
+def test_lora_base_and_rank_refusals(run_args, base_run, tmp_path, capsys):
+    assert tl.main(run_args("--init_from", str(base_run), "--lora_rank", "32", out="wide")) == 2
+    assert "no low rank for layers 32 wide" in capsys.readouterr().err
+    assert tl.main(run_args("--init_from", str(base_run), "--lora_rank", "4", "--overwrite", out="base")) == 2
+    assert "lies in --out_dir" in capsys.readouterr().err
+    assert tl.main(lora_args(run_args, base_run)) == 0
+    capsys.readouterr()
+    assert tl.main(["--export", "safetensors", "--out_dir", str(tmp_path / "lora"),
+                    "--export_dir", str(tmp_path / "base")]) == 2
+    assert "holds the base model" in capsys.readouterr().err
+    assert (tmp_path / "base" / "ckpt.pt").is_file() and tl.main(["--generate_only", "--out_dir",
+                                                                    str(tmp_path / "lora")]) == 0
+
+
+def test_resuming_with_another_optimizer_is_refused(run_args, capsys):
+    assert tl.main(run_args("--stop_at_step", "3")) == 0
+    capsys.readouterr()
+    assert tl.main(run_args("--resume", "--optimizer", "lion")) == 2
+    err = capsys.readouterr().err
+    assert "--optimizer lion is not the optimizer of" in err and "--init_from" in err
+
+
+def test_perplexity_of_a_huge_loss_is_infinite():
+    assert tl.perplexity(1.0) == pytest.approx(2.718281828) and tl.perplexity(5000.0) == float("inf")

@@ -163,7 +163,7 @@ def test_a_pickle_that_runs_code_is_refused(tokenizer_json, tmp_path):
         def __reduce__(self):
             return (print, ("ran",))
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(tl.TinyLLMError, match="cannot be loaded safely"):
+    with pytest.raises(tl.TinyLLMError, match="holds Python code, which we never run"):
         tl.load_source(tmp_path / "hf")
 
 
@@ -214,7 +214,8 @@ def test_cli_refuses_flags_that_contradict_the_source(tokenizer_json, tmp_path, 
     for extra, message in ((["--n_layer", "3"], "--n_layer 3 contradicts"),
                            (["--tokenizer", "char"], "brings its own tokenizer"),
                            (["--arch", "gpt2"], "drop --arch"),
-                           (["--generate_only"], "does not combine with --generate_only")):
+                           (["--benchmark"], "--benchmark does not take it"),
+                           (["--generate_only"], "no checkpoint at")):  # --init_from only moves a LoRA base
         assert tl.main(run_args(*extra, "--init_from", str(tmp_path / "hf"))) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
@@ -302,3 +303,102 @@ def test_a_vocabulary_larger_than_the_tokenizer_trains_and_resumes(tokenizer_jso
     capsys.readouterr()
     assert tl.main(run_args("--init_from", str(tmp_path / "hf"), "--tokenizer", "bpe", out="other")) == 2
     assert "brings its own tokenizer" in capsys.readouterr().err
+
+
+def rewrite_header(path, edit):
+    """A .safetensors file with its JSON header changed by `edit` (the data left as it is)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+HEADERS = {
+    "negative shape": lambda h: h[first_tensor(h)].update(shape=[-1]),
+    "span shorter than the shape": lambda h: h[first_tensor(h)].update(
+        data_offsets=[h[first_tensor(h)]["data_offsets"][0], h[first_tensor(h)]["data_offsets"][0] + 4]),
+    "overlapping tensors": lambda h: [v.update(data_offsets=[0, v["data_offsets"][1] - v["data_offsets"][0]])
+                                      for k, v in h.items() if k != "__metadata__"],
+    "integer weights": lambda h: h["model.norm.weight"].update(
+        dtype="I32", shape=[h["model.norm.weight"]["shape"][0] // 2]),
+}
+
+
+@pytest.mark.parametrize("case", HEADERS)
+def test_malformed_safetensors_headers_are_refused(case, tokenizer_json, tmp_path, run_args, capsys):
+    save_hf("llama", tmp_path / "hf", tokenizer_json)
+    rewrite_header(tmp_path / "hf" / "model.safetensors", HEADERS[case])
+    capsys.readouterr()
+    assert tl.main(run_args("--init_from", str(tmp_path / "hf"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("safetensors" in err or "does not fit" in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_are_read_as_their_index_maps_them(tokenizer_json, tmp_path, run_args, capsys):
+    theirs = save_hf("llama", tmp_path / "one", tokenizer_json)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    (tmp_path / "sharded" / "tokenizer.json").write_text(tokenizer_json)
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    mapping = json.loads(index.read_text())
+    name, shard = next(iter(mapping["weight_map"].items()))
+    other = next(s for s in set(mapping["weight_map"].values()) if s != shard)
+    index.write_text(json.dumps({**mapping, "weight_map": {**mapping["weight_map"], name: other}}))
+    with pytest.raises(tl.TinyLLMError, match=f"lacks {name}, which the index puts there"):
+        tl.load_source(tmp_path / "sharded")
+    index.write_text(json.dumps({**mapping, "weight_map": {**mapping["weight_map"], name: "../one/x"}}))
+    with pytest.raises(tl.TinyLLMError, match="outside the model directory"):
+        tl.load_source(tmp_path / "sharded")
+
+
+def test_a_wrong_shape_is_refused_before_the_run_directory_is_touched(tokenizer_json, tmp_path, run_args,
+                                                                      capsys):
+    assert tl.main(run_args()) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    save_hf("llama", tmp_path / "hf", tokenizer_json)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
+    capsys.readouterr()
+    assert tl.main(run_args("--init_from", str(tmp_path / "hf"), "--overwrite")) == 2
+    assert "fill 72 of the 80 rows of blocks.0.mlp.gate.weight" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_a_longer_rope_context_is_allowed_with_a_note(tokenizer_json, tmp_path, run_args, capsys):
+    save_hf("llama", tmp_path / "hf", tokenizer_json)  # max_position_embeddings 64
+    tl.resolve(run_args("--init_from", str(tmp_path / "hf"), "--block_size", "128"))
+    assert "longer than the 64 tokens" in capsys.readouterr().out
+
+
+def test_streamed_samples_keep_the_spaces_of_sentencepiece_tokenizers(capsys):
+    """Llama 2 / TinyLlama style: a Metaspace decoder drops the space at the start of a text, so
+    tokens decoded one at a time would run the words together."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.train_from_iterator(["hear me speak, first citizen, before we proceed any further"] * 50,
+                           trainers.BpeTrainer(vocab_size=60, special_tokens=["</s>"]))
+    tok = tl.TextTokenizer(hf)
+    assert tok.eot == "</s>" and tok.kind == "other"
+    prompt, rest = tok.encode("First citizen:"), tok.encode(" hear me speak, before we proceed")
+    streamer = tl.TextStreamer(tok, prompt)
+    for t in rest:
+        streamer(torch.tensor([[t]]))
+    assert capsys.readouterr().out == tok.decode(prompt + rest)[len(tok.decode(prompt)):]
+    assert "hear me speak" in tok.decode(prompt + rest)
+
+
+def test_an_imported_word_level_tokenizer_is_not_char_level():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    hf = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert tl.TextTokenizer(hf).kind == "other" and tl.train_char_tokenizer("abc").kind == "char"
+    assert tl.TextTokenizer(hf).unknown_chars("zebra") == []  # its [UNK] takes what it lacks
