@@ -40,6 +40,7 @@ import copy
 import ctypes
 import dataclasses
 import difflib
+import functools
 import glob
 import hashlib
 import importlib
@@ -125,6 +126,17 @@ class Config:
                           "data and I/O")
     text_field: str = opt("text", "The JSON Lines field or Parquet column that holds each document's "
                                   "text.", "data and I/O")
+    data_format: str = opt("auto", "JSON Lines records: text (--text_field), or conversations to train a "
+                                   "chat model on: messages (OpenAI: role/content), sharegpt "
+                                   "(conversations: from/value), alpaca (instruction/input/output); auto "
+                                   "tells them apart by their fields.", "data and I/O",
+                           ("auto", "text", "messages", "sharegpt", "alpaca"))
+    chat_template: str = opt("", "Jinja chat template that renders conversations; empty: the --init_from "
+                                 "model's own, else ChatML with <|im_start|> and <|im_end|> as special "
+                                 "tokens.", "data and I/O")
+    chat_loss: str = opt("assistant", "On conversations, which tokens the loss covers: assistant (each "
+                                      "reply and its end-of-turn token; system and user turns are "
+                                      "context only) or all.", "data and I/O", ("assistant", "all"))
     val_data: str = opt("", "Validation text, in any form --data_path takes: used as the val split "
                             "instead of holding out --val_fraction of the training data.",
                         "data and I/O")
@@ -847,6 +859,9 @@ class TextTokenizer:
             else "other"
         self.vocab = hf.get_vocab(with_added_tokens=True)
         special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+        self.special = re.compile("|".join(map(re.escape, sorted(special, key=len, reverse=True)))) \
+            if special else None  # matched whole by the tokenizer, never character by character
+        self.vocab_special = {t: self.vocab[t] for t in special}
         self.eot = next((t for t in END_OF_TEXT if t in special), None)  # between documents
         self.eot_id = hf.token_to_id(self.eot) if self.eot else None
 
@@ -875,7 +890,7 @@ class TextTokenizer:
         """Characters a char-level vocabulary cannot encode (none for byte-level BPE)."""
         if self.kind != "char":
             return []
-        return sorted(set(text.replace(EOT, "")) - self.vocab.keys())
+        return sorted(set(self.special.sub("", text) if self.special else text) - self.vocab.keys())
 
     def start_ids(self) -> list[int]:
         """What an empty prompt starts from when the checkpoint does not say (older ones; see
@@ -1106,13 +1121,25 @@ class TokenSplit:
     tokens_per_byte: float = 0.0  # for bits per byte; known for the val split
     start_ids: list[int] = field(default_factory=list)  # what samples start from; the train split's
     sha256: str = ""  # of the token file: what a resume compares
+    mask_path: Path | None = None  # conversations: 1 per token to learn (assistant replies), else 0
+    mask_array: np.ndarray | None = None
+    starts: np.ndarray | None = None  # conversations: where each begins; windows start there
 
     def __post_init__(self) -> None:
         if not self.memmap:
             self.array = np.fromfile(self.path, dtype=self.dtype)
+            if self.mask_path is not None:
+                self.mask_array = np.fromfile(self.mask_path, dtype=np.uint8)
 
     def tokens(self) -> np.ndarray:
         return self.array if self.array is not None else np.memmap(self.path, self.dtype, mode="r")
+
+    def mask(self) -> np.ndarray | None:
+        """Which tokens are learned (None: all of them)."""
+        if self.mask_path is None:
+            return None
+        return self.mask_array if self.mask_array is not None else \
+            np.memmap(self.mask_path, np.uint8, mode="r")
 
     def __len__(self) -> int:
         return self.path.stat().st_size // np.dtype(self.dtype).itemsize
@@ -1151,16 +1178,27 @@ def token_chunks(path: Path, dtype: np.dtype, start: int = 0, stop: int | None =
             yield np.fromfile(f, dtype, count=min(size, stop - i))
 
 
+IGNORE = -100  # a target the loss skips (F.cross_entropy's ignore_index)
+
+
 def get_batch(split: TokenSplit, batch_size: int, block_size: int, generator: torch.Generator,
               device: torch.device, dist: Dist = SINGLE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of block_size + 1 tokens: inputs, and targets shifted by one. Every rank
     draws the whole global batch from the same generator and keeps its own slice, so ranks see
     different data and N ranks see exactly what one process with N times the batch would."""
-    starts = torch.randint(len(split) - block_size, (dist.world_size * batch_size,), generator=generator)
+    if split.starts is not None:  # each window opens a conversation, so every reply has its prompt
+        fit = split.starts[:np.searchsorted(split.starts, len(split) - block_size)]
+        picks = torch.randint(len(fit), (dist.world_size * batch_size,), generator=generator)
+        starts = torch.from_numpy(fit[picks.numpy()])
+    else:
+        starts = torch.randint(len(split) - block_size, (dist.world_size * batch_size,), generator=generator)
     starts = starts[dist.rank * batch_size:(dist.rank + 1) * batch_size].tolist()
-    data = split.tokens()
+    data, mask = split.tokens(), split.mask()
     rows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64))
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
+    if mask is not None:  # conversations: only the replies are targets; the rest is ignored by the loss
+        learn = torch.from_numpy(np.stack([mask[i + 1:i + block_size + 1] for i in starts]).astype(bool))
+        y = y.masked_fill(~learn, IGNORE)
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -1207,7 +1245,9 @@ def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer, val_corpus: Co
         write_text_atomic(folder / "meta.json", json.dumps(meta))  # written last: marks complete
     meta = json.loads((folder / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
-    splits = {name: TokenSplit(folder / f"{name}.bin", dtype, cfg.memmap_dataset)
+    masked = meta.get("mask") and cfg.chat_loss == "assistant"
+    splits = {name: TokenSplit(folder / f"{name}.bin", dtype, cfg.memmap_dataset,
+                               mask_path=folder / f"{name}.mask" if masked else None)
               for name in ("train", "val")}
     splits["val"].tokens_per_byte = meta["val_tokens"] / max(1, meta["val_bytes"])
     for name, split in splits.items():
@@ -1223,8 +1263,27 @@ def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer, val_corpus: Co
     splits["train"].start_ids = meta["start_ids"]
     for name, split in splits.items():
         split.sha256 = meta["sha256"][name]
+    if masked:
+        for split in splits.values():
+            split.starts = conversation_starts(split, tok)
+        lengths = np.diff(np.append(splits["train"].starts, len(splits["train"])))
+        if (lengths > cfg.block_size + 1).any():
+            print0(f"data: {(lengths > cfg.block_size + 1).sum():,} of {len(lengths):,} conversations are "
+                   f"longer than the context ({cfg.block_size} tokens) and are cut there")
     print0(f"data: {len(splits['train']):,} train and {len(splits['val']):,} val tokens")
     return splits
+
+
+def conversation_starts(split: TokenSplit, tok: TextTokenizer) -> np.ndarray:
+    """Where each conversation of a split begins: at 0 and after every end-of-text token (the
+    token files hold it only between conversations). Those that leave no room for one target
+    are dropped."""
+    ends, offset = [], 0
+    for chunk in token_chunks(split.path, split.dtype):
+        ends.append(np.flatnonzero(chunk == tok.eot_id) + offset + 1)
+        offset += len(chunk)
+    starts = np.concatenate([[0], *ends]).astype(np.int64)
+    return starts[starts < len(split) - 1]
 
 
 # ---- Corpora: files, directories, globs and URLs; one reader per kind of file (READERS) ------
@@ -1245,6 +1304,7 @@ class Corpus:
     text: str = ""  # the built-in corpus only
     documents: int = 1
     n_bytes: int = 0  # of text, once decompressed
+    chat: bool = False  # conversations, rendered with REPLY_START/REPLY_END around the replies
     settings: ReadSettings = field(default_factory=lambda: ReadSettings())  # defined below: looked up late
 
     def sources(self) -> Iterator[tuple[str, Iterator[str]]]:
@@ -1259,7 +1319,8 @@ class Corpus:
 
 def load_corpus(cfg: Config, spec: str | None = None, flag: str = "--data_path") -> Corpus:
     """The corpus of --data_path (or of `spec`, such as --val_data), scanned and checked."""
-    settings = ReadSettings(flag, cfg.text_field, cfg.raw_text)
+    settings = ReadSettings(flag, cfg.text_field, cfg.raw_text, data_format=cfg.data_format,
+                            template=cfg.chat_template)
     spec = cfg.data_path if spec is None else spec
     spec = spec or (DEFAULT_CORPUS if Path(DEFAULT_CORPUS).exists() else "")
     if not spec:
@@ -1271,11 +1332,18 @@ def load_corpus(cfg: Config, spec: str | None = None, flag: str = "--data_path")
     if not files:
         raise TinyLLMError(f"{flag} {spec!r} names no files; give a file, directory, glob or URL")
     documents, n_bytes = scan_files(files, settings)
+    settings.kinds |= {"text" for p in files if reader_for(p) is not READERS["jsonl"]}
+    if len(settings.kinds) > 1:
+        raise TinyLLMError(f"{flag} {spec} mixes conversations and plain text; train on one kind (a chat "
+                           f"model learns only its replies), or set --data_format")
+    chat = "conversations" in settings.kinds
     name = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
-    print0(f"data: {name}, {n_bytes / 1e6:.2f} MB, {documents:,} document(s)")
+    print0(f"data: {name}, {n_bytes / 1e6:.2f} MB, {documents:,} {'conversation' if chat else 'document'}(s)")
     fingerprint = sha256_hex(*map(file_fingerprint, files), f"raw_text={cfg.raw_text}",
-                             f"text_field={cfg.text_field}")
-    return Corpus(name, files, fingerprint, documents=documents, n_bytes=n_bytes, settings=settings)
+                             f"text_field={cfg.text_field}", f"data_format={cfg.data_format}",
+                             f"template={settings.template or CHATML}" if chat else "")
+    return Corpus(name, files, fingerprint, documents=documents, n_bytes=n_bytes, settings=settings,
+                  chat=chat)
 
 
 def load_val_corpus(cfg: Config) -> Corpus | None:
@@ -1421,6 +1489,10 @@ class ReadSettings:
     text_field: str = "text"
     raw_text: bool = False
     skipped: dict[str, str] = field(default_factory=dict)  # path -> "skipped 3 of 10 lines of ..."
+    data_format: str = "auto"
+    template: str = ""  # renders conversations; empty: CHATML
+    specials: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token for templates
+    kinds: set[str] = field(default_factory=set)  # "text" and/or "conversations": what was read
 
 
 @dataclass(frozen=True)
@@ -1492,9 +1564,10 @@ def read_blocks(path: Path, settings: ReadSettings | None = None) -> Iterator[st
 
 
 def jsonl_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
-    """JSON Lines: one document per line, its text the string under --text_field. A line that
-    is not JSON, not an object, or has no string there is skipped and counted (blank lines are
-    not records); a file with no usable line is refused."""
+    """JSON Lines: one document per line, its text the string under --text_field, or a
+    conversation (--data_format) rendered through the chat template. A line that is not JSON,
+    not an object, has no string there or is a malformed conversation is skipped and counted
+    (blank lines are not records); a file with no usable line is refused."""
     field_, skipped, total, first, reasons = settings.text_field, 0, 0, [], {}
 
     def records() -> Iterator[str]:
@@ -1523,10 +1596,19 @@ def jsonl_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
         except ValueError:
             record, why = None, "not JSON"
         else:
-            why = "not an object" if not isinstance(record, dict) else \
-                f'no "{field_}"' if not isinstance(record.get(field_), str) else ""
-        if not why:
-            return record[field_]
+            why = "not an object" if not isinstance(record, dict) else ""
+        if not why and record_layout(record, settings.data_format) == "text":
+            settings.kinds.add("text")
+            if isinstance(record.get(field_), str):
+                return record[field_]
+            why = f'no "{field_}"'
+        elif not why:
+            settings.kinds.add("conversations")
+            try:
+                messages = chat_messages(record, record_layout(record, settings.data_format))
+                return fenced_chat(settings.template or CHATML, messages, settings.specials)
+            except ValueError as e:
+                why = str(e)
         skipped += 1
         reasons[why] = True
         if len(first) < 3:
@@ -1539,8 +1621,10 @@ def jsonl_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
         settings.skipped[str(path)] = (f"skipped {skipped:,} of {total:,} lines of {path} "
                                        f"({', '.join(reasons)}): lines {lines}")
     if skipped == total and total:
+        fix = "fix the conversations or name their layout with --data_format" if "conversations" in \
+            settings.kinds else "point --text_field at the field that holds the text"
         raise TinyLLMError(f"{settings.flag} {path} has no usable line: all {total:,} are "
-                           f"{', '.join(reasons)}; point --text_field at the field that holds the text")
+                           f"{', '.join(reasons)}; {fix}")
 
 
 def parquet_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
@@ -1654,6 +1738,115 @@ def read_text_file(path: str, settings: ReadSettings | None = None) -> str:
     return text
 
 
+# ---- Conversations: chat layouts of JSON Lines, rendered through a chat template ------------
+
+# A conversation is rendered to text with its template, and the spans the model learns (each
+# assistant reply with its end-of-turn marker) are fenced by these two private-use characters;
+# the token writer drops them and writes a loss mask beside the tokens.
+REPLY_START, REPLY_END = "\ue000", "\ue001"
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ROLES = {"system": "system", "user": "user", "assistant": "assistant",  # ShareGPT's names too
+         "human": "user", "gpt": "assistant"}
+CHAT_LAYOUTS = ("messages", "sharegpt", "alpaca")
+
+
+def record_layout(record: dict[str, Any], data_format: str) -> str:
+    """--data_format, or with auto the layout a record's fields show: messages (OpenAI),
+    conversations (ShareGPT), instruction/output (Alpaca), else plain text."""
+    if data_format != "auto":
+        return data_format
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    return "alpaca" if "instruction" in record and "output" in record else "text"
+
+
+def chat_messages(record: dict[str, Any], layout: str) -> list[dict[str, str]]:
+    """A record as [{"role", "content"}], or ValueError naming what is wrong with it: an unknown
+    role, no messages, a system message after the start, turns that do not alternate user and
+    assistant, no assistant reply to learn."""
+    if layout == "alpaca":
+        parts = [record.get(k, "") for k in ("instruction", "input", "output")]
+        if not all(isinstance(p, str) for p in parts) or not parts[0] or not parts[2]:
+            raise ValueError("no instruction and output strings")
+        user = parts[0] + (f"\n\n{parts[1]}" if parts[1] else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": parts[2]}]
+    key, role_key, text_key = ("messages", "role", "content") if layout == "messages" else \
+        ("conversations", "from", "value")
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("no messages")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str):
+            raise ValueError("a message without text")
+        if turn.get(role_key) not in ROLES:
+            raise ValueError(f"unknown role {str(turn.get(role_key))[:20]!r}")
+        messages.append({"role": ROLES[turn[role_key]], "content": turn[text_key]})
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    if "system" in body:
+        raise ValueError("a system message after the start")
+    if any(role != ("user", "assistant")[i % 2] for i, role in enumerate(body)):
+        raise ValueError("turns that do not alternate user, assistant")
+    if "assistant" not in body:
+        raise ValueError("no assistant reply")
+    return messages
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_template(source: str) -> Any:
+    """A chat template compiled as transformers compiles it: jinja2's sandbox, blocks trimmed."""
+    jinja2 = require("jinja2", "a chat template")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"the chat template refused the conversation: {message}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise TinyLLMError(f"the chat template cannot be compiled ({first_line(e)}); fix or remove "
+                           f"it") from None
+
+
+def render_chat(template: str, messages: list[dict[str, str]], generation_prompt: bool = False,
+                specials: dict[str, str] | None = None) -> str:
+    """The conversation as the model sees it (with the assistant header to answer after, when
+    `generation_prompt`)."""
+    return compiled_template(template).render(messages=messages, add_generation_prompt=generation_prompt,
+                                              **(specials or {}))
+
+
+def fenced_chat(template: str, messages: list[dict[str, str]], specials: dict[str, str]) -> str:
+    """The rendered conversation with each assistant reply (and its end-of-turn marker, not the
+    whitespace after it) between REPLY_START and REPLY_END. A reply's span runs from where the
+    conversation before it, rendered with the generation prompt, ends, to where the
+    conversation up to it ends; a template that renders a conversation's start differently
+    from the whole cannot be fenced and is refused."""
+    messages = [{**m, "content": m["content"].replace(REPLY_START, "").replace(REPLY_END, "")}
+                for m in messages]
+    whole = render_chat(template, messages, specials=specials)
+    out, pos = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(template, messages[:i], True, specials)
+        upto = render_chat(template, messages[:i + 1], specials=specials)
+        if not whole.startswith(upto) or not upto.startswith(before):
+            raise ValueError("a template that renders the start of a conversation differently")
+        end = len(upto.rstrip())
+        out += [whole[pos:len(before)], REPLY_START, whole[len(before):end], REPLY_END]
+        pos = end
+    return "".join(out) + whole[pos:]
+
+
 # ---- Streaming tokenization: documents -> pieces -> tokenizer and token files ----------------
 
 # Places where byte-level pre-tokenization of the two parts equals that of the whole: after a
@@ -1727,7 +1920,9 @@ def training_texts(corpus: Corpus) -> Iterator[str]:
     one word, and a word of millions of characters costs it minutes per merge and gigabytes.
     Ordinary text has no such runs and passes whole. The pieces are about 64K characters: the
     trainer holds a few hundred of them at a time, so their size sets its memory."""
+    unmarked = re.compile("|".join(map(re.escape, (REPLY_START, REPLY_END, *CHATML_TOKENS))))
     for _, piece, _ in document_pieces(corpus, 1 << 16):
+        piece = unmarked.sub("", piece) if corpus.chat else piece  # markers become special tokens
         start = 0
         for run in LONG_RUN.finditer(piece):
             for cut in range(run.start() + 1000, run.end(), 1000):
@@ -1741,7 +1936,7 @@ def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
     """Load --tokenizer_path, or train the configured tokenizer on the corpus (cached)."""
     if cfg.tokenizer_path:
         return load_tokenizer_file(cfg.tokenizer_path)
-    spec = f"{cfg.tokenizer}:{cfg.bpe_vocab_size if cfg.tokenizer == 'bpe' else 'eot'}"
+    spec = f"{cfg.tokenizer}:{cfg.bpe_vocab_size if cfg.tokenizer == 'bpe' else 'eot'}:chat={corpus.chat}"
     cached = Path(cfg.cache_dir) / f"tokenizer-{sha256_hex(corpus.fingerprint, spec)[:20]}.json"
     if cached.exists():
         print0(f"tokenizer: reusing {cached}")
@@ -1749,6 +1944,9 @@ def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
     t0 = time.time()
     texts = metered(training_texts(corpus), byte_bar(corpus.n_bytes, "tokenizer training"))
     tok = TOKENIZERS[cfg.tokenizer](texts, cfg)
+    if corpus.chat and not cfg.chat_template:  # ChatML's role markers: one special token each
+        tok.hf.add_special_tokens(list(CHATML_TOKENS))
+        tok = TextTokenizer(tok.hf)
     release_freed_memory()
     print0(f"tokenizer: trained {cfg.tokenizer}, {tok.vocab_size} tokens, in {time.time() - t0:.1f}s")
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -1764,7 +1962,7 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction
     metadata of the split."""
     t0 = time.time()
     by_document = corpus.documents >= MIN_DOCS_FOR_DOC_SPLIT and val_corpus is None
-    writer = TokenWriter(folder, tok, by_document, val_fraction)
+    writer = TokenWriter(folder, tok, by_document, val_fraction, corpus.chat)
     n_bytes = corpus.n_bytes + (val_corpus.n_bytes if val_corpus else 0)
     bar = byte_bar(n_bytes, "tokenizing")
     try:
@@ -1787,15 +1985,20 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction
     final = {s: folder / f"{s}.bin" for s in ("train", "val")}
     for split, tmp in writer.paths.items():
         os.replace(tmp, final[split])
+    for split, tmp in writer.mask_paths.items():
+        os.replace(tmp, folder / f"{split}.mask")
     tail = not by_document and val_corpus is None
     if tail:
-        move_tail_to_val(final["train"], final["val"], val_fraction, writer.dtype)
+        n = move_tail_to_val(final["train"], final["val"], val_fraction, writer.dtype)
+        if corpus.chat:
+            move_tail_to_val(folder / "train.mask", folder / "val.mask", val_fraction, np.dtype(np.uint8), n)
     itemsize = writer.dtype.itemsize
     meta = {"corpus": corpus.name, "dtype": writer.dtype.name,
             "split": "--val_data" if val_corpus else "documents" if by_document else "tail",
             "train_tokens": final["train"].stat().st_size // itemsize,
             "val_tokens": final["val"].stat().st_size // itemsize,
-            "val_bytes": decoded_bytes(final["val"], tok, writer.dtype) if tail else writer.val_bytes}
+            "val_bytes": decoded_bytes(final["val"], tok, writer.dtype) if tail else writer.val_bytes,
+            "mask": corpus.chat}
     seconds = time.time() - t0
     print0(f"data: encoded {n_bytes / 1e6:.2f} MB into {meta['train_tokens'] + meta['val_tokens']:,} "
            f"tokens in {seconds:.1f}s ({n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s), split by "
@@ -1805,14 +2008,20 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction
 
 class TokenWriter:
     """Appends encoded documents to the train and val token files, with the end-of-text token
-    between documents, encoding pieces in batches with the fastest exact encoder there is."""
+    between documents, encoding pieces in batches with the fastest exact encoder there is. For
+    conversations it also writes a loss mask beside each token file: one byte per token, 1 for
+    the tokens of assistant replies (fenced by REPLY_START/REPLY_END), which alone are learned."""
 
-    def __init__(self, folder: Path, tok: TextTokenizer, by_document: bool, val_fraction: float):
+    def __init__(self, folder: Path, tok: TextTokenizer, by_document: bool, val_fraction: float,
+                 chat: bool = False):
         self.tok, self.by_document, self.val_fraction = tok, by_document, val_fraction
         self.encode_batch = fast_batch_encoder(tok)
         self.dtype = token_dtype(tok.vocab_size)
         self.paths = {s: folder / f".{s}.bin.tmp{os.getpid()}" for s in ("train", "val")}
+        self.mask_paths = {s: folder / f".{s}.mask.tmp{os.getpid()}" for s in ("train", "val") if chat}
         self.files = {s: open(p, "wb") for s, p in self.paths.items()}
+        self.masks = {s: open(p, "wb") for s, p in self.mask_paths.items()}
+        self.in_reply = {"train": False, "val": False}
         self.started = {"train": False, "val": False}
         self.pending: list[tuple[str, str, bool]] = []
         self.pending_chars = 0
@@ -1829,37 +2038,63 @@ class TokenWriter:
         return self.flush() if len(self.pending) >= 1 << 14 or self.pending_chars >= 1 << 20 else 0
 
     def flush(self) -> int:
-        pieces = [p for _, p, _ in self.pending]
-        for piece in pieces:
-            check_known_chars(self.tok, piece, "the corpus")
-        n_bytes = 0
-        for (split, piece, ends), ids in zip(self.pending, self.encode_batch(pieces)):
+        segments = [self.segments(split, piece) for split, piece, _ in self.pending]
+        texts = [text for parts in segments for text, _ in parts if text not in self.tok.vocab_special]
+        for text in texts:
+            check_known_chars(self.tok, text, "the corpus")
+        encoded, n_bytes = iter(self.encode_batch(texts)), 0
+        for (split, piece, ends), parts in zip(self.pending, segments):
+            ids, learn = [], []
+            for text, in_reply in parts:
+                part = [self.tok.vocab_special[text]] if text in self.tok.vocab_special else next(encoded)
+                ids += part
+                learn += [in_reply] * len(part)
             between = self.files[split].tell() and self.tok.eot_id is not None
             if piece and not self.started[split] and between:
-                ids = [self.tok.eot_id, *ids]  # between documents, never after the last
+                ids, learn = [self.tok.eot_id, *ids], [False, *learn]  # between documents, not after the last
             self.started[split] = self.started[split] or bool(piece)
             self.files[split].write(np.asarray(ids, dtype=self.dtype).tobytes())
+            if self.masks:
+                self.masks[split].write(np.asarray(learn, dtype=np.uint8).tobytes())
             if ends:
-                self.started[split] = False
-            size = len(piece.encode("utf-8"))
+                self.started[split] = self.in_reply[split] = False
+            size = sum(len(text.encode("utf-8")) for text, _ in parts)
             self.val_bytes += size if split == "val" else 0
             n_bytes += size
         self.pending.clear()
         self.pending_chars = 0
         return n_bytes
 
+    def segments(self, split: str, piece: str) -> list[tuple[str, bool]]:
+        """A piece as (text, inside a reply) runs; the fences themselves are dropped, and the
+        template's special tokens are runs of their own (the fast encoder encodes text only).
+        Plain text is one run, never learned from by the mask (it has none)."""
+        if not self.masks:
+            return [(piece, False)]
+        runs = []
+        for part in re.split(f"([{REPLY_START}{REPLY_END}])", piece):
+            if part in (REPLY_START, REPLY_END):
+                self.in_reply[split] = part == REPLY_START
+            elif part:
+                pieces = self.tok.special.split(part) if self.tok.special else [part]
+                found = self.tok.special.findall(part) if self.tok.special else []
+                for i, text in enumerate(pieces):
+                    runs += [(text, self.in_reply[split])] if text else []
+                    runs += [(found[i], self.in_reply[split])] if i < len(found) else []
+        return runs
+
     def close(self) -> None:
         self.flush()
-        for f in self.files.values():
+        for f in [*self.files.values(), *self.masks.values()]:
             f.close()
 
     def abandon(self) -> None:
         """Close and delete the partial files without encoding what is queued (an interrupt, a
         full disk: closing may fail to flush, which no longer matters)."""
-        for f in self.files.values():
+        for f in [*self.files.values(), *self.masks.values()]:
             with contextlib.suppress(OSError):
                 f.close()
-        for p in self.paths.values():
+        for p in [*self.paths.values(), *self.mask_paths.values()]:
             p.unlink(missing_ok=True)
 
 
@@ -1868,15 +2103,18 @@ def is_val_document(key: str, val_fraction: float) -> bool:
     return int(sha256_hex(key)[:8], 16) / 2**32 < val_fraction
 
 
-def move_tail_to_val(train: Path, val: Path, fraction: float, dtype: np.dtype) -> None:
-    """Without documents to split by: the last `fraction` of the tokens become the val split,
-    copied in bounded chunks, then cut off the train file."""
+def move_tail_to_val(train: Path, val: Path, fraction: float, dtype: np.dtype, keep: int | None = None
+                     ) -> int:
+    """Without documents to split by: the last `fraction` of the tokens (or all after the first
+    `keep`, for the mask beside them) become the val split, copied in bounded chunks, then cut
+    off the train file. Returns how many stay in train."""
     n = train.stat().st_size // dtype.itemsize
-    start = n - max(1, int(n * fraction))
+    start = n - max(1, int(n * fraction)) if keep is None else keep
     with open(val, "wb") as f:
         for chunk in token_chunks(train, dtype, start, n):
             f.write(chunk.tobytes())
     os.truncate(train, start * dtype.itemsize)
+    return start
 
 
 def decoded_bytes(path: Path, tok: TextTokenizer, dtype: np.dtype) -> int:
@@ -2161,9 +2399,13 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None
         logits = self.lm_head(x).float()  # (B, T, V); the loss in fp32 even under autocast
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=label_smoothing)
+        # the mean over the targets that count (IGNORE marks the rest): a batch with none gives 0
+        learned = (targets != IGNORE).float()
+        count = learned.sum().clamp(min=1)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=label_smoothing,
+                               ignore_index=IGNORE, reduction="sum") / count
         if z_loss:
-            loss = loss + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
+            loss = loss + z_loss * (torch.logsumexp(logits, dim=-1).pow(2) * learned).sum() / count
         return logits, loss
 
 
@@ -2381,6 +2623,20 @@ class TextStreamer:
             sys.stdout.write(text[self.printed:])
             sys.stdout.flush()
             self.printed = len(text)
+
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")  # ChatML's, Llama 3's, Gemma's
+
+
+def end_of_turn_id(tok: TextTokenizer) -> int | None:
+    """The token that ends an assistant reply: the template's end-of-turn marker where the
+    tokenizer has one, else end-of-text."""
+    return next((tok.vocab[t] for t in END_OF_TURN if t in tok.vocab), tok.eot_id)
+
+
+def chat_prompt(tok: TextTokenizer, template: str, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation so far, rendered up to the assistant header the reply follows."""
+    return tok.encode(render_chat(template or CHATML, messages, generation_prompt=True))
 
 
 def encode_prompt(tok: TextTokenizer, prompt: str, start_ids: list[int] | None = None) -> list[int]:

@@ -1,0 +1,122 @@
+"""Chat models: conversations in three layouts, rendered with a chat template, loss on the
+assistant replies only, and a model that learns an instruction task."""
+
+import json
+import random
+import re
+
+import pytest
+import torch
+from conftest import tl
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_the_three_layouts_are_the_same_conversation(tmp_path):
+    sharegpt = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                                   "value": m["content"]} for m in CONVERSATION]}
+    texts = {}
+    for name, record in (("messages", {"messages": CONVERSATION}), ("sharegpt", sharegpt)):
+        corpus = tl.load_corpus(tl.Config(data_path=str(write_jsonl(tmp_path / f"{name}.jsonl", [record]))))
+        assert corpus.chat and corpus.documents == 1
+        texts[name] = "".join(b for _, blocks in corpus.sources() for b in blocks)
+    assert texts["messages"] == texts["sharegpt"]
+    assert texts["messages"] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there"
+                                 "<|im_end|>\n<|im_start|>assistant\n\ue000Hello!<|im_end|>\ue001\n"
+                                 "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n\ue0004<|im_end|>"
+                                 "\ue001\n")
+    alpaca = {"instruction": "Add", "input": "2 and 2", "output": "4"}
+    corpus = tl.load_corpus(tl.Config(data_path=str(write_jsonl(tmp_path / "alpaca.jsonl", [alpaca]))))
+    text = "".join(b for _, blocks in corpus.sources() for b in blocks)
+    assert text == ("<|im_start|>user\nAdd\n\n2 and 2<|im_end|>\n<|im_start|>assistant\n\ue0004<|im_end|>"
+                    "\ue001\n")
+
+
+def test_malformed_conversations_are_counted_with_their_lines(tmp_path, capsys):
+    good = {"messages": CONVERSATION[1:3]}
+    bad = [{"messages": [{"role": "robot", "content": "x"}]}, {"messages": []},
+           {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+           {"messages": [{"role": "user", "content": "only a question"}]}, "{broken"]
+    path = write_jsonl(tmp_path / "c.jsonl", [good, *bad, good])
+    corpus = tl.load_corpus(tl.Config(data_path=str(path), data_format="messages"))
+    assert corpus.documents == 2
+    out = capsys.readouterr().out
+    assert "skipped 5 of 7 lines" in out and "lines 2, 3, 4, ..." in out
+    for reason in ("unknown role 'robot'", "no messages", "do not alternate", "no assistant reply",
+                   "not JSON"):
+        assert reason in out
+    with pytest.raises(tl.TinyLLMError, match="no usable line.*--data_format"):
+        tl.load_corpus(tl.Config(data_path=str(write_jsonl(tmp_path / "bad.jsonl", bad[:2]))))
+    with pytest.raises(tl.TinyLLMError, match="mixes conversations and plain text"):
+        tl.load_corpus(tl.Config(data_path=str(write_jsonl(tmp_path / "mix.jsonl", [good, {"text": "x"}]))))
+
+
+def prepared_chat(tmp_path, n=300, **settings):
+    rng = random.Random(0)
+    def question():
+        return " ".join(rng.choice("abc") for _ in range(rng.randint(1, 9)))
+    records = [{"messages": [{"role": "system", "content": "Answer."},
+                             {"role": "user", "content": question()},
+                             {"role": "assistant", "content": rng.choice(["yes", "no"])}]} for _ in range(n)]
+    cfg = tl.build_config({"data_path": str(write_jsonl(tmp_path / "c.jsonl", records)), "block_size": 128,
+                           "cache_dir": str(tmp_path / "cache"), **settings})
+    corpus = tl.load_corpus(cfg)
+    tok = tl.build_tokenizer(cfg, corpus)
+    return cfg, tok, tl.prepare_data(cfg, corpus, tok)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_only_assistant_tokens_are_targets_and_get_gradient(kind, tmp_path):
+    cfg, tok, splits = prepared_chat(tmp_path, tokenizer=kind, bpe_vocab_size=300)
+    assert tok.vocab["<|im_start|>"] != tok.vocab["<|im_end|>"]  # special tokens, one id each
+    tokens, mask = splits["train"].tokens(), splits["train"].mask()
+    learned = tok.decode(tokens[mask == 1].tolist())  # every reply and its end of turn, nothing else
+    assert re.fullmatch(r"((yes|no)<\|im_end\|>)+", learned)
+    x, y = tl.get_batch(splits["train"], 8, 128, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.all(x[:, 0] == tok.vocab["<|im_start|>"])  # each window opens a conversation
+    model = tl.GPT(cfg, tok.vocab_size)
+    logits, loss = model(x, y)
+    logits.retain_grad()
+    loss.backward()
+    ignored = y == tl.IGNORE
+    assert ignored.any() and (~ignored).any()
+    assert torch.all(logits.grad[ignored] == 0) and torch.all(logits.grad[~ignored].abs().sum(-1) > 0)
+    everything = tl.build_config({**cfg.__dict__, "chat_loss": "all"})
+    assert tl.prepare_data(everything, tl.load_corpus(everything), tok)["train"].mask() is None
+
+
+def test_a_chat_model_learns_to_reverse_words(tmp_path):
+    """A tiny model from scratch, 800 CPU steps, then greedy replies to 100 held-out prompts."""
+    rng = random.Random(0)
+    words = set()
+    while len(words) < 1400:
+        words.add("".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 5))))
+    words = sorted(words)
+    rng.shuffle(words)
+    train, held_out = words[:1300], words[1300:]
+    write_jsonl(tmp_path / "reverse.jsonl", [{"messages": [{"role": "user", "content": w},
+                                                           {"role": "assistant", "content": w[::-1]}]}
+                                             for w in train])
+    assert tl.main(["--data_path", str(tmp_path / "reverse.jsonl"), "--out_dir", str(tmp_path / "out"),
+                    "--cache_dir", str(tmp_path / "cache"), "--n_layer", "2", "--n_head", "4",
+                    "--n_embd", "64", "--block_size", "32", "--batch_size", "32", "--max_steps", "800",
+                    "--eval_interval", "800", "--eval_iters", "5", "--learning_rate", "3e-3",
+                    "--warmup_steps", "20", "--sample_interval", "0", "--max_new_tokens", "8",
+                    "--log_interval", "400", "--device", "cpu", "--dtype", "float32"]) == 0
+    use = tl.load_for_use(tl.resolve(["--generate_only", "--out_dir", str(tmp_path / "out")]))
+    end = tl.end_of_turn_id(use.tok)
+    right = 0
+    for word in held_out:
+        prompt = torch.tensor([tl.chat_prompt(use.tok, "", [{"role": "user", "content": word}])])
+        greedy = tl.SampleSettings(max_new_tokens=8, temperature=0.0)
+        out = tl.generate(use.model, prompt, greedy, stop_id=end)
+        reply = out[0, prompt.size(1):].tolist()
+        right += use.tok.decode(reply[:reply.index(end)] if end in reply else reply) == word[::-1]
+    assert right >= 90
