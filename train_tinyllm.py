@@ -277,7 +277,11 @@ class Config:
                         "out_dir/ckpt.pt).", "generation")
     prompt: str = opt("", "Text to continue; empty starts from an end-of-text or newline token.",
                       "generation")
-    max_new_tokens: int = opt(300, "Tokens to generate per sample.", "generation")
+    max_new_tokens: int = opt(300, "Tokens to generate per sample (per reply with --chat).", "generation")
+    chat: bool = opt(False, "Talk to a trained model in the terminal: multi-turn, streamed, the KV "
+                            "cache kept across turns; /reset, /system TEXT, /exit. Piped stdin: one "
+                            "message a line, one reply a line.", "generation")
+    system: str = opt("", "System prompt for --chat.", "generation")
     temperature: float = opt(0.8, "Softmax temperature; 0 = greedy.", "generation")
     top_k: int = opt(0, "Sample only from the k most likely tokens; 0 = off.", "generation")
     top_p: float = opt(1.0, "Nucleus sampling: the smallest set of tokens whose probability reaches "
@@ -323,8 +327,8 @@ class Config:
 
 # Keys that say what to do in this invocation, and where; they never carry over from a
 # checkpoint's config (a model trained on a GPU must sample on a laptop).
-RUN_KEYS = ("device", "resume", "allow_data_change", "overwrite", "generate_only", "ckpt", "stop_at_step",
-            "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir")
+RUN_KEYS = ("device", "resume", "allow_data_change", "overwrite", "generate_only", "chat", "ckpt",
+            "stop_at_step", "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ARCH_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["arch"])
 
@@ -566,7 +570,8 @@ def run_checks(cfg: Config) -> list[Check]:
     return [
         (cfg.resume and cfg.overwrite, "--resume and --overwrite contradict each other; pick one"),
         (len(modes_asked(cfg)) > 1,
-         "--generate_only, --eval_only, --benchmark, --plot and --export are separate modes; give one"),
+         "--generate_only, --chat, --eval_only, --benchmark, --plot and --export are separate modes; "
+         "give one"),
         (not is_valid_device(cfg.device),
          f"--device {cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"),
     ]
@@ -586,8 +591,8 @@ def validate(cfg: Config, groups: tuple[Callable[[Config], list[Check]], ...] = 
 
 def modes_asked(cfg: Config) -> list[str]:
     """The modes whose flags are set (run_checks allows one); none means training."""
-    asked = {"generate": cfg.generate_only, "eval": cfg.eval_only, "benchmark": cfg.benchmark,
-             "plot": cfg.plot, "export": cfg.export != "none"}
+    asked = {"generate": cfg.generate_only, "chat": cfg.chat, "eval": cfg.eval_only,
+             "benchmark": cfg.benchmark, "plot": cfg.plot, "export": cfg.export != "none"}
     return [mode for mode, on in asked.items() if on]
 
 
@@ -1921,6 +1926,8 @@ def training_texts(corpus: Corpus) -> Iterator[str]:
     Ordinary text has no such runs and passes whole. The pieces are about 64K characters: the
     trainer holds a few hundred of them at a time, so their size sets its memory."""
     unmarked = re.compile("|".join(map(re.escape, (REPLY_START, REPLY_END, *CHATML_TOKENS))))
+    if corpus.chat:  # every role the template may name, whether the data has it or not
+        yield "system\nuser\nassistant\n"
     for _, piece, _ in document_pieces(corpus, 1 << 16):
         piece = unmarked.sub("", piece) if corpus.chat else piece  # markers become special tokens
         start = 0
@@ -2636,7 +2643,9 @@ def end_of_turn_id(tok: TextTokenizer) -> int | None:
 
 def chat_prompt(tok: TextTokenizer, template: str, messages: list[dict[str, str]]) -> list[int]:
     """The conversation so far, rendered up to the assistant header the reply follows."""
-    return tok.encode(render_chat(template or CHATML, messages, generation_prompt=True))
+    text = render_chat(template or CHATML, messages, generation_prompt=True)
+    check_known_chars(tok, text, "the conversation")
+    return tok.encode(text)
 
 
 def encode_prompt(tok: TextTokenizer, prompt: str, start_ids: list[int] | None = None) -> list[int]:
@@ -2991,7 +3000,7 @@ def checkpoint_to_use(cfg: Config, mode: str) -> Path | None:
             raise TinyLLMError(f"--resume: no checkpoint at {path}; train without --resume first, or "
                                f"point --out_dir at the run to continue")
         return path
-    return find_checkpoint(cfg) if mode in ("generate", "eval", "export") else None
+    return find_checkpoint(cfg) if mode in ("generate", "chat", "eval", "export") else None
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -4258,6 +4267,128 @@ def generate_from_checkpoint(r: Resolved) -> None:
     print_samples(use.model, use.tok, use.cfg, use.device, start_ids=use.start_ids)
 
 
+class ChatSession:
+    """One conversation with a model, its KV cache kept across turns: each turn feeds only the
+    tokens the cache has not seen (the rendered conversation only grows, so they are what the
+    new message added). When the conversation outgrows the context, the oldest turns go (the
+    system prompt stays) and the cache starts over."""
+
+    def __init__(self, use: Loaded, system: str = ""):
+        self.use, self.tok = use, use.tok
+        self.model = sampling_copy(use.model, use.cfg, use.device)
+        self.template = use.cfg.chat_template or CHATML
+        self.end = end_of_turn_id(use.tok)
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache = self.model.new_cache(1, self.use.device, cache_dtype(self.model.wte.weight.dtype,
+                                                                           self.use.device))
+        self.ids: list[int] = []  # what the cache holds, in order
+
+    def prompt(self, text: str, room: int) -> tuple[list[int], int]:
+        """The conversation with `text` as the next user turn, rendered up to the reply, within
+        `room` tokens: the oldest turns are dropped until it fits. Returns it and how many
+        turns went."""
+        self.messages.append({"role": "user", "content": text})
+        dropped = 0
+        while True:
+            try:
+                ids = chat_prompt(self.tok, self.template, self.messages)
+            except TinyLLMError:
+                self.messages.pop()
+                raise
+            first = 1 if self.messages[0]["role"] == "system" else 0
+            if len(ids) <= room or len(self.messages) - first <= 1:
+                return ids, dropped
+            del self.messages[first:first + 2]  # the oldest user turn and its reply
+            dropped += 1
+
+    @torch.inference_mode()
+    def reply(self, text: str, settings: SampleSettings, generator: torch.Generator,
+              on_token: Callable[[torch.Tensor], None] | None = None) -> tuple[str, int]:
+        """Answer `text`; returns the reply and how many old turns were dropped to make room.
+        Ctrl-C ends the reply early (what was generated stays in the conversation)."""
+        capacity = self.cache.capacity
+        ids, dropped = self.prompt(text, capacity - min(settings.max_new_tokens, capacity // 2))
+        if len(ids) >= capacity:
+            self.messages.pop()
+            raise TinyLLMError(f"that message takes {len(ids)} tokens with the conversation's start, more "
+                               f"than the context of {capacity}; send a shorter one, or /reset")
+        same = (i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b)
+        common = next(same, min(len(self.ids), len(ids)))  # tokens the cache already holds
+        common = min(common, len(ids) - 1)  # at least one new token gives the next logits
+        self.cache.pos, self.ids = common, ids[:common]
+        logits = self.feed(ids[common:])
+        reply: list[int] = []
+        try:
+            for _ in range(min(settings.max_new_tokens, capacity - len(ids))):
+                history = torch.tensor([ids + reply], device=self.use.device)
+                nxt = choose_next(logits, history, settings, generator)  # (1, 1)
+                token = int(nxt)
+                if token in (self.end, self.tok.eot_id):
+                    break
+                reply.append(token)
+                if on_token is not None:
+                    on_token(nxt)
+                if self.cache.pos >= capacity:
+                    break
+                logits = self.feed([token])
+        except KeyboardInterrupt:
+            pass
+        answer = self.tok.decode(reply)
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer, dropped
+
+    def feed(self, new: list[int]) -> torch.Tensor:
+        """Run `new` tokens through the model after what the cache holds; the next logits."""
+        idx = torch.tensor([new], device=self.use.device)
+        self.ids += new
+        return self.model(idx, cache=self.cache, last_only=True)[0][:, -1]
+
+
+def chat_in_terminal(r: Resolved) -> None:
+    """--chat: a conversation in the terminal, replies streamed; /reset, /system TEXT, /exit.
+    With stdin piped, each line is a message and only the replies are printed, one a line."""
+    use = load_for_use(r)
+    session = ChatSession(use, use.cfg.system)
+    settings = SampleSettings.from_config(use.cfg)
+    generator = torch.Generator(device=use.device).manual_seed(use.cfg.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {use.path} (step {use.step}); /reset starts over, /system TEXT sets the "
+              f"system prompt, /exit or Ctrl-D leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset" or text.startswith("/system"):
+            session.system = text.removeprefix("/system").strip() if text.startswith("/system") else \
+                session.system
+            session.reset()
+            print("(a new conversation)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        streamer = TextStreamer(use.tok)
+        if interactive:
+            print("model> ", end="", flush=True)
+        try:
+            _, dropped = session.reply(text, settings, generator, streamer)
+        except TinyLLMError as e:
+            print(f"\n{e}", file=sys.stderr)
+            continue
+        print(flush=True)
+        if dropped:
+            print(f"(the conversation outgrew the context: its oldest {dropped} turn(s) were dropped)",
+                  file=sys.stderr)
+
+
 def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
     """--eval_only: loss, perplexity, bits per byte and accuracy of a checkpoint."""
     use = load_for_use(r)
@@ -4824,14 +4955,16 @@ def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
 
 
 MODES: dict[str, Callable[[Resolved], Any]] = {
-    "train": train_and_plot, "generate": generate_from_checkpoint, "eval": evaluate_checkpoint,
+    "train": train_and_plot, "generate": generate_from_checkpoint, "chat": chat_in_terminal,
+    "eval": evaluate_checkpoint,
     "benchmark": benchmark, "plot": plot_run, "export": export_checkpoint}
 
 
 # What Ctrl-C before a mode's end leaves behind, per mode (training itself saves and says so).
 INTERRUPTED = {
     None: "interrupted; nothing was done", "train": "interrupted before training started; nothing was lost",
-    "generate": "interrupted; generation stopped", "eval": "interrupted; nothing was written",
+    "generate": "interrupted; generation stopped", "chat": "the chat ended",
+    "eval": "interrupted; nothing was written",
     "benchmark": "interrupted; nothing was written", "plot": "interrupted; loss.png was not changed",
     "export": "interrupted; no export was written"}
 

@@ -1,6 +1,7 @@
 """Chat models: conversations in three layouts, rendered with a chat template, loss on the
 assistant replies only, and a model that learns an instruction task."""
 
+import io
 import json
 import random
 import re
@@ -92,8 +93,11 @@ def test_only_assistant_tokens_are_targets_and_get_gradient(kind, tmp_path):
     assert tl.prepare_data(everything, tl.load_corpus(everything), tok)["train"].mask() is None
 
 
-def test_a_chat_model_learns_to_reverse_words(tmp_path):
-    """A tiny model from scratch, 800 CPU steps, then greedy replies to 100 held-out prompts."""
+@pytest.fixture(scope="module")
+def reverser(tmp_path_factory):
+    """A tiny chat model trained from scratch here (800 CPU steps) to reverse words of 3-5
+    letters, and 100 words it never saw."""
+    folder = tmp_path_factory.mktemp("reverser")
     rng = random.Random(0)
     words = set()
     while len(words) < 1400:
@@ -101,22 +105,69 @@ def test_a_chat_model_learns_to_reverse_words(tmp_path):
     words = sorted(words)
     rng.shuffle(words)
     train, held_out = words[:1300], words[1300:]
-    write_jsonl(tmp_path / "reverse.jsonl", [{"messages": [{"role": "user", "content": w},
-                                                           {"role": "assistant", "content": w[::-1]}]}
-                                             for w in train])
-    assert tl.main(["--data_path", str(tmp_path / "reverse.jsonl"), "--out_dir", str(tmp_path / "out"),
-                    "--cache_dir", str(tmp_path / "cache"), "--n_layer", "2", "--n_head", "4",
+    write_jsonl(folder / "reverse.jsonl", [{"messages": [{"role": "user", "content": w},
+                                                         {"role": "assistant", "content": w[::-1]}]}
+                                           for w in train])
+    assert tl.main(["--data_path", str(folder / "reverse.jsonl"), "--out_dir", str(folder / "out"),
+                    "--cache_dir", str(folder / "cache"), "--n_layer", "2", "--n_head", "4",
                     "--n_embd", "64", "--block_size", "32", "--batch_size", "32", "--max_steps", "800",
                     "--eval_interval", "800", "--eval_iters", "5", "--learning_rate", "3e-3",
                     "--warmup_steps", "20", "--sample_interval", "0", "--max_new_tokens", "8",
                     "--log_interval", "400", "--device", "cpu", "--dtype", "float32"]) == 0
-    use = tl.load_for_use(tl.resolve(["--generate_only", "--out_dir", str(tmp_path / "out")]))
+    return folder / "out", held_out
+
+
+def test_a_chat_model_learns_to_reverse_words(reverser):
+    out, held_out = reverser
+    use = tl.load_for_use(tl.resolve(["--generate_only", "--out_dir", str(out)]))
     end = tl.end_of_turn_id(use.tok)
     right = 0
     for word in held_out:
         prompt = torch.tensor([tl.chat_prompt(use.tok, "", [{"role": "user", "content": word}])])
         greedy = tl.SampleSettings(max_new_tokens=8, temperature=0.0)
-        out = tl.generate(use.model, prompt, greedy, stop_id=end)
-        reply = out[0, prompt.size(1):].tolist()
+        out_ids = tl.generate(use.model, prompt, greedy, stop_id=end)
+        reply = out_ids[0, prompt.size(1):].tolist()
         right += use.tok.decode(reply[:reply.index(end)] if end in reply else reply) == word[::-1]
     assert right >= 90
+
+
+def test_chat_from_piped_stdin(reverser, monkeypatch, capsys):
+    out, held_out = reverser
+    words = held_out[:3]
+    lines = f"{words[0]}\n/reset\n{words[1]}\n/reset\n\n{words[2]}\n/exit\nnever\n"  # one turn fits 32 tokens
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    capsys.readouterr()
+    assert tl.main(["--chat", "--out_dir", str(out), "--temperature", "0", "--max_new_tokens", "8"]) == 0
+    replies = capsys.readouterr().out.splitlines()
+    assert len(replies) == 3 and sum(r == w[::-1] for r, w in zip(replies, words)) >= 2
+
+
+def test_the_cache_is_kept_across_turns_and_old_turns_make_room(tmp_path):
+    """Each turn feeds the model only the tokens its cache does not hold, and replies as a fresh
+    generation from the whole conversation would; a full context drops the oldest turns."""
+    rng = random.Random(1)
+    records = [{"messages": [{"role": "user", "content": "".join(rng.choice("abcdef ") for _ in range(12))},
+                             {"role": "assistant", "content": "ok"}]} for _ in range(200)]
+    write_jsonl(tmp_path / "c.jsonl", records)
+    assert tl.main(["--data_path", str(tmp_path / "c.jsonl"), "--out_dir", str(tmp_path / "out"),
+                    "--cache_dir", str(tmp_path / "cache"), "--n_layer", "2", "--n_head", "4",
+                    "--n_embd", "32",
+                    "--block_size", "128", "--batch_size", "4", "--max_steps", "2", "--eval_iters", "1",
+                    "--sample_interval", "0", "--device", "cpu", "--dtype", "float32"]) == 0
+    use = tl.load_for_use(tl.resolve(["--chat", "--out_dir", str(tmp_path / "out")]))
+    greedy = tl.SampleSettings(max_new_tokens=6, temperature=0.0)
+    session = tl.ChatSession(use, system="abc")
+    session.reply("abc def", greedy, torch.Generator())
+    held, fed = list(session.ids), []
+    session.feed = lambda new, feed=session.feed: fed.append(len(new)) or feed(new)
+    second, dropped = session.reply("fed cba", greedy, torch.Generator())
+    prompt = tl.chat_prompt(use.tok, "", session.messages[:-1])
+    common = next(i for i, (a, b) in enumerate(zip(held + [-1], prompt)) if a != b)
+    assert dropped == 0 and 0 < fed[0] == len(prompt) - common < len(prompt) // 2
+    fresh = tl.generate(session.model, torch.tensor([prompt]), greedy, stop_id=session.end)
+    fresh = fresh[0, len(prompt):].tolist()
+    assert second == use.tok.decode(fresh[:fresh.index(session.end)] if session.end in fresh else fresh)
+    session = tl.ChatSession(use, system="abc")  # 128 tokens hold about three turns
+    drops = [session.reply("abc def abc", greedy, torch.Generator())[1] for _ in range(8)]
+    assert sum(drops) > 0 and session.messages[0] == {"role": "system", "content": "abc"}
+    assert session.cache.pos <= 128 and len(session.messages) < 1 + 2 * 8
