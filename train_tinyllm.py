@@ -2635,6 +2635,12 @@ class TextStreamer:
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")  # ChatML's, Llama 3's, Gemma's
 
 
+def chat_template_of(cfg: Config, tok: TextTokenizer) -> str:
+    """The template a model's conversations are rendered with: its own, or ChatML where its
+    tokenizer has ChatML's markers; empty for a model that is no chat model."""
+    return cfg.chat_template or (CHATML if CHATML_TOKENS[0] in tok.vocab_special else "")
+
+
 def end_of_turn_id(tok: TextTokenizer) -> int | None:
     """The token that ends an assistant reply: the template's end-of-turn marker where the
     tokenizer has one, else end-of-text."""
@@ -3140,6 +3146,7 @@ class Source:
     transposed: frozenset[str] = frozenset()  # stored (in, out): GPT-2's Conv1D
     ignored: frozenset[str] = frozenset()  # buffers and duplicates that carry no weights of ours
     fingerprint: str = ""
+    chat_template: str = ""  # from tokenizer_config.json: an Instruct model's own format
 
 
 @dataclass(frozen=True)
@@ -3338,7 +3345,8 @@ def load_source(path: Path) -> Source:
                   ignored=frozenset(n for n in names if n.endswith((".attn.bias", ".attn.masked_bias",
                                                                     "rotary_emb.inv_freq"))
                                     or (n == "lm_head.weight" and cfg.tie_weights)),
-                  fingerprint=content_fingerprint([path / "config.json", *files.files]))
+                  fingerprint=content_fingerprint([path / "config.json", *files.files]),
+                  chat_template=source_chat_template(path))
 
 
 def content_fingerprint(files: list[Path]) -> str:
@@ -3352,6 +3360,24 @@ def content_fingerprint(files: list[Path]) -> str:
             f.seek(max(0, size - (1 << 20)))
             parts += [str(size), head, f.read(1 << 20)]
     return sha256_hex(*parts)
+
+
+def source_chat_template(path: Path) -> str:
+    """The chat template in a model directory's tokenizer_config.json (the default one of a
+    list), with the values it reads of bos_token and eos_token set at its top, so that it
+    renders alone as transformers renders it with the tokenizer."""
+    config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    template = config.get("chat_template") or ""
+    if isinstance(template, list):
+        template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
+    if not isinstance(template, str):
+        return ""
+    for name in ("bos_token", "eos_token"):
+        value = config.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if name in template and isinstance(value, str):
+            template = "{%- set " + name + " = " + json.dumps(value) + " %}" + template
+    return template
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -3526,7 +3552,8 @@ def source_defaults(source: Source) -> dict[str, Any]:
     """The config a run from `source` starts from: its architecture, and a context of at most
     1,024 tokens unless --block_size says otherwise (a 32K context would make every KV cache
     and rotary table that long)."""
-    return source.config | {"block_size": min(source.context, 1024)}
+    template = {"chat_template": source.chat_template} if source.chat_template else {}
+    return source.config | {"block_size": min(source.context, 1024)} | template
 
 
 def check_source_compatible(cfg: Config, explicit: dict[str, Any], source: Source) -> None:
@@ -4779,7 +4806,8 @@ def hf_generation_config(cfg: Config, tok: TextTokenizer) -> dict[str, Any]:
     """generation_config.json with this run's sampling settings, so that model.generate() samples
     as --generate_only does: same processors in the same order (repetition penalty, temperature,
     top-k, top-p). top_k is written even when 0 because transformers' default is 50."""
-    out: dict[str, Any] = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id,
+    ends = sorted({i for i in (tok.eot_id, end_of_turn_id(tok)) if i is not None})  # a chat reply: its turn
+    out: dict[str, Any] = {"bos_token_id": tok.eot_id, "eos_token_id": ends[0] if len(ends) == 1 else ends,
                            "max_new_tokens": cfg.max_new_tokens,
                            "repetition_penalty": cfg.repetition_penalty}
     if cfg.temperature == 0:
@@ -4788,14 +4816,18 @@ def hf_generation_config(cfg: Config, tok: TextTokenizer) -> dict[str, Any]:
                   "top_p": cfg.top_p}
 
 
-def hf_tokenizer_files(tok: TextTokenizer, block_size: int) -> dict[str, str]:
+def hf_tokenizer_files(tok: TextTokenizer, cfg: Config) -> dict[str, str]:
     """tokenizer.json as it is, plus the tokenizer_config.json and special_tokens_map.json that
     AutoTokenizer reads: end-of-text is BOS and EOS (as in GPT-2); a char-level tokenizer has no
-    special tokens. Spaces are never 'cleaned up' on decode: decoding must give back the text."""
+    special tokens. Spaces are never 'cleaned up' on decode: decoding must give back the text.
+    A chat model's template goes along, so that apply_chat_template renders as --chat does."""
     special = {"bos_token": tok.eot, "eos_token": tok.eot} if tok.eot is not None else {}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
               "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
               **special}
+    template = chat_template_of(cfg, tok)
+    if template:
+        config["chat_template"] = template
     return {"tokenizer.json": tok.to_str(),
             "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
             "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
@@ -4826,7 +4858,7 @@ def export_hf(model: GPT, tok: TextTokenizer, out_dir: Path) -> None:
              "generation_config.json": hf_generation_config(model.cfg, tok)}
     for name, value in files.items():
         write_text_atomic(out / name, json.dumps(value, indent=2) + "\n")
-    for name, text in hf_tokenizer_files(tok, model.cfg.block_size).items():
+    for name, text in hf_tokenizer_files(tok, model.cfg).items():
         write_text_atomic(out / name, text)
 
 

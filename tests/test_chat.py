@@ -171,3 +171,57 @@ def test_the_cache_is_kept_across_turns_and_old_turns_make_room(tmp_path):
     drops = [session.reply("abc def abc", greedy, torch.Generator())[1] for _ in range(8)]
     assert sum(drops) > 0 and session.messages[0] == {"role": "system", "content": "abc"}
     assert session.cache.pos <= 128 and len(session.messages) < 1 + 2 * 8
+
+
+def test_the_hf_export_chats_as_we_do(reverser, tmp_path):
+    """transformers' apply_chat_template and greedy generate give the reply --chat gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out, held_out = reverser
+    assert tl.main(["--export", "hf", "--out_dir", str(out), "--export_dir", str(tmp_path / "hf")]) == 0
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    use = tl.load_for_use(tl.resolve(["--chat", "--out_dir", str(out), "--dtype", "float32"]))
+    greedy = tl.SampleSettings(max_new_tokens=8, temperature=0.0)
+    for word in held_out[:5]:
+        messages = [{"role": "user", "content": word}]
+        text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = torch.tensor([hf_tok(text, add_special_tokens=False)["input_ids"]])
+        assert ids[0].tolist() == tl.chat_prompt(use.tok, "", messages)
+        generated = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                      do_sample=False)
+        theirs = hf_tok.decode(generated[0, ids.size(1):], skip_special_tokens=True)
+        ours, _ = tl.ChatSession(use).reply(word, greedy, torch.Generator())
+        assert theirs == ours
+
+
+def test_a_pretrained_models_own_template_is_used(tmp_path, capsys):
+    """--init_from a directory whose tokenizer_config.json has a chat template (reading
+    bos_token): conversations are rendered as transformers renders them, and the run keeps it."""
+    import transformers
+    from conftest import make_corpus
+    tok = tl.train_bpe_tokenizer(iter([make_corpus(tmp_path / "c.txt").read_text()]), 300)
+    tok.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    folder = tmp_path / "hf"
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": template, "bos_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    records = [{"messages": [{"role": "user", "content": "the cat"},
+                             {"role": "assistant", "content": "sat"}]}] * 120
+    write_jsonl(tmp_path / "chat.jsonl", records)
+    assert tl.main(["--data_path", str(tmp_path / "chat.jsonl"), "--init_from", str(folder), "--out_dir",
+                    str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--block_size", "32",
+                    "--batch_size", "2", "--max_steps", "2", "--eval_iters", "1", "--sample_interval", "0",
+                    "--device", "cpu"]) == 0
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    messages = records[0]["messages"]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    theirs = hf_tok.apply_chat_template(messages, tokenize=False)
+    assert tl.render_chat(ckpt["config"]["chat_template"], messages) == theirs
+    assert theirs.startswith("<|endoftext|><|im_start|>user")
