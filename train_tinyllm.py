@@ -2078,16 +2078,7 @@ class TokenWriter:
         Plain text is one run, never learned from by the mask (it has none)."""
         if not self.masks:
             return [(piece, False)]
-        runs = []
-        for part in re.split(f"([{REPLY_START}{REPLY_END}])", piece):
-            if part in (REPLY_START, REPLY_END):
-                self.in_reply[split] = part == REPLY_START
-            elif part:
-                pieces = self.tok.special.split(part) if self.tok.special else [part]
-                found = self.tok.special.findall(part) if self.tok.special else []
-                for i, text in enumerate(pieces):
-                    runs += [(text, self.in_reply[split])] if text else []
-                    runs += [(found[i], self.in_reply[split])] if i < len(found) else []
+        runs, self.in_reply[split] = reply_runs(self.tok, piece, self.in_reply[split])
         return runs
 
     def close(self) -> None:
@@ -2103,6 +2094,22 @@ class TokenWriter:
                 f.close()
         for p in [*self.paths.values(), *self.mask_paths.values()]:
             p.unlink(missing_ok=True)
+
+
+def reply_runs(tok: TextTokenizer, text: str, in_reply: bool) -> tuple[list[tuple[str, bool]], bool]:
+    """Fenced conversation text as (text, inside a reply) runs, special tokens each a run of its
+    own, and whether it ends inside a reply (a reply may go on in the next piece)."""
+    runs = []
+    for part in re.split(f"([{REPLY_START}{REPLY_END}])", text):
+        if part in (REPLY_START, REPLY_END):
+            in_reply = part == REPLY_START
+        elif part:
+            pieces = tok.special.split(part) if tok.special else [part]
+            found = tok.special.findall(part) if tok.special else []
+            for i, plain in enumerate(pieces):
+                runs += [(plain, in_reply)] if plain else []
+                runs += [(found[i], in_reply)] if i < len(found) else []
+    return runs, in_reply
 
 
 def is_val_document(key: str, val_fraction: float) -> bool:
@@ -4419,47 +4426,83 @@ def chat_in_terminal(r: Resolved) -> None:
 def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
     """--eval_only: loss, perplexity, bits per byte and accuracy of a checkpoint."""
     use = load_for_use(r)
-    tokens, per_byte, name = eval_tokens_for(use)
+    tokens, per_byte, name, mask = eval_tokens_for(use)
     if len(tokens) < use.cfg.block_size + 1:
         raise TinyLLMError(f"{name} has {len(tokens)} tokens; --eval_only needs at least block_size "
                            f"+ 1 = {use.cfg.block_size + 1}")
     result = evaluate_tokens(use.model, tokens, use.cfg.batch_size, use.device,
-                             pick_dtype(use.cfg, use.device))
+                             pick_dtype(use.cfg, use.device), mask, use.tok.eot_id)
     result.update(perplexity=perplexity(result["loss"]), bpb=bits_per_byte(result["loss"], per_byte))
-    print0(f"eval of {use.path} (step {use.step}) on {name}: {int(result['tokens']):,} tokens")
+    which = "assistant tokens (the replies and their end of turn)" if mask is not None else "tokens"
+    print0(f"eval of {use.path} (step {use.step}) on {name}: {int(result['tokens']):,} {which}")
     print0(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | bits per byte "
            f"{result['bpb']:.4f} | next-token accuracy {100 * result['accuracy']:.2f}%")
     return result
 
 
-def eval_tokens_for(use: Loaded) -> tuple[np.ndarray, float, str]:
-    """Tokens to evaluate, tokens per byte, and a name: --eval_data, else the run's val split."""
+def eval_tokens_for(use: Loaded) -> tuple[np.ndarray, float, str, np.ndarray | None]:
+    """Tokens to evaluate, tokens per byte, a name, and for conversations the mask of the
+    tokens that count (the replies): --eval_data, else the run's val split."""
     if use.cfg.eval_data:
-        text = read_text_file(use.cfg.eval_data, ReadSettings("--eval_data", use.cfg.text_field,
-                                                             use.cfg.raw_text))
+        settings = ReadSettings("--eval_data", use.cfg.text_field, use.cfg.raw_text,
+                                data_format=use.cfg.data_format, template=chat_template_of(use.cfg, use.tok))
+        text = read_text_file(use.cfg.eval_data, settings)
+        if "conversations" in settings.kinds:
+            tokens, mask = encode_fenced(use.tok, text, use.cfg.eval_data)
+            return tokens, len(tokens) / len(text.encode("utf-8")), use.cfg.eval_data, mask
         tokens = encode_text(use.tok, text, use.cfg.eval_data)
-        return tokens, len(tokens) / len(text.encode("utf-8")), use.cfg.eval_data
+        return tokens, len(tokens) / len(text.encode("utf-8")), use.cfg.eval_data, None
     splits = prepare_data(use.cfg, load_corpus(use.cfg), use.tok, load_val_corpus(use.cfg))
-    return splits["val"].tokens(), splits["val"].tokens_per_byte, "the val split"
+    return splits["val"].tokens(), splits["val"].tokens_per_byte, "the val split", splits["val"].mask()
+
+
+def encode_fenced(tok: TextTokenizer, text: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rendered conversations (a small --eval_data file) to tokens and their reply mask, as the
+    token writer makes them."""
+    runs, _ = reply_runs(tok, text, False)
+    ids, mask = [], []
+    for run, in_reply in runs:
+        check_known_chars(tok, run, name)
+        part = [tok.vocab_special[run]] if run in tok.vocab_special else tok.encode_batch([run])[0]
+        ids += part
+        mask += [in_reply] * len(part)
+    return np.asarray(ids, dtype=token_dtype(tok.vocab_size)), np.asarray(mask, dtype=np.uint8)
 
 
 @torch.no_grad()
 def evaluate_tokens(model: GPT, tokens: np.ndarray, batch_size: int, device: torch.device,
-                    dtype: torch.dtype) -> dict[str, float]:
-    """Loss and next-token accuracy over every non-overlapping block of the tokens."""
+                    dtype: torch.dtype, mask: np.ndarray | None = None, eot_id: int | None = None
+                    ) -> dict[str, float]:
+    """Loss and next-token accuracy over every non-overlapping block of the tokens; for
+    conversations (a mask), over the reply tokens only, each conversation from its start (its
+    window's targets past the next conversation's start do not count)."""
     T = model.cfg.block_size
-    starts = list(range(0, len(tokens) - T, T))
+    if mask is None:
+        starts, ends = list(range(0, len(tokens) - T, T)), None
+    else:
+        starts = [0, *(np.flatnonzero(tokens == eot_id) + 1)] if eot_id is not None else [0]
+        starts = [s for s in starts if s < len(tokens) - 1]
+        ends = [*starts[1:], len(tokens)]
+        padded = np.concatenate([tokens, np.zeros(T + 1, tokens.dtype)])
+        learn = np.concatenate([mask, np.zeros(T + 1, np.uint8)])
+        tokens = padded
     loss_sum = correct = count = 0.0
     for i in range(0, len(starts), batch_size):
-        rows = np.stack([tokens[s:s + T + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
+        batch = starts[i:i + batch_size]
+        rows = np.stack([tokens[s:s + T + 1] for s in batch]).astype(np.int64)
         xy = torch.from_numpy(rows).to(device)
+        x, y = xy[:, :-1], xy[:, 1:]
+        if mask is not None:
+            keep = np.stack([learn[s + 1:s + T + 1] * (np.arange(s + 1, s + T + 1) < e)
+                             for s, e in zip(batch, ends[i:i + batch_size])]).astype(bool)
+            y = y.masked_fill(~torch.from_numpy(keep).to(device), IGNORE)
         with autocast(device, dtype):
-            logits, loss = model(xy[:, :-1], xy[:, 1:])
-        n = xy[:, 1:].numel()
+            logits, loss = model(x, y)
+        n = (y != IGNORE).sum().item()
         loss_sum += loss.item() * n
-        correct += (logits.argmax(-1) == xy[:, 1:]).sum().item()
+        correct += ((logits.argmax(-1) == y) & (y != IGNORE)).sum().item()
         count += n
-    return {"loss": loss_sum / count, "accuracy": correct / count, "tokens": count}
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "tokens": count}
 
 
 def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, float]:

@@ -225,3 +225,22 @@ def test_a_pretrained_models_own_template_is_used(tmp_path, capsys):
     theirs = hf_tok.apply_chat_template(messages, tokenize=False)
     assert tl.render_chat(ckpt["config"]["chat_template"], messages) == theirs
     assert theirs.startswith("<|endoftext|><|im_start|>user")
+
+
+def test_eval_only_on_conversations_counts_the_replies(reverser, tmp_path, capsys):
+    out, held_out = reverser
+    path = write_jsonl(tmp_path / "held.jsonl", [{"messages": [{"role": "user", "content": w},
+                                                               {"role": "assistant", "content": w[::-1]}]}
+                                                 for w in held_out])
+    capsys.readouterr()
+    result = tl.evaluate_checkpoint(tl.resolve(["--eval_only", "--out_dir", str(out), "--eval_data",
+                                                str(path), "--dtype", "float32"]))
+    assert "assistant tokens" in capsys.readouterr().out
+    replies = sum(len(w) + 1 for w in held_out)  # each reply's characters and its end of turn
+    assert result["tokens"] == replies and result["accuracy"] > 0.9
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"messages": [{"role": "user", "content": w},
+                                                                 {"role": "assistant", "content": w}]}
+                                                   for w in held_out])
+    worse = tl.evaluate_checkpoint(tl.resolve(["--eval_only", "--out_dir", str(out), "--eval_data",
+                                               str(wrong), "--dtype", "float32"]))
+    assert worse["loss"] > result["loss"] + 1
