@@ -1223,6 +1223,16 @@ def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE
     corpus, val_corpus = load_corpus(cfg), load_val_corpus(cfg)
     known = ckpt["tokenizer"] if ckpt else tokenizer
     tok = TextTokenizer.from_str(known) if known else build_tokenizer(cfg, corpus)
+    if tokenizer and not ckpt and corpus.chat and not cfg.chat_template and \
+            not set(CHATML_TOKENS) <= tok.vocab_special.keys():  # a source without a chat format
+        if cfg.lora_rank:
+            raise TinyLLMError(f"--init_from {cfg.init_from} has no chat template, so ChatML's markers "
+                               f"become new tokens, whose embeddings LoRA cannot train; fine-tune fully, or "
+                               f"start from a model with a chat template")
+        tok.hf.add_special_tokens([t for t in CHATML_TOKENS if t not in tok.vocab_special])
+        tok = TextTokenizer(tok.hf)
+        print0(f"tokenizer: added {', '.join(CHATML_TOKENS)} for ChatML ({tok.vocab_size} tokens); the "
+               f"model's embedding grows to hold them")
     splits = prepare_data(cfg, corpus, tok, val_corpus)
     data = sha256_hex(splits["train"].sha256, splits["val"].sha256)
     if ckpt:
@@ -3591,12 +3601,14 @@ def check_source_compatible(cfg: Config, explicit: dict[str, Any], source: Sourc
                f"trained on; rotary positions extend, but quality past {source.context} is not known")
 
 
-def check_source_shapes(cfg: Config, source: Source) -> None:
+def check_source_shapes(cfg: Config, source: Source, vocab_size: int = 0) -> None:
     """Every parameter of the model `cfg` describes has its tensors in the source, of the right
     shapes and floating-point, and no source tensor is left over; checked from the headers
-    before any run directory is touched."""
+    before any run directory is touched. With a larger `vocab_size` (tokens added for ChatML),
+    the embedding and head have rows the source does not fill."""
+    grown = max(vocab_size, source.vocab_size)
     with torch.device("meta"):
-        params = dict(GPT(cfg, source.vocab_size).named_parameters())
+        params = dict(GPT(cfg, grown).named_parameters())
     missing = sorted(set(params) - set(source.tensors))
     absent = sorted(n for names in source.tensors.values() for n in names if n not in source.names)
     unused = sorted(source.names - {n for names in source.tensors.values() for n in names} - source.ignored)
@@ -3618,17 +3630,18 @@ def check_source_shapes(cfg: Config, source: Source) -> None:
                                    f"not fit {ours} {list(want)} of the model its config describes; the "
                                    f"files do not belong together")
             rows += shape[0] if shape else 1
-        if rows != want[0]:
+        if rows != want[0] - (grown - source.vocab_size if ours in ("wte.weight", "lm_head.weight") else 0):
             raise TinyLLMError(f"--init_from {source.path}: {', '.join(names)} fill {rows} of the {want[0]} "
                                f"rows of {ours}; the files do not belong together")
 
 
-def model_from_source(cfg: Config, source: Source, device: torch.device) -> GPT:
+def model_from_source(cfg: Config, source: Source, device: torch.device, vocab_size: int = 0) -> GPT:
     """The model with the source's weights, built without random initialization and filled one
-    tensor at a time in place: no second copy of the weights is ever held."""
-    check_source_shapes(cfg, source)
+    tensor at a time in place: no second copy of the weights is ever held. Embedding rows past
+    the source's (tokens added for ChatML) start as the mean of the others."""
+    check_source_shapes(cfg, source, vocab_size)
     with torch.device("meta"):
-        model = GPT(cfg, source.vocab_size)
+        model = GPT(cfg, max(vocab_size, source.vocab_size))
     if cfg.tie_weights:  # to_empty would give the head a tensor of its own: tie it again after
         model.lm_head.register_parameter("weight", None)
     model.to_empty(device=device)
@@ -3647,6 +3660,8 @@ def model_from_source(cfg: Config, source: Source, device: torch.device) -> GPT:
                     tensor = tensor[:cfg.block_size]  # learned positions cropped to the context
                 params[ours][row:row + len(tensor)].copy_(tensor)
                 row += len(tensor)
+            if row < len(params[ours]):  # new tokens: an embedding like the average one
+                params[ours][row:] = params[ours][:row].mean(0)
     return model
 
 
@@ -3881,7 +3896,8 @@ def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], d
     peak = peak_flops(cfg, device, dtype)  # on a CPU: measured once, then read from the cache
     seed_everything(cfg.seed)
     vocab_size = ckpt["vocab_size"] if ckpt else tok.vocab_size  # a source's may exceed its tokenizer's
-    model = model_from_source(cfg, source, device) if source else GPT(cfg, vocab_size).to(device)
+    model = model_from_source(cfg, source, device, tok.vocab_size) if source else \
+        GPT(cfg, vocab_size).to(device)
     if cfg.lora_rank:
         add_lora(model, cfg)
     model.grad_checkpointing = cfg.grad_checkpointing

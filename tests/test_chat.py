@@ -244,3 +244,34 @@ def test_eval_only_on_conversations_counts_the_replies(reverser, tmp_path, capsy
     worse = tl.evaluate_checkpoint(tl.resolve(["--eval_only", "--out_dir", str(out), "--eval_data",
                                                str(wrong), "--dtype", "float32"]))
     assert worse["loss"] > result["loss"] + 1
+
+
+def test_a_pretrained_model_without_a_template_gets_chatml_tokens(tmp_path, capsys):
+    """GPT-2 has no chat format: ChatML's markers are added as special tokens and the embedding
+    grows by their rows (the source's rows unchanged); LoRA, which could not train them, is
+    refused."""
+    import transformers
+    from conftest import make_corpus
+    tok = tl.train_bpe_tokenizer(iter([make_corpus(tmp_path / "c.txt").read_text()]), 300)
+    folder = tmp_path / "gpt2"
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=300)
+    theirs = transformers.AutoModelForCausalLM.from_config(config)
+    theirs.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    records = [{"messages": [{"role": "user", "content": "the cat"},
+                             {"role": "assistant", "content": "sat"}]}] * 120
+    write_jsonl(tmp_path / "chat.jsonl", records)
+    args = ["--data_path", str(tmp_path / "chat.jsonl"), "--init_from", str(folder), "--cache_dir",
+            str(tmp_path / "cache"), "--block_size", "32", "--batch_size", "2", "--max_steps", "2",
+            "--eval_iters", "1", "--sample_interval", "0", "--device", "cpu"]
+    assert tl.main([*args, "--lora_rank", "4", "--out_dir", str(tmp_path / "lora")]) == 2
+    assert "LoRA cannot train" in capsys.readouterr().err
+    assert tl.main([*args, "--out_dir", str(tmp_path / "out"), "--learning_rate", "1e-9",
+                    "--min_lr", "0"]) == 0
+    assert "added <|im_start|>, <|im_end|>" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    wte = ckpt["model"]["wte.weight"]
+    assert ckpt["vocab_size"] == 302 and wte.shape == (302, 32)
+    assert torch.allclose(wte[:300], theirs.transformer.wte.weight.detach(), atol=1e-6)  # the source's rows
+    assert torch.allclose(wte[300], wte[:300].mean(0), atol=1e-6)  # a new one: the average embedding
+
