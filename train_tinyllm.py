@@ -4317,6 +4317,21 @@ def generate_from_checkpoint(r: Resolved) -> None:
     print_samples(use.model, use.tok, use.cfg, use.device, start_ids=use.start_ids)
 
 
+@contextlib.contextmanager
+def ctrl_c_stops() -> Iterator[threading.Event]:
+    """While inside, Ctrl-C sets the event it yields instead of raising KeyboardInterrupt (in
+    the main thread; elsewhere nothing changes)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class ChatSession:
     """One conversation with a model, its KV cache kept across turns: each turn feeds only the
     tokens the cache has not seen (the rendered conversation only grows, so they are what the
@@ -4370,14 +4385,14 @@ class ChatSession:
         common = next(same, min(len(self.ids), len(ids)))  # tokens the cache already holds
         common = min(common, len(ids) - 1)  # at least one new token gives the next logits
         self.cache.pos, self.ids = common, ids[:common]
-        logits = self.feed(ids[common:])
         reply: list[int] = []
-        try:
+        with ctrl_c_stops() as stop:  # a flag, not an exception: it never lands inside native code
+            logits = self.feed(ids[common:])
             for _ in range(min(settings.max_new_tokens, capacity - len(ids))):
                 history = torch.tensor([ids + reply], device=self.use.device)
                 nxt = choose_next(logits, history, settings, generator)  # (1, 1)
                 token = int(nxt)
-                if token in (self.end, self.tok.eot_id):
+                if token in (self.end, self.tok.eot_id) or stop.is_set():
                     break
                 reply.append(token)
                 if on_token is not None:
@@ -4385,8 +4400,6 @@ class ChatSession:
                 if self.cache.pos >= capacity:
                     break
                 logits = self.feed([token])
-        except KeyboardInterrupt:
-            pass
         answer = self.tok.decode(reply)
         self.messages.append({"role": "assistant", "content": answer})
         return answer, dropped
