@@ -612,6 +612,8 @@ def resolve(argv: list[str] | None) -> Resolved:
     defaults < --arch preset < --config file < flags; when the mode starts from a checkpoint, its
     config takes the place of the defaults. Every mode takes what this returns."""
     explicit = parse_args(argv)
+    if explicit.get("chat_template"):
+        explicit["chat_template"] = template_text(explicit["chat_template"])
     if explicit.get("init_from"):  # absolute: a LoRA checkpoint finds its base by it from anywhere
         explicit["init_from"] = str(Path(explicit["init_from"]).resolve())
     cfg = merge_config(explicit)
@@ -1221,6 +1223,10 @@ def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE
     if dist.rank != 0:
         torch.distributed.barrier()
     corpus, val_corpus = load_corpus(cfg), load_val_corpus(cfg)
+    if val_corpus is not None and val_corpus.chat != corpus.chat:
+        kinds = ("conversations", "plain text") if corpus.chat else ("plain text", "conversations")
+        raise TinyLLMError(f"--data_path holds {kinds[0]} but --val_data {cfg.val_data} {kinds[1]}; give "
+                           f"--val_data of the same kind")
     known = ckpt["tokenizer"] if ckpt else tokenizer
     tok = TextTokenizer.from_str(known) if known else build_tokenizer(cfg, corpus)
     if tokenizer and not ckpt and corpus.chat and not cfg.chat_template and \
@@ -1352,6 +1358,10 @@ def load_corpus(cfg: Config, spec: str | None = None, flag: str = "--data_path")
         raise TinyLLMError(f"{flag} {spec} mixes conversations and plain text; train on one kind (a chat "
                            f"model learns only its replies), or set --data_format")
     chat = "conversations" in settings.kinds
+    if not chat and (cfg.chat_template or cfg.data_format in CHAT_LAYOUTS):
+        flag = "--chat_template" if cfg.chat_template else f"--data_format {cfg.data_format}"
+        raise TinyLLMError(f"{flag} is for conversations, but {settings.flag} {spec} holds plain text; "
+                           f"drop the flag or point it at conversations (JSON Lines)")
     name = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
     print0(f"data: {name}, {n_bytes / 1e6:.2f} MB, {documents:,} {'conversation' if chat else 'document'}(s)")
     fingerprint = sha256_hex(*map(file_fingerprint, files), f"raw_text={cfg.raw_text}",
@@ -1812,6 +1822,19 @@ def chat_messages(record: dict[str, Any], layout: str) -> list[dict[str, str]]:
     return messages
 
 
+def template_text(value: str) -> str:
+    """--chat_template: a jinja template, or the path of a file holding one. Either must render
+    `messages`: a file name taken for a template would render every conversation as its name."""
+    path = Path(value)
+    with contextlib.suppress(OSError):
+        if len(value) < 4096 and "\n" not in value and path.is_file():
+            value = path.read_text(encoding="utf-8")
+    if "messages" not in value:
+        raise TinyLLMError(f"--chat_template {value[:60]!r} renders no messages; give a jinja template (or "
+                           f"the file of one) that loops over messages, like ChatML's")
+    return value
+
+
 @functools.lru_cache(maxsize=8)
 def compiled_template(source: str) -> Any:
     """A chat template compiled as transformers compiles it: jinja2's sandbox, blocks trimmed."""
@@ -1834,9 +1857,14 @@ def compiled_template(source: str) -> Any:
 def render_chat(template: str, messages: list[dict[str, str]], generation_prompt: bool = False,
                 specials: dict[str, str] | None = None) -> str:
     """The conversation as the model sees it (with the assistant header to answer after, when
-    `generation_prompt`)."""
-    return compiled_template(template).render(messages=messages, add_generation_prompt=generation_prompt,
-                                              **(specials or {}))
+    `generation_prompt`); ValueError when the template fails on it."""
+    try:
+        return compiled_template(template).render(messages=messages, add_generation_prompt=generation_prompt,
+                                                  **(specials or {}))
+    except ValueError:
+        raise
+    except Exception as e:  # jinja2's errors, or what the template's own expressions raise
+        raise ValueError(f"the chat template fails ({first_line(e)})") from None
 
 
 def fenced_chat(template: str, messages: list[dict[str, str]], specials: dict[str, str]) -> str:
@@ -1961,8 +1989,9 @@ def build_tokenizer(cfg: Config, corpus: Corpus) -> TextTokenizer:
     t0 = time.time()
     texts = metered(training_texts(corpus), byte_bar(corpus.n_bytes, "tokenizer training"))
     tok = TOKENIZERS[cfg.tokenizer](texts, cfg)
-    if corpus.chat and not cfg.chat_template:  # ChatML's role markers: one special token each
-        tok.hf.add_special_tokens(list(CHATML_TOKENS))
+    markers = [t for t in CHATML_TOKENS if t in (cfg.chat_template or CHATML)] if corpus.chat else []
+    if markers:  # ChatML's role markers, in its template or in yours: one special token each
+        tok.hf.add_special_tokens(markers)
         tok = TextTokenizer(tok.hf)
     release_freed_memory()
     print0(f"tokenizer: trained {cfg.tokenizer}, {tok.vocab_size} tokens, in {time.time() - t0:.1f}s")
@@ -2666,7 +2695,10 @@ def end_of_turn_id(tok: TextTokenizer) -> int | None:
 
 def chat_prompt(tok: TextTokenizer, template: str, messages: list[dict[str, str]]) -> list[int]:
     """The conversation so far, rendered up to the assistant header the reply follows."""
-    text = render_chat(template or CHATML, messages, generation_prompt=True)
+    try:
+        text = render_chat(template or CHATML, messages, generation_prompt=True)
+    except ValueError as e:
+        raise TinyLLMError(f"{e}; fix the template (--chat_template) or the message") from None
     check_known_chars(tok, text, "the conversation")
     return tok.encode(text)
 
@@ -4414,7 +4446,14 @@ class ChatSession:
 def chat_in_terminal(r: Resolved) -> None:
     """--chat: a conversation in the terminal, replies streamed; /reset, /system TEXT, /exit.
     With stdin piped, each line is a message and only the replies are printed, one a line."""
+    if not r.cfg.kv_cache or r.cfg.max_new_tokens < 1:
+        raise TinyLLMError("--chat keeps a KV cache across turns and needs --max_new_tokens of at least "
+                           "1; drop --no-kv_cache, or raise --max_new_tokens")
     use = load_for_use(r)
+    if not chat_template_of(use.cfg, use.tok):
+        raise TinyLLMError(f"{use.path} is no chat model: it was not trained on conversations and has no "
+                           f"chat template; train one (README: Make a chat model) or use --generate_only")
+    check_known_chars(use.tok, use.cfg.system, "--system")
     session = ChatSession(use, use.cfg.system)
     settings = SampleSettings.from_config(use.cfg)
     generator = torch.Generator(device=use.device).manual_seed(use.cfg.seed)
@@ -4430,23 +4469,29 @@ def chat_in_terminal(r: Resolved) -> None:
         text = line.strip()
         if text in ("/exit", "/quit"):
             break
-        if text == "/reset" or text.startswith("/system"):
-            session.system = text.removeprefix("/system").strip() if text.startswith("/system") else \
-                session.system
+        command, _, rest = text.partition(" ")
+        if command in ("/reset", "/system"):
+            try:
+                check_known_chars(use.tok, rest, "/system")
+            except TinyLLMError as e:
+                print(e, file=sys.stderr)
+                continue
+            session.system = rest.strip() if command == "/system" else session.system
             session.reset()
             print("(a new conversation)", file=sys.stderr)
             continue
         if not text:
             continue
-        streamer = TextStreamer(use.tok)
         if interactive:
             print("model> ", end="", flush=True)
+        streamer = TextStreamer(use.tok) if interactive else None
         try:
-            _, dropped = session.reply(text, settings, generator, streamer)
+            answer, dropped = session.reply(text, settings, generator, streamer)
         except TinyLLMError as e:
-            print(f"\n{e}", file=sys.stderr)
-            continue
-        print(flush=True)
+            answer, dropped = "", 0  # piped: an empty line keeps replies in step with messages
+            print(f"\n{e}" if interactive else e, file=sys.stderr)
+        # piped: one line a reply, its own line breaks written as \n
+        print("" if interactive else answer.replace("\\", "\\\\").replace("\n", "\\n"), flush=True)
         if dropped:
             print(f"(the conversation outgrew the context: its oldest {dropped} turn(s) were dropped)",
                   file=sys.stderr)

@@ -275,3 +275,33 @@ def test_a_pretrained_model_without_a_template_gets_chatml_tokens(tmp_path, caps
     assert torch.allclose(wte[:300], theirs.transformer.wte.weight.detach(), atol=1e-6)  # the source's rows
     assert torch.allclose(wte[300], wte[:300].mean(0), atol=1e-6)  # a new one: the average embedding
 
+
+
+def test_chat_refusals_and_piped_lines_in_step(reverser, tmp_path, run_args, monkeypatch, capsys):
+    out, held_out = reverser
+    convs = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                             {"role": "assistant", "content": "b"}]}] * 5)
+    (tmp_path / "t.jinja").write_text(tl.CHATML)
+    for extra, message in (
+            (["--data_path", str(convs), "--chat_template", "{{ 1 / 0 }}{{ messages }}"],
+             "the chat template fails"),
+            (["--data_path", str(convs), "--chat_template", "t.jinja"], "renders no messages"),
+            (["--data_path", str(convs), "--val_data", str(tmp_path / "t.jinja")],
+             "--val_data of the same kind"),
+            (["--chat_template", str(tmp_path / "t.jinja")], "is for conversations")):
+        assert tl.main(run_args(*extra, out="refused")) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert tl.main(run_args(out="plain")) == 0
+    capsys.readouterr()
+    assert tl.main(["--chat", "--out_dir", str(tmp_path / "plain")]) == 2
+    assert "is no chat model" in capsys.readouterr().err
+    assert tl.main(["--chat", "--out_dir", str(out), "--no-kv_cache"]) == 2
+    assert "drop --no-kv_cache" in capsys.readouterr().err
+    words = held_out[:2]
+    lines = f"{words[0]}\n/reset\nxyz!\n/systematic\n/reset\n{words[1]}\n"  # two fail: empty lines
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert tl.main(["--chat", "--out_dir", str(out), "--temperature", "0", "--max_new_tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.split("\n")[:-1]
+    assert len(lines) == 4 and lines[1] == "" and "outside the char-level vocabulary" in captured.err
