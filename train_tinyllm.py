@@ -1867,14 +1867,25 @@ def render_chat(template: str, messages: list[dict[str, str]], generation_prompt
         raise ValueError(f"the chat template fails ({first_line(e)})") from None
 
 
+CONTROL = re.compile("|".join(map(re.escape, (REPLY_START, REPLY_END, *END_OF_TEXT, *CHATML_TOKENS,
+                                               "<|eot_id|>", "<end_of_turn>", "<|begin_of_text|>",
+                                               "<|start_header_id|>", "<|end_header_id|>"))))
+
+
+def plain_content(text: str) -> str:
+    """A message's text without the control markers of templates and documents: typed into a
+    message they would become real turn boundaries (a user could forge an assistant or system
+    turn) or split the conversation in two."""
+    return CONTROL.sub("", text)
+
+
 def fenced_chat(template: str, messages: list[dict[str, str]], specials: dict[str, str]) -> str:
     """The rendered conversation with each assistant reply (and its end-of-turn marker, not the
     whitespace after it) between REPLY_START and REPLY_END. A reply's span runs from where the
     conversation before it, rendered with the generation prompt, ends, to where the
     conversation up to it ends; a template that renders a conversation's start differently
     from the whole cannot be fenced and is refused."""
-    messages = [{**m, "content": m["content"].replace(REPLY_START, "").replace(REPLY_END, "")}
-                for m in messages]
+    messages = [{**m, "content": plain_content(m["content"])} for m in messages]
     whole = render_chat(template, messages, specials=specials)
     out, pos = [], 0
     for i, message in enumerate(messages):
@@ -2084,7 +2095,7 @@ class TokenWriter:
         return self.flush() if len(self.pending) >= 1 << 14 or self.pending_chars >= 1 << 20 else 0
 
     def flush(self) -> int:
-        segments = [self.segments(split, piece) for split, piece, _ in self.pending]
+        segments = [self.segments(split, piece, ends) for split, piece, ends in self.pending]
         texts = [text for parts in segments for text, _ in parts if text not in self.tok.vocab_special]
         for text in texts:
             check_known_chars(self.tok, text, "the corpus")
@@ -2103,7 +2114,7 @@ class TokenWriter:
             if self.masks:
                 self.masks[split].write(np.asarray(learn, dtype=np.uint8).tobytes())
             if ends:
-                self.started[split] = self.in_reply[split] = False
+                self.started[split] = False
             size = sum(len(text.encode("utf-8")) for text, _ in parts)
             self.val_bytes += size if split == "val" else 0
             n_bytes += size
@@ -2111,13 +2122,14 @@ class TokenWriter:
         self.pending_chars = 0
         return n_bytes
 
-    def segments(self, split: str, piece: str) -> list[tuple[str, bool]]:
+    def segments(self, split: str, piece: str, ends: bool = False) -> list[tuple[str, bool]]:
         """A piece as (text, inside a reply) runs; the fences themselves are dropped, and the
         template's special tokens are runs of their own (the fast encoder encodes text only).
         Plain text is one run, never learned from by the mask (it has none)."""
         if not self.masks:
             return [(piece, False)]
         runs, self.in_reply[split] = reply_runs(self.tok, piece, self.in_reply[split])
+        self.in_reply[split] = self.in_reply[split] and not ends  # a document's end closes its reply
         return runs
 
     def close(self) -> None:
@@ -3023,11 +3035,15 @@ def estimate_loss(model: GPT, splits: dict[str, TokenSplit], cfg: Config, device
     for name, split in splits.items():
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         losses = torch.zeros(cfg.eval_iters, device=device)
+        counts = torch.ones(cfg.eval_iters, device=device)  # targets per batch: all, without a mask
         for i in range(cfg.eval_iters):
             x, y = get_batch(split, cfg.batch_size, cfg.block_size, gen, device)
             with autocast(device, dtype):
                 losses[i] = model(x, y)[1]
-        out[name] = losses.mean().item()
+            if split.mask_path is not None:  # conversations: weigh each batch by its reply tokens
+                counts[i] = (y != IGNORE).sum()
+        out[name] = losses.mean().item() if split.mask_path is None else \
+            ((losses * counts).sum() / counts.sum().clamp(min=1)).item()
     model.train(was_training)
     return out
 
@@ -4360,8 +4376,8 @@ def ctrl_c_stops() -> Iterator[threading.Event]:
     previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
         yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # a handler not set from Python reads as None: Python's own then
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 class ChatSession:
@@ -4379,7 +4395,7 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.messages = [{"role": "system", "content": plain_content(self.system)}] if self.system else []
         self.cache = self.model.new_cache(1, self.use.device, cache_dtype(self.model.wte.weight.dtype,
                                                                            self.use.device))
         self.ids: list[int] = []  # what the cache holds, in order
@@ -4387,20 +4403,19 @@ class ChatSession:
     def prompt(self, text: str, room: int) -> tuple[list[int], int]:
         """The conversation with `text` as the next user turn, rendered up to the reply, within
         `room` tokens: the oldest turns are dropped until it fits. Returns it and how many
-        turns went."""
-        self.messages.append({"role": "user", "content": text})
+        turns went; the conversation changes only when it is returned."""
+        messages = [*self.messages, {"role": "user", "content": plain_content(text)}]
         dropped = 0
         while True:
-            try:
-                ids = chat_prompt(self.tok, self.template, self.messages)
-            except TinyLLMError:
-                self.messages.pop()
-                raise
-            first = 1 if self.messages[0]["role"] == "system" else 0
-            if len(ids) <= room or len(self.messages) - first <= 1:
-                return ids, dropped
-            del self.messages[first:first + 2]  # the oldest user turn and its reply
+            ids = chat_prompt(self.tok, self.template, messages)
+            first = 1 if messages[0]["role"] == "system" else 0
+            if len(ids) <= room or len(messages) - first <= 1:
+                break
+            del messages[first:first + 2]  # the oldest user turn and its reply
             dropped += 1
+        if len(ids) < self.cache.capacity:
+            self.messages = messages
+        return ids, dropped
 
     @torch.inference_mode()
     def reply(self, text: str, settings: SampleSettings, generator: torch.Generator,
@@ -4410,7 +4425,6 @@ class ChatSession:
         capacity = self.cache.capacity
         ids, dropped = self.prompt(text, capacity - min(settings.max_new_tokens, capacity // 2))
         if len(ids) >= capacity:
-            self.messages.pop()
             raise TinyLLMError(f"that message takes {len(ids)} tokens with the conversation's start, more "
                                f"than the context of {capacity}; send a shorter one, or /reset")
         same = (i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b)
@@ -4939,12 +4953,12 @@ def hf_tokenizer_files(tok: TextTokenizer, cfg: Config) -> dict[str, str]:
     special tokens. Spaces are never 'cleaned up' on decode: decoding must give back the text.
     A chat model's template goes along, so that apply_chat_template renders as --chat does."""
     special = {"bos_token": tok.eot, "eos_token": tok.eot} if tok.eot is not None else {}
+    template = chat_template_of(cfg, tok)
+    if template:  # runtimes that stop at eos_token stop at the end of a turn
+        special["eos_token"] = tok.hf.id_to_token(end_of_turn_id(tok))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
               "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
-              **special}
-    template = chat_template_of(cfg, tok)
-    if template:
-        config["chat_template"] = template
+              **special, **({"chat_template": template} if template else {})}
     return {"tokenizer.json": tok.to_str(),
             "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
             "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
