@@ -105,10 +105,13 @@ def reverser(tmp_path_factory):
     words = sorted(words)
     rng.shuffle(words)
     train, held_out = words[:1300], words[1300:]
-    write_jsonl(folder / "reverse.jsonl", [{"messages": [{"role": "user", "content": w},
-                                                         {"role": "assistant", "content": w[::-1]}]}
-                                           for w in train])
-    assert tl.main(["--data_path", str(folder / "reverse.jsonl"), "--out_dir", str(folder / "out"),
+    for name, part in (("reverse.jsonl", train), ("val.jsonl", words[1300:1350])):
+        write_jsonl(folder / name, [{"messages": [{"role": "user", "content": w},
+                                                  {"role": "assistant", "content": w[::-1]}]} for w in part])
+    # --val_data: every training word is trained on, whatever the tmp path (a split by document
+    # would hash paths, and which 10% go to val changes what a tiny model learns in 800 steps)
+    assert tl.main(["--data_path", str(folder / "reverse.jsonl"), "--val_data", str(folder / "val.jsonl"),
+                    "--out_dir", str(folder / "out"),
                     "--cache_dir", str(folder / "cache"), "--n_layer", "2", "--n_head", "4",
                     "--n_embd", "64", "--block_size", "32", "--batch_size", "32", "--max_steps", "800",
                     "--eval_interval", "800", "--eval_iters", "5", "--learning_rate", "3e-3",
