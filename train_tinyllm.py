@@ -2046,7 +2046,10 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction
         os.replace(tmp, folder / f"{split}.mask")
     tail = not by_document and val_corpus is None
     if tail:
-        n = move_tail_to_val(final["train"], final["val"], val_fraction, writer.dtype)
+        # conversations: the val split opens at a conversation, so no reply loses its prompt
+        keep = conversation_cut(final["train"], writer.dtype, val_fraction, tok.eot_id) if corpus.chat \
+            else None
+        n = move_tail_to_val(final["train"], final["val"], val_fraction, writer.dtype, keep)
         if corpus.chat:
             move_tail_to_val(folder / "train.mask", folder / "val.mask", val_fraction, np.dtype(np.uint8), n)
     itemsize = writer.dtype.itemsize
@@ -2180,6 +2183,19 @@ def move_tail_to_val(train: Path, val: Path, fraction: float, dtype: np.dtype, k
             f.write(chunk.tobytes())
     os.truncate(train, start * dtype.itemsize)
     return start
+
+
+def conversation_cut(train: Path, dtype: np.dtype, fraction: float, eot_id: int | None) -> int | None:
+    """Where a tail split of conversations cuts: at the first conversation that starts inside
+    the last `fraction` of the tokens (None: no such start, cut by count)."""
+    n = train.stat().st_size // dtype.itemsize
+    start = n - max(1, int(n * fraction))
+    first = max(0, start - 1)  # an end-of-text just before the cut opens a conversation at it
+    for chunk_start, chunk in zip(range(first, n, 1 << 22), token_chunks(train, dtype, first)):
+        hits = np.flatnonzero(chunk == eot_id)
+        if len(hits) and chunk_start + hits[0] + 1 < n:
+            return int(chunk_start + hits[0] + 1)
+    return None
 
 
 def decoded_bytes(path: Path, tok: TextTokenizer, dtype: np.dtype) -> int:

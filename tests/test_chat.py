@@ -336,3 +336,11 @@ def test_a_reply_cut_across_flushes_keeps_its_mask(tmp_path):
     writer.close()
     mask = list(next(p for p in tmp_path.iterdir() if p.name.startswith(".train.mask")).read_bytes())
     assert mask == [1] * 5 + [0] + [1] * (len(mask) - 6)  # the end-of-text between documents is 0
+
+
+def test_a_tail_split_of_few_conversations_opens_at_one(tmp_path):
+    """Under 100 conversations the val split is the tail, cut where a conversation starts."""
+    cfg, tok, splits = prepared_chat(tmp_path, n=40)
+    val = splits["val"].tokens()
+    assert val[0] == tok.vocab["<|im_start|>"] and len(splits["val"].mask()) == len(val)
+    assert 0 < len(val) < len(splits["train"].tokens())
