@@ -1450,11 +1450,15 @@ def file_fingerprint(p: Path) -> str:
     """Size, mtime and a hash of the first and last MB: cheap for a 2 GB file, and changes
     whenever the file does in practice."""
     st = p.stat()
+    return sha256_hex(str(p.resolve()), str(st.st_size), str(st.st_mtime_ns), *head_and_tail(p, st.st_size))
+
+
+def head_and_tail(p: Path, size: int) -> tuple[bytes, bytes]:
+    """The first and last MB of a file of `size` bytes (what the fingerprints hash)."""
     with open(p, "rb") as f:
         head = f.read(1 << 20)
-        f.seek(max(0, st.st_size - (1 << 20)))
-        tail = f.read(1 << 20)
-    return sha256_hex(str(p.resolve()), str(st.st_size), str(st.st_mtime_ns), head, tail)
+        f.seek(max(0, size - (1 << 20)))
+        return head, f.read(1 << 20)
 
 
 def scan_files(files: list[Path], settings: ReadSettings) -> tuple[int, int]:
@@ -1593,54 +1597,22 @@ def jsonl_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
     conversation (--data_format) rendered through the chat template. A line that is not JSON,
     not an object, has no string there or is a malformed conversation is skipped and counted
     (blank lines are not records); a file with no usable line is refused."""
-    field_, skipped, total, first, reasons = settings.text_field, 0, 0, [], {}
+    skipped, total, first, reasons = 0, 0, [], {}
 
-    def records() -> Iterator[str]:
-        carry, number = "", 0
-        for block in read_blocks(path, settings):
-            lines = (carry + block).split("\n")
-            carry = lines.pop()
-            for line in lines:
-                number += 1
-                text = line_text(line.lstrip("\ufeff") if number == 1 else line, number)
-                if text is not None:
-                    yield text
-        if carry.strip():
-            text = line_text(carry.lstrip("\ufeff") if number == 0 else carry, number + 1)
+    def texts() -> Iterator[str]:
+        nonlocal skipped, total
+        for number, line in numbered_lines(path, settings):
+            total += 1
+            text, why = jsonl_record(line, settings)
             if text is not None:
                 yield text
+                continue
+            skipped += 1
+            reasons[why] = True
+            if len(first) < 3:
+                first.append(number)
 
-    def line_text(line: str, number: int) -> str | None:
-        """The line's text, or None: for a blank line, or a bad record (counted)."""
-        nonlocal skipped, total
-        if not line.strip():
-            return None
-        total += 1
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record, why = None, "not JSON"
-        else:
-            why = "not an object" if not isinstance(record, dict) else ""
-        if not why and record_layout(record, settings.data_format) == "text":
-            settings.kinds.add("text")
-            if isinstance(record.get(field_), str):
-                return record[field_]
-            why = f'no "{field_}"'
-        elif not why:
-            settings.kinds.add("conversations")
-            try:
-                messages = chat_messages(record, record_layout(record, settings.data_format))
-                return fenced_chat(settings.template or CHATML, messages, settings.specials)
-            except ValueError as e:
-                why = str(e)
-        skipped += 1
-        reasons[why] = True
-        if len(first) < 3:
-            first.append(number)
-        return None
-
-    yield from joined_documents(records())
+    yield from joined_documents(texts())
     if skipped:
         lines = ", ".join(f"{n:,}" for n in first) + (", ..." if skipped > len(first) else "")
         settings.skipped[str(path)] = (f"skipped {skipped:,} of {total:,} lines of {path} "
@@ -1650,6 +1622,44 @@ def jsonl_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
             settings.kinds else "point --text_field at the field that holds the text"
         raise TinyLLMError(f"{settings.flag} {path} has no usable line: all {total:,} are "
                            f"{', '.join(reasons)}; {fix}")
+
+
+def numbered_lines(path: Path, settings: ReadSettings) -> Iterator[tuple[int, str]]:
+    """The file's non-blank lines with their physical line numbers (from 1), read in blocks; a
+    byte-order mark before the first is dropped."""
+    carry, number = "", 0
+    for block in read_blocks(path, settings):
+        lines = (carry + block).split("\n")
+        carry = lines.pop()
+        for line in lines:
+            number += 1
+            line = line.lstrip("\ufeff") if number == 1 else line
+            if line.strip():
+                yield number, line
+    carry = carry.lstrip("\ufeff") if number == 0 else carry
+    if carry.strip():
+        yield number + 1, carry
+
+
+def jsonl_record(line: str, settings: ReadSettings) -> tuple[str | None, str]:
+    """A JSON Lines record's document (its text, or its conversation rendered and fenced), or
+    None and why it is skipped. Notes in `settings.kinds` which kind it was."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None, "not JSON"
+    if not isinstance(record, dict):
+        return None, "not an object"
+    layout = record_layout(record, settings.data_format)
+    if layout == "text":
+        settings.kinds.add("text")
+        text = record.get(settings.text_field)
+        return (text, "") if isinstance(text, str) else (None, f'no "{settings.text_field}"')
+    settings.kinds.add("conversations")
+    try:
+        return fenced_chat(settings.template or CHATML, chat_messages(record, layout), settings.specials), ""
+    except ValueError as e:
+        return None, str(e)
 
 
 def parquet_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
@@ -3436,10 +3446,7 @@ def content_fingerprint(files: list[Path]) -> str:
     parts: list[str | bytes] = []
     for p in files:
         size = p.stat().st_size
-        with open(p, "rb") as f:
-            head = f.read(1 << 20)
-            f.seek(max(0, size - (1 << 20)))
-            parts += [str(size), head, f.read(1 << 20)]
+        parts += [str(size), *head_and_tail(p, size)]
     return sha256_hex(*parts)
 
 
@@ -4450,8 +4457,10 @@ class ChatSession:
         reply: list[int] = []
         with ctrl_c_stops() as stop:  # a flag, not an exception: it never lands inside native code
             logits = self.feed(ids[common:])
+            history = torch.zeros((1, 0), dtype=torch.long, device=self.use.device)
             for _ in range(min(settings.max_new_tokens, capacity - len(ids))):
-                history = torch.tensor([ids + reply], device=self.use.device)
+                if settings.repetition_penalty != 1.0:  # the only reader of the tokens so far
+                    history = torch.tensor([ids + reply], device=self.use.device)
                 nxt = choose_next(logits, history, settings, generator)  # (1, 1)
                 token = int(nxt)
                 if token in (self.end, self.tok.eot_id) or stop.is_set():
