@@ -298,6 +298,16 @@ class Config:
                                "uncached path keeps a full window; under sampling, or bf16/fp16 "
                                "weights, rounding can tip a near-tie either way.",
                          "generation")
+    quantize: str = opt("none", "Weights for decoding (samples, --generate_only, --chat, --benchmark) "
+                                "and --eval_only: none keeps the sampling dtype; int8 stores every "
+                                "linear layer as int8 with one scale per output row (weight-only: "
+                                "a quarter of fp32's bytes to read per token). Checkpoints and "
+                                "exports keep full weights.", "generation", ("none", "int8"))
+    compile_decode: bool = opt(False, "torch.compile the one-token decode step (samples, --generate_only, "
+                                      "--chat, --benchmark): a compile of some seconds once per "
+                                      "batch size (inductor caches it on disk for later runs), then "
+                                      "faster tokens. The cache's shapes are static, so advancing the "
+                                      "position never recompiles.", "generation")
     # evaluation, metrics and export
     eval_only: bool = opt(False, "Report loss, perplexity, bits per byte and next-token accuracy of "
                                  "a checkpoint (on --eval_data, else the run's val split); no "
@@ -562,6 +572,8 @@ def sampling_checks(cfg: Config) -> list[Check]:
         (not 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}"),
         (cfg.repetition_penalty <= 0, "--repetition_penalty must be positive (1 = off)"),
         (cfg.num_samples < 1, "--num_samples must be at least 1"),
+        (cfg.compile_decode and not cfg.kv_cache,
+         "--compile_decode compiles the KV-cache decode step; drop --no-kv_cache or --compile_decode"),
     ]
 
 
@@ -619,6 +631,10 @@ def resolve(argv: list[str] | None) -> Resolved:
     cfg = merge_config(explicit)
     validate(cfg, (run_checks,))  # the mode first: it decides whether a checkpoint is read
     mode = (modes_asked(cfg) or ["train"])[0]
+    for key in ("quantize", "compile_decode"):
+        if key in explicit and mode in ("export", "plot"):
+            raise TinyLLMError(f"--{key} is for decoding and --eval_only; --{mode} does not decode (exports "
+                               f"keep the checkpoint's full weights): drop --{key}")
     path = checkpoint_to_use(cfg, mode)
     if cfg.init_from and mode != "train" and path is None:
         flag = {"generate": "generate_only", "eval": "eval_only"}.get(mode, mode)
@@ -2305,11 +2321,10 @@ class LearnedPositions(nn.Module):
         super().__init__()
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
 
-    def embed(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        pos = torch.arange(start, start + x.size(1), device=x.device)
-        return x + self.wpe(pos)
+    def embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        return x + self.wpe(pos if pos is not None else torch.arange(x.size(1), device=x.device))
 
-    def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         return x
 
 
@@ -2325,7 +2340,7 @@ class RotaryPositions(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def embed(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         return x
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RotaryPositions:
@@ -2334,11 +2349,11 @@ class RotaryPositions(nn.Module):
         self.cos, self.sin = self.cos.float(), self.sin.float()
         return self
 
-    def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: (B, T, H, D); positions start..start+T-1 (start is the KV-cache position)."""
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, T, H, D) at positions pos (T,), or 0..T-1 when pos is None."""
         T, half = x.size(1), x.size(-1) // 2
-        cos = self.cos[start:start + T].view(1, T, 1, half)
-        sin = self.sin[start:start + T].view(1, T, 1, half)
+        cos = (self.cos[pos] if pos is not None else self.cos[:T]).view(1, T, 1, half)
+        sin = (self.sin[pos] if pos is not None else self.sin[:T]).view(1, T, 1, half)
         x32 = x.float()
         x1, x2 = x32[..., :half], x32[..., half:]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
@@ -2347,40 +2362,62 @@ class RotaryPositions(nn.Module):
 POSITIONS.update({"learned": LearnedPositions, "rope": RotaryPositions})
 
 
-def attention_mask(start: int, T: int, window: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean (T, start+T) mask, True = may attend, for T queries at positions start.. against
-    every key so far. None when plain causal attention (is_causal, or one query) is exact."""
-    if window == 0 and (start == 0 or T == 1):
+def attention_mask(T: int, window: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean (T, T) mask of T queries against themselves, True = may attend; None when plain
+    causal attention (is_causal) is exact."""
+    if window == 0:
         return None
-    q = torch.arange(start, start + T, device=device).unsqueeze(1)
-    k = torch.arange(start + T, device=device).unsqueeze(0)
-    allowed = k <= q
-    if window:
-        allowed &= k > q - window  # the window counts the current token
-    return allowed
+    q = torch.arange(T, device=device).unsqueeze(1)
+    k = torch.arange(T, device=device).unsqueeze(0)
+    return (k <= q) & (k > q - window)  # the window counts the current token
 
 
 class KVCache:
-    """Preallocated keys and values of every layer for the n_kv_head heads, and the position
-    where the next tokens go."""
+    """Preallocated keys and values of every layer for the n_kv_head heads. `pos`, where the
+    next tokens go, is kept twice: an int for the host and a tensor for the model, which reads
+    only the tensor, so that a compiled decode step sees the same shapes and no Python number
+    change as the position advances (it would recompile for every new one). Attention reads
+    every slot, and a mask hides the slots not written yet."""
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
-        shape = (n_layer, batch, n_kv_head, length, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        shape = (batch, n_kv_head, length, head_dim)
+        # a tensor per layer: an update in place then touches its own layer only, also compiled
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.slots = torch.arange(length, device=device)
+        self.pos, self.pos_t = 0, torch.zeros((), dtype=torch.long, device=device)
 
     @property
     def capacity(self) -> int:
-        return self.k.size(3)
+        return self.k[0].size(2)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, D) at the current position; return all keys and values so far."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def seek(self, pos: int) -> None:
+        """Go to `pos`: what follows is written from there (and what was there is forgotten)."""
+        self.pos = pos
+        self.pos_t.fill_(pos)
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+        self.pos_t += T
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(T,) positions of the next T tokens."""
+        return self.pos_t + self.slots[:T]
+
+    def mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
+        """(T, capacity) boolean mask, True = may attend, for queries at pos (T,)."""
+        allowed = self.slots <= pos.unsqueeze(1)
+        if window:
+            allowed &= self.slots > pos.unsqueeze(1) - window  # the window counts the current token
+        return allowed
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H_kv, T, D) at positions pos (T,); return every slot of the layer."""
+        self.k[layer].index_copy_(2, pos, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, pos, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -2400,19 +2437,18 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, positions: nn.Module, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
-        start = cache.pos if cache is not None else 0
-        q = positions.rotate(self.q_norm(q.view(B, T, H, D)), start)
-        k = positions.rotate(self.k_norm(k.view(B, T, H_kv, D)), start)
+        q = positions.rotate(self.q_norm(q.view(B, T, H, D)), pos)
+        k = positions.rotate(self.k_norm(k.view(B, T, H_kv, D)), pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H_kv, start+T, D), in the cache's dtype
+            k, v = cache.update(layer, k, v, pos)  # (B, H_kv, capacity, D), in the cache's dtype
             q = q.to(k.dtype)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and start == 0,
+            q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != H_kv)
         y = y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype)  # (B, T, H*D); H*D = C unless head_dim is set
         return self.resid_dropout(self.out_proj(y))
@@ -2428,9 +2464,9 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg)
 
     def forward(self, x: torch.Tensor, positions: nn.Module, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, pos: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm_1(x)
-        x = x + self.attn(h, positions, mask, cache, layer)
+        x = x + self.attn(h, positions, mask, cache, layer, pos)
         # A parallel block feeds the MLP the same normalized input as attention.
         return x + self.mlp(h if self.parallel else self.norm_2(x))
 
@@ -2473,19 +2509,11 @@ class GPT(nn.Module):
                 label_smoothing: float = 0.0, z_loss: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T or 1, V) and the loss vs targets: plain mean
-        cross-entropy unless label smoothing or z-loss are asked for (training only)."""
-        T = idx.size(1)
-        start = cache.pos if cache is not None else 0
-        x = self.drop(self.positions.embed(self.wte(idx), start))  # (B, T, C)
-        mask = attention_mask(start, T, self.cfg.sliding_window, idx.device)
-        for layer, block in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, self.positions, mask, cache, layer,
-                                                      use_reentrant=False)
-            else:
-                x = block(x, self.positions, mask, cache, layer)
+        cross-entropy unless label smoothing or z-loss are asked for (training only). With a
+        cache, idx follows what it holds, and it advances past idx."""
+        x = self.trunk(idx, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(idx.size(1))
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None
@@ -2498,6 +2526,26 @@ class GPT(nn.Module):
         if z_loss:
             loss = loss + z_loss * (torch.logsumexp(logits, dim=-1).pow(2) * learned).sum() / count
         return logits, loss
+
+    def trunk(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """idx (B, T) -> the last block's output (B, T, C); reads the cache's position, never moves it."""
+        T = idx.size(1)
+        pos = cache.positions(T) if cache is not None else None
+        x = self.drop(self.positions.embed(self.wte(idx), pos))  # (B, T, C)
+        mask = cache.mask(pos, self.cfg.sliding_window) if cache is not None \
+            else attention_mask(T, self.cfg.sliding_window, idx.device)
+        for layer, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, self.positions, mask, cache, layer, pos,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, self.positions, mask, cache, layer, pos)
+        return x
+
+    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """float32 logits (B, V) after idx (B, T) at the cache's position, which stays: the decode
+        step that generation compiles (the caller advances the cache)."""
+        return self.lm_head(self.norm_f(self.trunk(idx, cache)[:, -1])).float()
 
 
 # ---- LoRA: low-rank adapters on a frozen model (--lora_rank) ---------------------------------
@@ -2589,6 +2637,49 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor]) -> None:
                            f"({first_line(e)}); the checkpoint is damaged or was edited") from None
 
 
+# ---- Int8 weights for decoding (--quantize int8) ---------------------------------------------
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights for decoding: each output row is int8 values times one
+    scale, max |w| / 127 of the row (symmetric and weight-only: activations keep their dtype).
+    On CPU, torch's int8-weight matmul reads the int8 values directly; elsewhere, and for shapes
+    that kernel gets wrong (it returns NaN or crashes unless the input width is a multiple of 16,
+    checked on torch 2.13), the weights are widened for each call: a quarter of the memory but
+    no faster."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("weight", torch.round(w / scale.unsqueeze(1)).to(torch.int8))  # (out, in)
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+        self.packed_kernel = linear.in_features % 16 == 0 and linear.out_features >= 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale.to(x.dtype)
+        if self.packed_kernel and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, scale)
+            y = y.view(*x.shape[:-1], -1)  # (..., out)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * scale
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """Every linear layer (the output head included) as an Int8Linear in the model's dtype, in
+    place. The embedding stays: decoding reads one row of it per token."""
+    dtype = model.wte.weight.dtype
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, Int8Linear(module, dtype))
+    return model
+
+
+QUANTIZERS: dict[str, Callable[[GPT], GPT]] = {"none": lambda model: model, "int8": quantize_int8}
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling: filters, the next token, cached and uncached decoding, streaming to stdout
 # ----------------------------------------------------------------------------------------------
@@ -2601,11 +2692,13 @@ class SampleSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     kv_cache: bool = True
+    compiled: bool = False  # the decode step through torch.compile
 
     @classmethod
     def from_config(cls, cfg: Config, max_new_tokens: int | None = None) -> SampleSettings:
         return cls(cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                   cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, cfg.kv_cache)
+                   cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, cfg.kv_cache,
+                   cfg.compile_decode)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -2649,15 +2742,46 @@ def next_logits_uncached(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return model(idx[:, -model.cfg.block_size:], last_only=True)[0][:, -1]
 
 
-def next_logits_cached(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def next_logits_cached(model: GPT, idx: torch.Tensor, cache: KVCache,
+                       step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None) -> torch.Tensor:
     """Feed only the token the cache has not seen. An empty cache is prefilled with the last
     block_size tokens; a full one restarts from the last half block, so that positions stay
     inside what the model was trained on, for learned and rotary positions alike."""
     if cache.pos == 0 or cache.pos == cache.capacity:
         keep = cache.capacity if cache.pos == 0 else cache.capacity // 2
-        cache.pos = 0
-        return model(idx[:, -keep:], cache=cache, last_only=True)[0][:, -1]
-    return model(idx[:, -1:], cache=cache, last_only=True)[0][:, -1]
+        cache.seek(0)
+        return feed(model, idx[:, -keep:], cache, step)
+    return feed(model, idx[:, -1:], cache, step)
+
+
+def feed(model: GPT, idx: torch.Tensor, cache: KVCache,
+         step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits (B, V) after idx (B, T) fed after what the cache holds, which then advances past
+    it: a prompt in one forward pass (prefill), one token through the decode step."""
+    if idx.size(1) > 1:
+        return model(idx, cache=cache, last_only=True)[0][:, -1]
+    # a fresh (B, 1) tensor: a column of a longer one has strides that a compiled step would
+    # see change with every token (and recompile for)
+    logits = (step or model.step)(idx.clone(memory_format=torch.contiguous_format), cache)
+    cache.advance(1)
+    return logits
+
+
+@functools.cache
+def compiled_step() -> Callable[[GPT, torch.Tensor, KVCache], torch.Tensor]:
+    """GPT.step through torch.compile, made once: models of the same shapes share its graphs
+    (their weights are the graph's inputs), and the cache's static shapes keep it at one graph
+    per batch size and weight kind while the position advances."""
+    return torch.compile(GPT.step, fullgraph=True, dynamic=False)
+
+
+def decode_step(model: GPT, compiled: bool) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
+    return functools.partial(compiled_step(), model) if compiled else model.step
+
+
+def compile_count() -> int:
+    """Graphs torch.compile has made in this process (dynamo's counter)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
@@ -2677,9 +2801,10 @@ def generate(model: GPT, idx: torch.Tensor, s: SampleSettings, generator: torch.
     model.eval()
     cache = model.new_cache(idx.size(0), idx.device, cache_dtype(model.wte.weight.dtype, idx.device)) \
         if s.kv_cache else None
+    step = decode_step(model, s.compiled)
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
     for _ in range(s.max_new_tokens):
-        logits = next_logits_cached(model, idx, cache) if cache else next_logits_uncached(model, idx)
+        logits = next_logits_cached(model, idx, cache, step) if cache else next_logits_uncached(model, idx)
         nxt = choose_next(logits, idx, s, generator)
         if stop_id is not None:
             nxt = nxt.masked_fill(done, stop_id)
@@ -2761,34 +2886,41 @@ def sampling_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 def sampling_copy(model: GPT, cfg: Config, device: torch.device) -> GPT:
-    """The model in the sampling dtype: a copy when that differs from its own, so training never
-    sees its weights rounded."""
+    """The model in the sampling dtype, quantized as --quantize asks: a copy when that differs
+    from the model itself, so training never sees its weights rounded."""
     dtype = sampling_dtype(cfg, device)
     if has_lora(model):  # adapters folded in: one matmul per layer, as the exports have it
         # the frozen base is shared when its dtype is the sampling one, else copied once in that
         # dtype; merging makes new layers, so the live weights are never touched
         frozen = {id(p): p if p.dtype == dtype else nn.Parameter(p.detach().to(dtype), requires_grad=False)
                   for p in model.parameters() if not p.requires_grad}
-        return merge_lora(copy.deepcopy(model, memo=frozen)).to(dtype)
-    return copy.deepcopy(model).to(dtype) if dtype != model.wte.weight.dtype else model
+        return QUANTIZERS[cfg.quantize](merge_lora(copy.deepcopy(model, memo=frozen)).to(dtype))
+    if dtype == model.wte.weight.dtype and cfg.quantize == "none":
+        return model
+    return QUANTIZERS[cfg.quantize](copy.deepcopy(model).to(dtype))
 
 
 def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.device,
                   max_new_tokens: int | None = None, seed: int | None = None,
                   start_ids: list[int] | None = None) -> None:
-    """Stream cfg.num_samples samples of cfg.prompt to stdout; same seed, same text. Runs on a
+    """cfg.num_samples samples of cfg.prompt to stdout, decoded as one batch: the first streams
+    as it is made, the others follow when the batch is done; same seed, same text. Runs on a
     copy in the sampling dtype, so training never sees its weights rounded."""
     prompt_ids = encode_prompt(tok, cfg.prompt, start_ids)
     model = sampling_copy(model, cfg, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed if seed is None else seed)
     settings = SampleSettings.from_config(cfg, max_new_tokens)
-    for i in range(cfg.num_samples):
-        if is_rank0():
-            print(f"--- sample {i + 1}/{cfg.num_samples} ---\n{cfg.prompt}", end="", flush=True)
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        streamer = TextStreamer(tok, prompt_ids) if is_rank0() else None
-        generate(model, idx, settings, generator, streamer, stop_id=tok.eot_id)
-        print0()
+    n = cfg.num_samples
+    print0(f"--- sample 1/{n} ---\n{cfg.prompt}", end="")
+    idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
+    out = generate(model, idx, settings, generator, TextStreamer(tok, prompt_ids) if is_rank0() else None,
+                   stop_id=tok.eot_id)
+    print0()
+    prompt_text = tok.decode(prompt_ids)
+    for i in range(1, n):
+        new = out[i, len(prompt_ids):].tolist()
+        new = new[:new.index(tok.eot_id)] if tok.eot_id in new else new
+        print0(f"--- sample {i + 1}/{n} ---\n{cfg.prompt}{tok.decode(prompt_ids + new)[len(prompt_text):]}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4412,6 +4544,7 @@ class ChatSession:
     def __init__(self, use: Loaded, system: str = ""):
         self.use, self.tok = use, use.tok
         self.model = sampling_copy(use.model, use.cfg, use.device)
+        self.step = decode_step(self.model, use.cfg.compile_decode)
         self.template = use.cfg.chat_template or CHATML
         self.end = end_of_turn_id(use.tok)
         self.system = system
@@ -4453,7 +4586,8 @@ class ChatSession:
         same = (i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b)
         common = next(same, min(len(self.ids), len(ids)))  # tokens the cache already holds
         common = min(common, len(ids) - 1)  # at least one new token gives the next logits
-        self.cache.pos, self.ids = common, ids[:common]
+        self.cache.seek(common)
+        self.ids = ids[:common]
         reply: list[int] = []
         with ctrl_c_stops() as stop:  # a flag, not an exception: it never lands inside native code
             logits = self.feed(ids[common:])
@@ -4477,9 +4611,8 @@ class ChatSession:
 
     def feed(self, new: list[int]) -> torch.Tensor:
         """Run `new` tokens through the model after what the cache holds; the next logits."""
-        idx = torch.tensor([new], device=self.use.device)
         self.ids += new
-        return self.model(idx, cache=self.cache, last_only=True)[0][:, -1]
+        return feed(self.model, torch.tensor([new], device=self.use.device), self.cache, self.step)
 
 
 def chat_in_terminal(r: Resolved) -> None:
@@ -4543,11 +4676,13 @@ def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
     if len(tokens) < use.cfg.block_size + 1:
         raise TinyLLMError(f"{name} has {len(tokens)} tokens; --eval_only needs at least block_size "
                            f"+ 1 = {use.cfg.block_size + 1}")
-    result = evaluate_tokens(use.model, tokens, use.cfg.batch_size, use.device,
+    model = QUANTIZERS[use.cfg.quantize](use.model)  # what decoding with --quantize computes
+    result = evaluate_tokens(model, tokens, use.cfg.batch_size, use.device,
                              pick_dtype(use.cfg, use.device), mask, use.tok.eot_id)
     result.update(perplexity=perplexity(result["loss"]), bpb=bits_per_byte(result["loss"], per_byte))
     which = "assistant tokens (the replies and their end of turn)" if mask is not None else "tokens"
-    print0(f"eval of {use.path} (step {use.step}) on {name}: {int(result['tokens']):,} {which}")
+    weights = "" if use.cfg.quantize == "none" else f", {use.cfg.quantize} weights"
+    print0(f"eval of {use.path} (step {use.step}{weights}) on {name}: {int(result['tokens']):,} {which}")
     print0(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | bits per byte "
            f"{result['bpb']:.4f} | next-token accuracy {100 * result['accuracy']:.2f}%")
     return result
@@ -4633,13 +4768,37 @@ def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, floa
               "peak_memory_mb": peak_memory_bytes(device) / 2**20}
     result["mfu"] = flops_per_token(run.model, cfg.block_size) * result["train_tokens_per_s"] / run.peak \
         if run.peak else float("nan")
-    sampler = sampling_copy(run.model, cfg, device)  # what --generate_only runs
-    for cached in (True, False):
-        settings = SampleSettings(cfg.max_new_tokens, temperature=0, kv_cache=cached)
-        prompt = torch.tensor([tok.start_ids()], device=device)
-        seconds = median_seconds(lambda s=settings, p=prompt: generate(sampler, p, s), 3, device)
-        result[f"generate_tokens_per_s_{'cache' if cached else 'no_cache'}"] = cfg.max_new_tokens / seconds
+    result.update(decode_benchmark(run.model, cfg, device, tok))
     print_benchmark(cfg, device, run.dtype, run.model, result)
+    return result
+
+
+def decode_benchmark(model: GPT, cfg: Config, device: torch.device, tok: TextTokenizer) -> dict[str, float]:
+    """Greedy decoding at batch 1 from the start tokens, what --generate_only runs: tokens/s with
+    the KV cache, in the sampling dtype and in int8 (compiled with --compile_decode), and without
+    the cache; then prefill tokens/s and the time to the first token of a 200-token prompt."""
+    result, prompt, graphs = {}, torch.tensor([tok.start_ids()], device=device), compile_count()
+    settings = SampleSettings(cfg.max_new_tokens, temperature=0, compiled=cfg.compile_decode)
+    for quantize in QUANTIZERS:
+        sampler = sampling_copy(model, dataclasses.replace(cfg, quantize=quantize), device)
+        generate(sampler, prompt, dataclasses.replace(settings, max_new_tokens=2))  # warm-up; compiles
+        seconds = median_seconds(lambda m=sampler: generate(m, prompt, settings), 3, device)
+        result[f"decode_tokens_per_s_{quantize}"] = cfg.max_new_tokens / seconds
+    sampler = sampling_copy(model, cfg, device)
+    uncached = dataclasses.replace(settings, kv_cache=False, compiled=False)
+    result["decode_tokens_per_s_no_cache"] = cfg.max_new_tokens / median_seconds(
+        lambda: generate(sampler, prompt, uncached), 3, device)
+    result["prefill_tokens"] = n = min(200, cfg.block_size)
+    long = torch.randint(model.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def first_token() -> torch.Tensor:
+        cache = sampler.new_cache(1, device, cache_dtype(sampler.wte.weight.dtype, device))
+        return choose_next(feed(sampler, long, cache), long, settings, None)
+
+    with torch.no_grad():
+        seconds = median_seconds(first_token, 5, device)
+    result.update(prefill_tokens_per_s=n / seconds, first_token_ms=1000 * seconds,
+                  decode_graphs=compile_count() - graphs)
     return result
 
 
@@ -4670,11 +4829,17 @@ def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model
             ("training tokens/s", f"{r['train_tokens_per_s']:,.0f}"),
             ("MFU", f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "unknown (--peak_flops)"),
             ("peak memory", f"{r['peak_memory_mb']:,.0f} MiB"),
-            ("generation weights", str(sampling_dtype(cfg, device)).removeprefix("torch.")),
-            (f"generation tokens/s, {cfg.max_new_tokens} new, KV cache",
-             f"{r['generate_tokens_per_s_cache']:,.0f}"),
-            (f"generation tokens/s, {cfg.max_new_tokens} new, no cache",
-             f"{r['generate_tokens_per_s_no_cache']:,.0f}")]
+            (f"decode tokens/s, {cfg.max_new_tokens} new, KV cache, "
+             f"{str(sampling_dtype(cfg, device)).removeprefix('torch.')} weights",
+             f"{r['decode_tokens_per_s_none']:,.0f}"),
+            (f"decode tokens/s, {cfg.max_new_tokens} new, KV cache, int8 weights",
+             f"{r['decode_tokens_per_s_int8']:,.0f}"),
+            (f"decode tokens/s, {cfg.max_new_tokens} new, no cache",
+             f"{r['decode_tokens_per_s_no_cache']:,.0f}"),
+            ("decode step", f"compiled ({r['decode_graphs']} graphs)" if cfg.compile_decode
+             else "eager (--compile_decode compiles it)"),
+            (f"prefill, {r['prefill_tokens']} tokens",
+             f"{r['prefill_tokens_per_s']:,.0f} tokens/s, first token after {r['first_token_ms']:.1f} ms")]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print0(f"{name:<{width}} | {value}")

@@ -189,8 +189,11 @@ def test_benchmark_prints_a_table_and_writes_nothing(run_args, tmp_path, capsys)
     result = tl.benchmark(tl.resolve(run_args("--benchmark", "--max_new_tokens", "20")),
                           warmup=1, repeats=2)
     assert not (tmp_path / "out").exists()
-    for key in ("train_tokens_per_s", "mfu", "peak_memory_mb", "generate_tokens_per_s_cache",
-                "generate_tokens_per_s_no_cache"):
+    for key in ("train_tokens_per_s", "mfu", "peak_memory_mb", "decode_tokens_per_s_none",
+                "decode_tokens_per_s_int8", "decode_tokens_per_s_no_cache", "prefill_tokens_per_s",
+                "first_token_ms"):
         assert result[key] > 0, key
+    assert result["decode_graphs"] == 0  # eager unless --compile_decode
     out = capsys.readouterr().out
-    assert "training tokens/s" in out and "KV cache" in out and "MFU" in out
+    assert "training tokens/s" in out and "KV cache, int8 weights" in out and "MFU" in out
+    assert "prefill, " in out and "first token after" in out

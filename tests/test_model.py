@@ -103,17 +103,18 @@ def test_gqa_groups_query_heads_with_repeat_interleave():
 
 def test_kv_cache_holds_only_kv_heads():
     cache = tiny(kv=1).new_cache(3, torch.device("cpu"), torch.float32)
-    assert cache.k.shape == (2, 3, 1, 16, 8)
+    assert len(cache.k) == 2 and cache.k[0].shape == (3, 1, 16, 8)
 
 
 def test_rope_is_rotate_half_and_relative():
     rope = tl.RotaryPositions(tl.Config(n_embd=32, n_head=4, block_size=16))
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
-    dots = [(rope.rotate(q, s) * rope.rotate(k, s + 3)).sum() for s in (0, 5, 9)]
+    at = torch.tensor
+    dots = [(rope.rotate(q, at([s])) * rope.rotate(k, at([s + 3]))).sum() for s in (0, 5, 9)]
     assert torch.allclose(torch.stack(dots), dots[0].expand(3), atol=1e-5)  # depends on offset only
     x = torch.zeros(1, 1, 1, 8)
     x[..., 0] = 1.0  # pairs with index 4 (rotate-half), not index 1 (interleaved)
-    y = rope.rotate(x, 1)
+    y = rope.rotate(x, torch.tensor([1]))
     assert y[..., 4].abs() > 0 and y[..., 1] == 0
 
 
@@ -127,7 +128,7 @@ def test_bf16_sampling_copy_keeps_rope_in_fp32_and_training_model_untouched(caps
     greedy.kv_cache = False
     assert torch.equal(with_cache, tl.generate(half, idx, greedy))
     cache = half.new_cache(2, idx.device, tl.cache_dtype(torch.bfloat16, idx.device))
-    assert cache.k.dtype == torch.float32  # attention in fp32 on CPU, the weights stay bf16
+    assert cache.k[0].dtype == torch.float32  # attention in fp32 on CPU, the weights stay bf16
     logits = tl.next_logits_cached(half, idx, cache)
     assert logits.dtype == torch.bfloat16
     assert torch.allclose(logits.float(), tl.next_logits_uncached(half, idx).float(), atol=3e-2)

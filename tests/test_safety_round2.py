@@ -156,10 +156,10 @@ def test_samples_start_from_a_token_seen_in_training(run_args, tmp_path, monkeyp
     tok = tl.TextTokenizer.from_str(ckpt["tokenizer"])
     assert ckpt["start_ids"] == [tok.vocab["\n"]] != [tok.eot_id]
     starts, real = [], tl.generate
-    monkeypatch.setattr(tl, "generate", lambda model, idx, *a, **k: starts.append(idx[0].tolist())
+    monkeypatch.setattr(tl, "generate", lambda model, idx, *a, **k: starts.append(idx.tolist())
                         or real(model, idx, *a, **k))
     assert tl.main(["--generate_only", "--out_dir", str(tmp_path / "out"), "--num_samples", "2"]) == 0
-    assert starts == [ckpt["start_ids"]] * 2
+    assert starts == [[ckpt["start_ids"]] * 2]  # both samples in one batch
     assert tl.main(["--export", "safetensors", "--out_dir", str(tmp_path / "out")]) == 0
     exported = tl.load_checkpoint(tmp_path / "out" / "export-safetensors" / "model.safetensors")
     assert exported["start_ids"] == ckpt["start_ids"]

@@ -1,0 +1,122 @@
+"""Fast decoding: the static KV cache, the compiled decode step, int8 weights, batched samples."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tl
+
+VOCAB = 61
+
+
+def tiny(norm="rmsnorm", mlp="swiglu", pos="rope", qk=False, window=0, parallel=False, kv=0) -> tl.GPT:
+    cfg = tl.Config(n_layer=2, n_head=4, n_kv_head=kv, n_embd=32, block_size=16, norm=norm, mlp=mlp,
+                    pos_encoding=pos, qk_norm=qk, sliding_window=window, parallel_block=parallel)
+    tl.validate(cfg)
+    torch.manual_seed(0)
+    return tl.GPT(cfg, VOCAB).eval()
+
+
+@pytest.mark.parametrize("shape", [(32, 96), (64, 61), (33, 7), (40, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_is_the_float_layer_within_rounding(shape, dtype):
+    """Both the packed CPU kernel (width a multiple of 16) and the widened fallback: within the
+    error of rounding each weight to 1/254 of its row's range."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(*shape, bias=True).to(dtype)
+    q = tl.Int8Linear(linear, dtype)
+    assert q.weight.dtype == torch.int8 and q.packed_kernel == (shape[0] % 16 == 0 and shape[1] >= 16)
+    x = torch.randn(3, 5, shape[0], dtype=dtype)
+    with torch.no_grad():
+        want, got = linear(x).float(), q(x).float()
+    assert got.shape == want.shape
+    assert (got - want).norm() / want.norm() < 0.02
+
+
+def test_int8_sampling_copy_leaves_the_model_alone_and_keeps_the_embedding():
+    model = tiny()
+    model.lm_head.weight = model.wte.weight  # tied
+    before = copy.deepcopy(model.state_dict())
+    cfg = tl.Config(n_layer=2, n_head=4, n_embd=32, block_size=16, dtype="float32", quantize="int8")
+    q = tl.sampling_copy(model, cfg, torch.device("cpu"))
+    assert q is not model and isinstance(q.lm_head, tl.Int8Linear)
+    assert isinstance(q.blocks[0].attn.qkv, tl.Int8Linear)
+    assert isinstance(q.blocks[1].mlp.out_proj, tl.Int8Linear)
+    assert torch.equal(q.wte.weight, model.wte.weight) and q.wte.weight.dtype == torch.float32
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_batched_rows_decode_as_they_would_alone(quantize):
+    """Rows of a batch never mix: each row's greedy tokens are those of the row decoded alone."""
+    model = tl.QUANTIZERS[quantize](tiny(kv=2))
+    prompts = torch.randint(VOCAB, (3, 4), generator=torch.Generator().manual_seed(1))
+    greedy = tl.SampleSettings(max_new_tokens=10, temperature=0)
+    together = tl.generate(model, prompts, greedy)
+    for row in range(3):
+        assert torch.equal(together[row:row + 1], tl.generate(model, prompts[row:row + 1], greedy))
+
+
+def test_int8_weights_keep_cache_and_no_cache_greedy_equal():
+    model = tl.QUANTIZERS["int8"](tiny(window=5, kv=2))
+    idx = torch.randint(VOCAB, (2, 3), generator=torch.Generator().manual_seed(2))
+    greedy = tl.SampleSettings(max_new_tokens=12, temperature=0)
+    cached = tl.generate(model, idx, greedy)
+    greedy.kv_cache = False
+    assert torch.equal(cached, tl.generate(model, idx, greedy))
+
+
+COMPILED_SWITCHES = [("rmsnorm", "swiglu", "rope", True, 5, True, 2),
+                     ("layernorm", "gelu", "learned", False, 0, False, 0)]
+
+
+@pytest.mark.parametrize("switches", COMPILED_SWITCHES, ids=lambda s: "-".join(map(str, s)))
+def test_compiled_decode_step_is_the_eager_one_and_compiles_once(switches):
+    """In fp32 the compiled step picks the greedy tokens of the uncached oracle while the prompt
+    and output fit in block_size, and those of the eager cached path past it (where the cache
+    restarts); the position advancing 40 times, through two restarts, makes no new graph."""
+    torch._dynamo.reset()
+    model = tiny(*switches)
+    idx = torch.randint(VOCAB, (2, 3), generator=torch.Generator().manual_seed(3))
+    before = tl.compile_count()
+    fits = tl.SampleSettings(max_new_tokens=13, temperature=0, compiled=True)
+    oracle = tl.generate(model, idx, tl.SampleSettings(max_new_tokens=13, temperature=0, kv_cache=False))
+    assert torch.equal(tl.generate(model, idx, fits), oracle)
+    long = tl.SampleSettings(max_new_tokens=40, temperature=0, compiled=True)
+    eager = tl.generate(model, idx, tl.SampleSettings(max_new_tokens=40, temperature=0))
+    assert torch.equal(tl.generate(model, idx, long), eager)
+    assert tl.compile_count() - before == 1
+
+
+def test_compiled_int8_decode_matches_eager_int8():
+    torch._dynamo.reset()
+    model = tl.QUANTIZERS["int8"](tiny().to(torch.bfloat16))
+    idx = torch.randint(VOCAB, (1, 3), generator=torch.Generator().manual_seed(4))
+    eager = tl.generate(model, idx, tl.SampleSettings(max_new_tokens=20, temperature=0))
+    with torch.no_grad():
+        logits_eager = model.step(idx[:, -1:], model.new_cache(1, idx.device, torch.float32))
+        compiled = tl.compiled_step()(model, idx[:, -1:], model.new_cache(1, idx.device, torch.float32))
+    assert torch.allclose(compiled, logits_eager, atol=2e-2)
+    assert torch.equal(tl.generate(model, idx, tl.SampleSettings(max_new_tokens=20, temperature=0,
+                                                                 compiled=True)), eager)
+
+
+def test_cli_quantize_and_compile_decode(run_args, tmp_path, capsys):
+    assert tl.main(run_args("--max_steps", "30")) == 0
+    out = ["--out_dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert tl.main(["--generate_only", *out, "--quantize", "int8", "--num_samples", "3",
+                    "--temperature", "0", "--compile_decode"]) == 0
+    text = capsys.readouterr().out
+    assert [f"--- sample {i}/3 ---" in text for i in (1, 2, 3)] == [True] * 3
+    samples = text.split("--- sample ")[1:]
+    assert samples[0].split("\n", 1)[1] == samples[2].split("\n", 1)[1]  # greedy: the same text
+    full = tl.evaluate_checkpoint(tl.resolve(["--eval_only", *out]))
+    int8 = tl.evaluate_checkpoint(tl.resolve(["--eval_only", *out, "--quantize", "int8"]))
+    assert "int8 weights" in capsys.readouterr().out
+    assert int8["loss"] != full["loss"] and abs(int8["loss"] - full["loss"]) < 0.05 * full["loss"]
+    for bad in (["--export", "safetensors", "--quantize", "int8"],
+                ["--generate_only", "--compile_decode", "--no-kv_cache"]):
+        assert tl.main([*bad, *out]) == 2
+        assert "--" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "export-safetensors").exists()
