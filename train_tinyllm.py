@@ -92,6 +92,7 @@ SCHEDULES: dict[str, Callable[[float, float], float]] = {}  # --lr_schedule: sha
 OPTIMIZERS: dict[str, Callable[[GPT, Config, torch.device], list[torch.optim.Optimizer]]] = {}  # --optimizer
 EXPORTERS: dict[str, Exporter] = {}  # --export: formats
 HF_FAMILIES: dict[str, HFFamily] = {}  # --init_from: transformers model_types we import
+QUANTIZERS: dict[str, Callable[[GPT], GPT]] = {}  # --quantize: weights for decoding
 
 
 def opt(default: Any, help: str, group: str, choices: tuple[Any, ...] | dict[str, Any] | None = None,
@@ -302,7 +303,7 @@ class Config:
                                 "and --eval_only: none keeps the sampling dtype; int8 stores every "
                                 "linear layer as int8 with one scale per output row (weight-only: "
                                 "a quarter of fp32's bytes to read per token). Checkpoints and "
-                                "exports keep full weights.", "generation", ("none", "int8"))
+                                "exports keep full weights.", "generation", QUANTIZERS)
     compile_decode: bool = opt(False, "torch.compile the one-token decode step (samples, --generate_only, "
                                       "--chat, --benchmark): a compile of some seconds once per "
                                       "batch size (inductor caches it on disk for later runs), then "
@@ -2677,7 +2678,7 @@ def quantize_int8(model: GPT) -> GPT:
     return model
 
 
-QUANTIZERS: dict[str, Callable[[GPT], GPT]] = {"none": lambda model: model, "int8": quantize_int8}
+QUANTIZERS.update({"none": lambda model: model, "int8": quantize_int8})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2894,10 +2895,12 @@ def sampling_copy(model: GPT, cfg: Config, device: torch.device) -> GPT:
         # dtype; merging makes new layers, so the live weights are never touched
         frozen = {id(p): p if p.dtype == dtype else nn.Parameter(p.detach().to(dtype), requires_grad=False)
                   for p in model.parameters() if not p.requires_grad}
-        return QUANTIZERS[cfg.quantize](merge_lora(copy.deepcopy(model, memo=frozen)).to(dtype))
-    if dtype == model.wte.weight.dtype and cfg.quantize == "none":
+        sampler = merge_lora(copy.deepcopy(model, memo=frozen)).to(dtype)
+    elif dtype == model.wte.weight.dtype and cfg.quantize == "none":
         return model
-    return QUANTIZERS[cfg.quantize](copy.deepcopy(model).to(dtype))
+    else:
+        sampler = copy.deepcopy(model).to(dtype)
+    return QUANTIZERS[cfg.quantize](sampler)
 
 
 def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.device,

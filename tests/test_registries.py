@@ -17,6 +17,7 @@ REGISTRY_FIELDS = {
     "lr_schedule": (tl.SCHEDULES, ()),
     "optimizer": (tl.OPTIMIZERS, ()),
     "export": (tl.EXPORTERS, ("none",)),
+    "quantize": (tl.QUANTIZERS, ()),
 }
 
 
