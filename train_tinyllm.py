@@ -330,16 +330,21 @@ class Config:
                              "evaluation, metrics and export")
     export: str = opt("none", "Export a checkpoint (--ckpt, else out_dir's best) and exit: hf "
                               "(transformers directory), safetensors, onnx, torchscript, tiktoken "
-                              "(BPE tokenizers).", "evaluation, metrics and export",
+                              "(BPE tokenizers), gguf (llama.cpp, Ollama, LM Studio).",
+                      "evaluation, metrics and export",
                       ("none", EXPORTERS))
     export_dir: str = opt("", "Where --export writes; default out_dir/export-FORMAT.",
                           "evaluation, metrics and export")
+    gguf_type: str = opt("f16", "Weights of --export gguf: f32, f16, or q8_0 (8 bits in blocks of 32, "
+                                "about half the size of f16).", "evaluation, metrics and export",
+                         ("f32", "f16", "q8_0"))
 
 
 # Keys that say what to do in this invocation, and where; they never carry over from a
 # checkpoint's config (a model trained on a GPU must sample on a laptop).
 RUN_KEYS = ("device", "resume", "allow_data_change", "overwrite", "generate_only", "chat", "ckpt",
-            "stop_at_step", "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir")
+            "stop_at_step", "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir",
+            "gguf_type")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ARCH_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["arch"])
 
@@ -636,6 +641,8 @@ def resolve(argv: list[str] | None) -> Resolved:
         if key in explicit and mode in ("export", "plot"):
             raise TinyLLMError(f"--{key} is for decoding and --eval_only; --{mode} does not decode (exports "
                                f"keep the checkpoint's full weights): drop --{key}")
+    if "gguf_type" in explicit and cfg.export != "gguf":
+        raise TinyLLMError("--gguf_type is for --export gguf; drop it or add --export gguf")
     path = checkpoint_to_use(cfg, mode)
     if cfg.init_from and mode != "train" and path is None:
         flag = {"generate": "generate_only", "eval": "eval_only"}.get(mode, mode)
@@ -4901,6 +4908,8 @@ EXPORTERS.update({
     "onnx": Exporter("model.onnx", lambda use, target: export_onnx(use.model, target)),
     "torchscript": Exporter("model.pt", lambda use, target: export_torchscript(use.model, target)),
     "tiktoken": Exporter("tokenizer.tiktoken", lambda use, target: export_tiktoken(use.tok, target)),
+    "gguf": Exporter("model.gguf", lambda use, target: export_gguf(use.model, use.tok, use.cfg, target,
+                                                                   use.cfg.gguf_type)),
 })
 
 
@@ -5000,34 +5009,34 @@ def export_file(path: Path) -> Path:
     return path
 
 
-def hf_layout(cfg: Config) -> str:
-    """'gpt2', 'llama' or 'qwen3' (Llama with per-head q/k norms): the transformers architecture
-    that computes exactly what this config computes, or TinyLLMError naming the first setting
-    that none can express (a checkpoint that loads but computes something else would be worse
-    than no export)."""
+def hf_layout(cfg: Config, runtime: str = "transformers'", export: str = "a HuggingFace export") -> str:
+    """'gpt2', 'llama' or 'qwen3' (Llama with per-head q/k norms): the architecture of `runtime`
+    (transformers, llama.cpp) that computes exactly what this config computes, or TinyLLMError
+    naming the first setting that none can express (a model that loads but computes something
+    else would be worse than no export)."""
     other = "export_safetensors/export_onnx keep every setting"
     for flag, on, off in (("parallel_block", cfg.parallel_block, "without --parallel_block"),
                           ("sliding_window", cfg.sliding_window, "with --sliding_window 0")):
         if on:
             given = f"--{flag}" if on is True else f"--{flag} {on}"
-            raise TinyLLMError(f"{given} has no switch in transformers' GPT-2, Llama or Qwen3; "
-                               f"{other}, or train {off} for a HuggingFace export")
+            raise TinyLLMError(f"{given} has no switch in {runtime} GPT-2, Llama or Qwen3; "
+                               f"{other}, or train {off} for {export}")
     parts = (cfg.norm, cfg.mlp, cfg.pos_encoding)
     if parts in (("layernorm", "gelu", "learned"), ("layernorm", "gelu_tanh", "learned")):
         if cfg.qk_norm or head_size(cfg) * cfg.n_head != cfg.n_embd:
             flag = "--qk_norm" if cfg.qk_norm else f"--head_dim {cfg.head_dim}"
-            raise TinyLLMError(f"{flag} has no switch in transformers' GPT-2; {other}, or train "
-                               f"without it for a HuggingFace export")
+            raise TinyLLMError(f"{flag} has no switch in {runtime} GPT-2; {other}, or train "
+                               f"without it for {export}")
         return "gpt2"
     if parts == ("rmsnorm", "swiglu", "rope"):
         if cfg.qk_norm and cfg.bias:
             raise TinyLLMError(f"--qk_norm with --bias: Qwen3, the layout with q/k norms, has no biases "
-                               f"in its MLP; {other}, or train without --bias for a HuggingFace export")
+                               f"in its MLP; {other}, or train without --bias for {export}")
         return "qwen3" if cfg.qk_norm else "llama"
     raise TinyLLMError(f"--norm {cfg.norm} --mlp {cfg.mlp} --pos_encoding {cfg.pos_encoding} is "
                        f"neither GPT-2 (layernorm, gelu, learned) nor Llama or Qwen3 (rmsnorm, swiglu, "
-                       f"rope), the layouts transformers can load; {other}, or train with --arch gpt2 "
-                       f"or --arch llama for a HuggingFace export")
+                       f"rope), the layouts {runtime} runs; {other}, or train with --arch gpt2 "
+                       f"or --arch llama for {export}")
 
 
 def weight_or_zeros(layer: nn.Module, name: str, size: int) -> torch.Tensor:
@@ -5292,6 +5301,258 @@ def export_tiktoken(tok: TextTokenizer, path: Path) -> None:
             "sha256": hashlib.sha256(lines.encode("ascii")).hexdigest(),
             "n_vocab": tok.vocab_size}
     write_text_atomic(path.with_name(path.name + ".json"), json.dumps(meta, indent=2) + "\n")
+
+
+# ---- GGUF: one file for llama.cpp, Ollama and LM Studio ------------------------------------
+
+Q8_BLOCK = 32  # q8_0 quantizes blocks of 32 weights along a row, one scale each
+# Split patterns of the Llama 3 and Qwen2 pre-tokenizers, as their tokenizer.json files write them.
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                        r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+GGUF_SPLIT_PATTERNS = {LLAMA3_SPLIT_PATTERN: "llama-bpe", QWEN2_SPLIT_PATTERN: "qwen2"}  # llama.cpp's names
+SPM_SPACE = "\u2581"  # how llama.cpp's SentencePiece-style tokenizer spells a space
+
+
+def export_gguf(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, weights: str = "f16") -> None:
+    """One .gguf file that llama.cpp loads, and with it Ollama and LM Studio: the weights under
+    llama.cpp's names for the gpt2, llama or qwen3 architecture (hf_layout picks it), the
+    metadata its loader reads, the tokenizer (so that llama.cpp encodes text to our ids), the
+    chat template, and this run's sampling settings as defaults. An Ollama Modelfile is written
+    beside it. `weights`: f32, f16 (1-D tensors stay f32, as llama.cpp wants) or q8_0."""
+    gguf = require("gguf", "--export gguf")
+    if weights not in choices_of("gguf_type"):
+        raise TinyLLMError(f"--gguf_type {weights!r} is not one of {', '.join(choices_of('gguf_type'))}")
+    arch = hf_layout(model.cfg, "llama.cpp's", "a GGUF export")
+    if model.vocab_size < tok.vocab_size:
+        raise TinyLLMError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
+                           f"{model.vocab_size}; export the tokenizer the model was trained with")
+    vocab = gguf_vocab(tok, model.vocab_size)
+    if cfg.mlp == "gelu" and arch == "gpt2":
+        print0("gguf: llama.cpp's GPT-2 computes GELU by its tanh approximation; this model was trained "
+               "with the exact (erf) GELU, which differs by at most 5e-4 per activation")
+    tensors = gguf_tensors(model, arch)
+    kept = [n for n, t in tensors.items() if weights == "q8_0" and t.dim() == 2 and t.size(-1) % Q8_BLOCK]
+    if kept:
+        print0(f"gguf: q8_0 needs rows of a multiple of {Q8_BLOCK} weights; {len(kept)} tensors stay "
+               f"f16: {', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''}")
+
+    def write(target: Path) -> None:
+        writer = gguf.GGUFWriter(target, arch)
+        gguf_metadata(writer, model, arch, weights, vocab, tok, cfg)
+        bar = byte_bar(sum(t.numel() * 4 for t in tensors.values()), f"gguf {weights}")
+        for name, t in tensors.items():
+            data, kind = gguf_array(t, weights, name)
+            writer.add_tensor(name, data, raw_dtype=kind)
+            if bar is not None:
+                bar.update(t.numel() * 4)
+        if bar is not None:
+            bar.close()
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=sys.stdout.isatty() and is_rank0())
+        writer.close()
+    path = export_file(path)
+    atomic_write(path, write)
+    write_text_atomic(path.with_name("Modelfile"), ollama_modelfile(cfg, tok, path.name))
+
+
+def gguf_tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
+    """Our weights under llama.cpp's names, the gguf package's map from transformers' names
+    (hf_gpt2_tensors, hf_llama_tensors), in nn.Linear's (out, in) layout: GPT-2's Conv1D
+    transposes are undone. llama.cpp's `llama` rotates adjacent pairs of a head's dimensions, so
+    its q and k rows are reordered; `qwen3` rotates halves, as we do."""
+    import gguf
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.cfg.n_layer)
+    attn = model.blocks[0].attn
+    if arch == "gpt2":
+        hf = {k: v.t() if HF_FAMILIES["gpt2"].transposed(k) else v for k, v in hf_gpt2_tensors(model).items()}
+    else:
+        hf = hf_llama_tensors(model)
+    out = {}
+    for hf_name, t in hf.items():
+        if arch == "llama" and ".q_proj." in hf_name:
+            t = rotate_half_to_pairs(t, attn.n_head)
+        elif arch == "llama" and ".k_proj." in hf_name:
+            t = rotate_half_to_pairs(t, attn.n_kv_head)
+        out[names.get_name(hf_name, try_suffixes=(".weight", ".bias"))] = t.detach()
+    return out
+
+
+def rotate_half_to_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q or k rows (H*D, ...), or their bias (H*D,), from rotate-half order (dimension i of a
+    head pairs with i + D/2) to adjacent pairs (2i with 2i+1): per head, the rows of the two
+    halves interleave."""
+    halves = w.reshape(n_head, 2, w.size(0) // n_head // 2, *w.shape[1:])  # (H, 2, D/2, ...)
+    return halves.transpose(1, 2).reshape(w.shape)
+
+
+def gguf_array(t: torch.Tensor, weights: str, name: str) -> tuple[np.ndarray, Any]:
+    """(data, ggml type or None when numpy's dtype says it) of one tensor. Norms, biases and
+    GPT-2's position table stay f32 (llama.cpp's own converter keeps them so); q8_0 quantizes
+    what has rows of a multiple of 32 and leaves the rest f16."""
+    import gguf
+    data = t.float().cpu().numpy()
+    if weights == "f32" or data.ndim == 1 or name.startswith("position_embd"):
+        return data, None
+    if weights == "q8_0" and data.shape[-1] % Q8_BLOCK == 0:
+        kind = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(data, kind), kind
+    return data.astype(np.float16), None
+
+
+def gguf_vocab(tok: TextTokenizer, n_vocab: int) -> dict[str, Any]:
+    """The tokenizer as llama.cpp reads it, or TinyLLMError naming why llama.cpp could not
+    encode as we do. Byte-level BPE is llama.cpp's `gpt2` model with the merges and the
+    pre-tokenizer (the regex that splits text before BPE) named; a char-level vocabulary is its
+    SentencePiece-style `llama` model without merges, which looks every character up whole. The
+    tokens go by id, padded to the model's rows with unused ones."""
+    spec, added = json.loads(tok.to_str()), tok.hf.get_added_tokens_decoder()
+    by_id = {i: t for t, i in tok.hf.get_vocab(with_added_tokens=True).items()}
+    if sorted(by_id) != list(range(len(by_id))):
+        raise TinyLLMError("the tokenizer's ids have gaps, which a GGUF token list cannot hold; "
+                           "use --export hf")
+    if tok.eot_id is None:
+        raise TinyLLMError(f"the tokenizer has no end-of-text token ({', '.join(END_OF_TEXT)}), which "
+                           f"llama.cpp needs to end a generation; train with --tokenizer bpe or char")
+    if tok.kind == "char":
+        if SPM_SPACE in tok.vocab:
+            raise TinyLLMError(f"the char-level vocabulary has {SPM_SPACE!r}, the character llama.cpp's "
+                               f"char lookup spells a space with, so it could not tell them apart; "
+                               f"train with --tokenizer bpe for a GGUF export")
+        tokens = [SPM_SPACE if t == " " else t for t in map(by_id.get, range(len(by_id)))]
+        model, pre, merges = "llama", None, []
+    else:
+        model, pre = "gpt2", gguf_pre_tokenizer(spec)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+        tokens = [by_id[i] for i in range(len(by_id))]
+    import gguf
+    kind = gguf.TokenType
+    types = [(kind.CONTROL if added[i].special else kind.USER_DEFINED) if i in added else kind.NORMAL
+             for i in range(len(tokens))]
+    padding = range(len(tokens), n_vocab)  # rows the model has beyond the tokenizer
+    return {"model": model, "pre": pre, "merges": merges, "tokens": tokens + [f"[PAD{i}]" for i in padding],
+            "types": types + [kind.UNUSED] * len(padding)}
+
+
+def gguf_pre_tokenizer(spec: dict[str, Any]) -> str:
+    """llama.cpp's name for the byte-level BPE pre-tokenizer of a tokenizer.json: GPT-2's (ours),
+    SmolLM's (digits split one by one first), Llama 3's or Qwen2's; TinyLLMError for another, or
+    for parts llama.cpp lacks."""
+    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+    fix = "llama.cpp's converter (convert_hf_to_gguf.py) may handle the --export hf directory"
+    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix"):
+        raise TinyLLMError(f"the tokenizer is not byte-level BPE (it is {model.get('type')}"
+                           f"{' with byte fallback' if model.get('byte_fallback') else ''}); {fix}")
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    first, last = (parts[0], parts[-1]) if parts else ({}, {})
+    regex = last.get("use_regex", True)  # the byte-level step also splits as GPT-2 does
+    name = None
+    if kinds[-1:] == ["ByteLevel"] and not last.get("add_prefix_space"):
+        if kinds == ["ByteLevel"] and regex:
+            name = "gpt-2"
+        elif kinds == ["Digits", "ByteLevel"] and first.get("individual_digits") and regex:
+            name = "smollm"
+        elif kinds == ["Split", "ByteLevel"] and not regex and not first.get("invert") \
+                and first.get("behavior") == "Isolated":
+            name = GGUF_SPLIT_PATTERNS.get(first.get("pattern", {}).get("Regex"))
+    if name is None:
+        raise TinyLLMError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}) is none of the "
+                           f"byte-level ones llama.cpp has (GPT-2's, SmolLM's, Llama 3's, Qwen2's); {fix}")
+    normalizer = spec.get("normalizer")
+    if normalizer and normalizer != {"type": "NFC"}:
+        raise TinyLLMError(f"the tokenizer normalizes text ({json.dumps(normalizer)[:80]}), which llama.cpp "
+                           f"does not; {fix}")
+    if normalizer:
+        print0("gguf: the tokenizer NFC-normalizes text and llama.cpp does not: text that is not in NFC "
+               "form may encode differently there")
+    return name
+
+
+def gguf_metadata(writer: Any, model: GPT, arch: str, weights: str, vocab: dict[str, Any],
+                  tok: TextTokenizer, cfg: Config) -> None:
+    """The keys llama.cpp's loader reads for `arch`, the tokenizer, and the sampling defaults.
+    Generation ends at end-of-text, or for a chat model at the end of a turn (as --chat's)."""
+    import gguf
+    c, attn = model.cfg, model.blocks[0].attn
+    writer.add_name(Path(cfg.out_dir).name or "tinyllm")
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[weights])
+    if weights == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(c.block_size)
+    writer.add_embedding_length(c.n_embd)
+    writer.add_block_count(c.n_layer)
+    writer.add_feed_forward_length(mlp_hidden_size(c))
+    writer.add_head_count(attn.n_head)
+    if arch == "gpt2":  # hf_gpt2_tensors repeats grouped key/value heads: plain multi-head
+        writer.add_head_count_kv(attn.n_head)
+        writer.add_layer_norm_eps(c.norm_eps)
+    else:
+        writer.add_head_count_kv(attn.n_kv_head)
+        writer.add_key_length(attn.head_dim)
+        writer.add_value_length(attn.head_dim)
+        writer.add_rope_dimension_count(attn.head_dim)
+        writer.add_rope_freq_base(c.rope_theta)
+        writer.add_layer_norm_rms_eps(c.norm_eps)
+        writer.add_vocab_size(model.vocab_size)
+    writer.add_tokenizer_model(vocab["model"])
+    if vocab["pre"]:
+        writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["types"])
+    if vocab["model"] == "llama":  # SentencePiece-style: no merges, so no scores to rank them by
+        writer.add_token_scores([0.0] * len(vocab["tokens"]))
+        writer.add_add_space_prefix(False)
+    else:
+        writer.add_token_merges(vocab["merges"])
+    template = chat_template_of(cfg, tok)
+    end = end_of_turn_id(tok) if template else tok.eot_id
+    writer.add_bos_token_id(tok.eot_id)
+    writer.add_eos_token_id(end)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    if template:
+        writer.add_eot_token_id(end)
+        writer.add_chat_template(template)
+    writer.add_sampling_temp(cfg.temperature)
+    writer.add_sampling_top_k(cfg.top_k)
+    writer.add_sampling_top_p(cfg.top_p)
+    writer.add_sampling_penalty_repeat(cfg.repetition_penalty)
+    writer.add_sampling_penalty_last_n(-1)  # the whole context, as --repetition_penalty counts
+
+
+OLLAMA_CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+                 "<|im_start|>assistant\n")  # CHATML as an Ollama (Go) template
+
+
+def ollama_modelfile(cfg: Config, tok: TextTokenizer, gguf_name: str) -> str:
+    """An Ollama Modelfile for the .gguf beside it: the prompt template (ChatML for our chat
+    models, the bare prompt for a plain language model), the stop tokens, the context length
+    and this run's sampling settings, each written out because Ollama's defaults differ (top_k
+    40, repeat_penalty 1.1 over the last 64 tokens)."""
+    template = chat_template_of(cfg, tok)
+    lines = ["# ollama create NAME -f Modelfile, then: ollama run NAME", f"FROM ./{gguf_name}"]
+    if not template:
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+    elif template == CHATML:
+        lines.append(f'TEMPLATE """{OLLAMA_CHATML}"""')
+    else:
+        print0("gguf: the Modelfile has no TEMPLATE: Ollama's templates are Go templates and this model's "
+               "chat template is not ChatML; Ollama uses the GGUF's chat template when it knows it, "
+               "else add a TEMPLATE line")
+    if cfg.system and '"""' not in cfg.system:
+        lines.append(f'SYSTEM """{cfg.system}"""')
+    stops = [tok.hf.id_to_token(i) for i in dict.fromkeys((end_of_turn_id(tok) if template else None,
+                                                           tok.eot_id)) if i is not None]
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    settings = {"num_ctx": cfg.block_size, "num_predict": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_k": cfg.top_k, "top_p": cfg.top_p, "min_p": 0, "repeat_penalty": cfg.repetition_penalty,
+                "repeat_last_n": -1}  # top_k 0 = off; -1 = the whole context
+    lines += [f"PARAMETER {k} {v}" for k, v in settings.items()]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
