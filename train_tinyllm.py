@@ -5328,6 +5328,12 @@ def export_gguf(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, weights
         raise TinyLLMError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
                            f"{model.vocab_size}; export the tokenizer the model was trained with")
     vocab = gguf_vocab(tok, model.vocab_size)
+    if vocab["model"] == "llama":
+        print0("gguf: llama.cpp stops with an error on a character outside a char-level vocabulary (as "
+               "--prompt refuses them here); Ollama and llama-server would drop the request")
+    if arch == "qwen3" and vocab["pre"] != "qwen2":
+        print0("gguf: Ollama runs qwen3 models on its own engine, which tokenizes as Qwen2 whatever the file "
+               "says; llama.cpp and LM Studio read this model's own tokenizer from the file")
     if cfg.mlp == "gelu" and arch == "gpt2":
         print0("gguf: llama.cpp's GPT-2 computes GELU by its tanh approximation; this model was trained "
                "with the exact (erf) GELU, which differs by at most 5e-4 per activation")
@@ -5424,8 +5430,12 @@ def gguf_vocab(tok: TextTokenizer, n_vocab: int) -> dict[str, Any]:
         model, pre, merges = "llama", None, []
     else:
         model, pre = "gpt2", gguf_pre_tokenizer(spec)
+        check_whole_word_lookup(tok, spec, pre)
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
         tokens = [by_id[i] for i in range(len(by_id))]
+    if len(set(tokens)) < len(tokens) or any(f"[PAD{i}]" in tok.vocab for i in range(len(tokens), n_vocab)):
+        raise TinyLLMError("the tokenizer has two tokens with the same text (or one named like the padding "
+                           "rows, [PADn]); llama.cpp needs every token's text to be unique: use --export hf")
     import gguf
     kind = gguf.TokenType
     types = [(kind.CONTROL if added[i].special else kind.USER_DEFINED) if i in added else kind.NORMAL
@@ -5469,6 +5479,24 @@ def gguf_pre_tokenizer(spec: dict[str, Any]) -> str:
         print0("gguf: the tokenizer NFC-normalizes text and llama.cpp does not: text that is not in NFC "
                "form may encode differently there")
     return name
+
+
+def check_whole_word_lookup(tok: TextTokenizer, spec: dict[str, Any], pre: str) -> None:
+    """llama.cpp looks a pre-token up whole before merging (ignore_merges) for Llama 3's
+    pre-tokenizer only, and always merges for the others. Where the tokenizer.json does otherwise,
+    the two agree only if every token is what the merges make of its own text."""
+    ignores = bool(spec["model"].get("ignore_merges"))
+    if ignores == (pre == "llama-bpe"):
+        return
+    if ignores:
+        raise TinyLLMError("the tokenizer looks whole words up before merging (ignore_merges), which "
+                           "llama.cpp does only with Llama 3's pre-tokenizer; use --export hf")
+    added = tok.hf.get_added_tokens_decoder()
+    for text, i in tok.hf.get_vocab(with_added_tokens=False).items():
+        if i not in added and len(text) > 1 and [t.id for t in tok.hf.model.tokenize(text)] != [i]:
+            raise TinyLLMError(f"token {i} ({text!r}) is not what the tokenizer's merges make of its text, "
+                               f"and llama.cpp, which looks whole words up first here, would give it "
+                               f"where we do not; use --export hf")
 
 
 def gguf_metadata(writer: Any, model: GPT, arch: str, weights: str, vocab: dict[str, Any],
@@ -5517,9 +5545,11 @@ def gguf_metadata(writer: Any, model: GPT, arch: str, weights: str, vocab: dict[
     if template:
         writer.add_eot_token_id(end)
         writer.add_chat_template(template)
+    writer.add_sampling_sequence("penalties;temperature;top_k;top_p")  # our order (choose_next)
     writer.add_sampling_temp(cfg.temperature)
     writer.add_sampling_top_k(cfg.top_k)
     writer.add_sampling_top_p(cfg.top_p)
+    writer.add_sampling_min_p(0.0)  # llama.cpp's default is 0.05; we have no min-p
     writer.add_sampling_penalty_repeat(cfg.repetition_penalty)
     writer.add_sampling_penalty_last_n(-1)  # the whole context, as --repetition_penalty counts
 
@@ -5543,7 +5573,9 @@ def ollama_modelfile(cfg: Config, tok: TextTokenizer, gguf_name: str) -> str:
         print0("gguf: the Modelfile has no TEMPLATE: Ollama's templates are Go templates and this model's "
                "chat template is not ChatML; Ollama uses the GGUF's chat template when it knows it, "
                "else add a TEMPLATE line")
-    if cfg.system and '"""' not in cfg.system:
+    if '"""' in cfg.system:
+        print0('gguf: the Modelfile has no SYSTEM: Ollama cannot quote a system prompt that holds """')
+    elif cfg.system:
         lines.append(f'SYSTEM """{cfg.system}"""')
     stops = [tok.hf.id_to_token(i) for i in dict.fromkeys((end_of_turn_id(tok) if template else None,
                                                            tok.eot_id)) if i is not None]

@@ -184,6 +184,15 @@ def test_modelfile_of_a_plain_model_carries_the_run_settings(char_tok, tmp_path)
         assert line in lines
 
 
+def test_export_says_where_runtimes_would_differ(char_tok, tmp_path, capsys):
+    model = random_model(char_tok.vocab_size, arch="llama", qk_norm=True)
+    cfg = dataclasses.replace(model.cfg, system='Say """hi"""')
+    export(model, char_tok, tmp_path, "f16", cfg)
+    out = capsys.readouterr().out
+    assert "outside a char-level vocabulary" in out and "tokenizes as Qwen2" in out
+    assert "no SYSTEM" in out and "SYSTEM" not in (tmp_path / "f16" / "Modelfile").read_text()
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals: one line naming what llama.cpp has no equivalent for
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +223,13 @@ def test_refuses_tokenizers_llama_cpp_would_encode_differently(tmp_path):
     refused(byte_level_bpe(split(r"\p{L}+|\s+|."), "abc def " * 50), "none of the byte-level ones")
     no_eot = Tokenizer.from_str(train_char_tokenizer("abc").to_str().replace(EOT, "x"))
     refused(TextTokenizer(no_eot), "no end-of-text token")
+    spec = json.loads(train_bpe_tokenizer(iter(["abc def " * 50]), 300).to_str())
+    spec["model"]["ignore_merges"] = True  # whole-word lookup, which llama.cpp's gpt-2 never does
+    refused(TextTokenizer.from_str(json.dumps(spec)), "ignore_merges")
+    named = train_bpe_tokenizer(iter(["abc def " * 50]), 300)
+    named.hf.add_tokens([f"[PAD{named.vocab_size + 1}]"])  # the name of a padding row below
+    with pytest.raises(TinyLLMError, match="same text"):
+        export(random_model(named.vocab_size + 3, arch="llama"), TextTokenizer(named.hf), tmp_path, "f16")
     assert not (tmp_path / "f16").exists()
 
 
@@ -232,6 +248,8 @@ def test_cli_export_gguf_runs_in_llama_cpp(run_args, llama, tmp_path, capsys):
     llm = llama(folder / "model.gguf")
     assert their_tokens(llm, "the cat sat on the mat") == ours.tok.encode("the cat sat on the mat")
     assert llm.metadata["general.file_type"] == "7"  # q8_0
+    assert llm.metadata["general.sampling.sequence"] == "penalties;temperature;top_k;top_p"  # ours
+    assert float(llm.metadata["general.sampling.min_p"]) == 0  # llama.cpp's own default is 0.05
     assert tl.main(["--export", "gguf", "--out_dir", str(out)]) == 0  # f16 replaces it
     assert llama(folder / "model.gguf").metadata["general.file_type"] == "1"
 
