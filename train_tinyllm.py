@@ -1080,7 +1080,6 @@ def check_merge_order(tok: TextTokenizer, merges: list[Any], ranks: dict[bytes, 
     (tiktoken ranks a pair by the id of the token it makes, HF by the merge's place in the list),
     and every token is what HF's merges make of its own bytes (tiktoken takes a pre-token that is
     a whole token as it is, without merging). Tokenizers from train_bpe_tokenizer pass."""
-    spell = {b: c for c, b in chars.items()}
     last = -1
     for merge in merges:
         left, right = merge.split(" ") if isinstance(merge, str) else merge  # old and new format
@@ -1090,11 +1089,22 @@ def check_merge_order(tok: TextTokenizer, merges: list[Any], ranks: dict[bytes, 
                                f"than the merge before it, so tiktoken would merge in another order; "
                                f"use the tokenizer.json instead")
         last = ranks[made]
-    for token, i in ranks.items():
-        if len(token) > 1 and [t.id for t in tok.hf.model.tokenize("".join(spell[b] for b in token))] != [i]:
-            raise TinyLLMError(f"token {i} ({token!r}) is not what the tokenizer's own merges make of "
-                               f"its bytes, so tiktoken (which looks whole pre-tokens up) would encode "
-                               f"differently; use the tokenizer.json instead")
+    odd = token_not_made_by_merges(tok)
+    if odd:
+        raise TinyLLMError(f"token {odd[0]} ({odd[1]!r}) is not what the tokenizer's own merges make of "
+                           f"its bytes, so tiktoken (which looks whole pre-tokens up) would encode "
+                           f"differently; use the tokenizer.json instead")
+
+
+def token_not_made_by_merges(tok: TextTokenizer) -> tuple[int, str] | None:
+    """(id, text) of the first token that the BPE's merges do not make of its own text, or None.
+    Where there is one, an encoder that looks a whole pre-token up before merging (tiktoken,
+    llama.cpp with Llama 3's pre-tokenizer) gives that token where HF's merges do not."""
+    added = tok.hf.get_added_tokens_decoder()
+    for text, i in tok.hf.get_vocab(with_added_tokens=False).items():
+        if i not in added and len(text) > 1 and [t.id for t in tok.hf.model.tokenize(text)] != [i]:
+            return i, text
+    return None
 
 
 # Accents, CJK, emoji (4-byte UTF-8), runs of spaces, tabs and newlines, digits, contractions:
@@ -5421,18 +5431,18 @@ def gguf_vocab(tok: TextTokenizer, n_vocab: int) -> dict[str, Any]:
     if tok.eot_id is None:
         raise TinyLLMError(f"the tokenizer has no end-of-text token ({', '.join(END_OF_TEXT)}), which "
                            f"llama.cpp needs to end a generation; train with --tokenizer bpe or char")
+    tokens = [by_id[i] for i in range(len(by_id))]
     if tok.kind == "char":
         if SPM_SPACE in tok.vocab:
             raise TinyLLMError(f"the char-level vocabulary has {SPM_SPACE!r}, the character llama.cpp's "
                                f"char lookup spells a space with, so it could not tell them apart; "
                                f"train with --tokenizer bpe for a GGUF export")
-        tokens = [SPM_SPACE if t == " " else t for t in map(by_id.get, range(len(by_id)))]
+        tokens = [SPM_SPACE if t == " " else t for t in tokens]
         model, pre, merges = "llama", None, []
     else:
         model, pre = "gpt2", gguf_pre_tokenizer(spec)
         check_whole_word_lookup(tok, spec, pre)
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-        tokens = [by_id[i] for i in range(len(by_id))]
     if len(set(tokens)) < len(tokens) or any(f"[PAD{i}]" in tok.vocab for i in range(len(tokens), n_vocab)):
         raise TinyLLMError("the tokenizer has two tokens with the same text (or one named like the padding "
                            "rows, [PADn]); llama.cpp needs every token's text to be unique: use --export hf")
@@ -5491,12 +5501,11 @@ def check_whole_word_lookup(tok: TextTokenizer, spec: dict[str, Any], pre: str) 
     if ignores:
         raise TinyLLMError("the tokenizer looks whole words up before merging (ignore_merges), which "
                            "llama.cpp does only with Llama 3's pre-tokenizer; use --export hf")
-    added = tok.hf.get_added_tokens_decoder()
-    for text, i in tok.hf.get_vocab(with_added_tokens=False).items():
-        if i not in added and len(text) > 1 and [t.id for t in tok.hf.model.tokenize(text)] != [i]:
-            raise TinyLLMError(f"token {i} ({text!r}) is not what the tokenizer's merges make of its text, "
-                               f"and llama.cpp, which looks whole words up first here, would give it "
-                               f"where we do not; use --export hf")
+    odd = token_not_made_by_merges(tok)
+    if odd:
+        raise TinyLLMError(f"token {odd[0]} ({odd[1]!r}) is not what the tokenizer's merges make of its "
+                           f"text, and llama.cpp, which looks whole words up first here, would give it "
+                           f"where we do not; use --export hf")
 
 
 def gguf_metadata(writer: Any, model: GPT, arch: str, weights: str, vocab: dict[str, Any],
