@@ -6,6 +6,7 @@ Run it:
     python train_tinyllm.py --config config/shakespeare_char.json --max_steps 500
     python train_tinyllm.py --init_from models/smollm2-135m --data_path data/my.txt --lora_rank 8
     python train_tinyllm.py --generate_only --out_dir out/my_model --prompt "Once upon a time"
+    python train_tinyllm.py --serve --out_dir out/my_model    # OpenAI-compatible API, chat page at /
     python train_tinyllm.py --help                            # every option, grouped, with defaults
 
 The file reads top to bottom. First the core, which trains a model:
@@ -24,7 +25,9 @@ The file reads top to bottom. First the core, which trains a model:
     train()           the run, its loop, one optimizer step, then their helpers
 Then a ruler, and the tools built on the core; the core never calls them:
     Using a trained model   generate, evaluate, benchmark (a fresh model), plot
-    Export                  transformers, safetensors, ONNX, TorchScript, tiktoken (EXPORTERS)
+    Export                  transformers, safetensors, ONNX, TorchScript, tiktoken, GGUF (EXPORTERS)
+    Serving                 --serve: an OpenAI-compatible HTTP API and a chat page; concurrent
+                            requests decoded together as rows of one KV cache
     main()                  resolve the invocation, run its mode (MODES; training is train()
                             followed by the loss plot)
 Importing it does nothing; main() runs it.
@@ -43,16 +46,22 @@ import difflib
 import functools
 import glob
 import hashlib
+import hmac
+import http
+import http.server
 import importlib
 import importlib.util
 import json
 import math
 import os
 import pickle
+import queue
 import random
 import re
+import select
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -309,6 +318,19 @@ class Config:
                                       "batch size (inductor caches it on disk for later runs), then "
                                       "faster tokens. The cache's shapes are static, so advancing the "
                                       "position never recompiles.", "generation")
+    serve: bool = opt(False, "Serve a trained model over HTTP until Ctrl-C: an OpenAI-compatible API "
+                             "(/v1/models, /v1/completions, /v1/chat/completions, streamed or not) and "
+                             "a chat page at /. Concurrent requests are decoded together, up to "
+                             "--serve_batch at once; more wait in a queue. --max_new_tokens is the "
+                             "most tokens a request may ask for.", "generation")
+    host: str = opt("127.0.0.1", "Address --serve listens on; 0.0.0.0 opens it to the network.",
+                    "generation")
+    port: int = opt(8000, "Port --serve listens on; 0 picks a free one (the address is printed).",
+                    "generation")
+    api_key: str = opt("", "With --serve: require the header 'Authorization: Bearer KEY' on /v1/ "
+                           "requests.", "generation")
+    serve_batch: int = opt(8, "With --serve: the most requests (choices) decoded together; each holds "
+                              "a KV cache of block_size positions.", "generation")
     # evaluation, metrics and export
     eval_only: bool = opt(False, "Report loss, perplexity, bits per byte and next-token accuracy of "
                                  "a checkpoint (on --eval_data, else the run's val split); no "
@@ -344,7 +366,8 @@ class Config:
 # checkpoint's config (a model trained on a GPU must sample on a laptop).
 RUN_KEYS = ("device", "resume", "allow_data_change", "overwrite", "generate_only", "chat", "ckpt",
             "stop_at_step", "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir",
-            "gguf_type")
+            "gguf_type", "serve", "host", "port", "api_key", "serve_batch")
+SERVE_KEYS = ("host", "port", "api_key", "serve_batch")  # settings of --serve alone
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ARCH_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["arch"])
 
@@ -588,8 +611,10 @@ def run_checks(cfg: Config) -> list[Check]:
     return [
         (cfg.resume and cfg.overwrite, "--resume and --overwrite contradict each other; pick one"),
         (len(modes_asked(cfg)) > 1,
-         "--generate_only, --chat, --eval_only, --benchmark, --plot and --export are separate modes; "
-         "give one"),
+         "--generate_only, --chat, --serve, --eval_only, --benchmark, --plot and --export are separate "
+         "modes; give one"),
+        (not 0 <= cfg.port <= 65535, f"--port {cfg.port} is no port; give 1-65535, or 0 for a free one"),
+        (cfg.serve_batch < 1, f"--serve_batch {cfg.serve_batch} must be at least 1"),
         (not is_valid_device(cfg.device),
          f"--device {cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"),
     ]
@@ -609,7 +634,7 @@ def validate(cfg: Config, groups: tuple[Callable[[Config], list[Check]], ...] = 
 
 def modes_asked(cfg: Config) -> list[str]:
     """The modes whose flags are set (run_checks allows one); none means training."""
-    asked = {"generate": cfg.generate_only, "chat": cfg.chat, "eval": cfg.eval_only,
+    asked = {"generate": cfg.generate_only, "chat": cfg.chat, "serve": cfg.serve, "eval": cfg.eval_only,
              "benchmark": cfg.benchmark, "plot": cfg.plot, "export": cfg.export != "none"}
     return [mode for mode, on in asked.items() if on]
 
@@ -643,6 +668,9 @@ def resolve(argv: list[str] | None) -> Resolved:
                                f"keep the checkpoint's full weights): drop --{key}")
     if "gguf_type" in explicit and cfg.export != "gguf":
         raise TinyLLMError("--gguf_type is for --export gguf; drop it or add --export gguf")
+    for key in SERVE_KEYS:
+        if key in explicit and mode != "serve":
+            raise TinyLLMError(f"--{key} is for --serve; drop it or add --serve")
     path = checkpoint_to_use(cfg, mode)
     if cfg.init_from and mode != "train" and path is None:
         flag = {"generate": "generate_only", "eval": "eval_only"}.get(mode, mode)
@@ -2368,10 +2396,10 @@ class RotaryPositions(nn.Module):
         return self
 
     def rotate(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, T, H, D) at positions pos (T,), or 0..T-1 when pos is None."""
+        """x: (B, T, H, D) at positions pos (B, T), or 0..T-1 when pos is None."""
         T, half = x.size(1), x.size(-1) // 2
-        cos = (self.cos[pos] if pos is not None else self.cos[:T]).view(1, T, 1, half)
-        sin = (self.sin[pos] if pos is not None else self.sin[:T]).view(1, T, 1, half)
+        cos = (self.cos[pos] if pos is not None else self.cos[:T]).unsqueeze(-2)  # (B or 1, T, 1, D/2)
+        sin = (self.sin[pos] if pos is not None else self.sin[:T]).unsqueeze(-2)
         x32 = x.float()
         x1, x2 = x32[..., :half], x32[..., half:]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
@@ -2394,8 +2422,9 @@ class KVCache:
     """Preallocated keys and values of every layer for the n_kv_head heads. `pos`, where the
     next tokens go, is kept twice: an int for the host and a tensor for the model, which reads
     only the tensor, so that a compiled decode step sees the same shapes and no Python number
-    change as the position advances (it would recompile for every new one). Attention reads
-    every slot, and a mask hides the slots not written yet."""
+    change as the position advances (it would recompile for every new one). The tensor holds a
+    position per row: rows of a served batch are at different places in their own texts.
+    Attention reads every slot, and a mask hides the slots not written yet."""
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
@@ -2404,11 +2433,19 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.slots = torch.arange(length, device=device)
-        self.pos, self.pos_t = 0, torch.zeros((), dtype=torch.long, device=device)
+        self.pos, self.pos_t = 0, torch.zeros(batch, dtype=torch.long, device=device)
 
     @property
     def capacity(self) -> int:
         return self.k[0].size(2)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own that shares this one's memory: what it
+        writes, and where it moves their positions, lands here."""
+        view = copy.copy(self)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        view.pos_t = self.pos_t[start:stop]
+        return view
 
     def seek(self, pos: int) -> None:
         """Go to `pos`: what follows is written from there (and what was there is forgotten)."""
@@ -2420,21 +2457,23 @@ class KVCache:
         self.pos_t += T
 
     def positions(self, T: int) -> torch.Tensor:
-        """(T,) positions of the next T tokens."""
-        return self.pos_t + self.slots[:T]
+        """(B, T) positions of the next T tokens of each row."""
+        return self.pos_t.unsqueeze(1) + self.slots[:T]
 
     def mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
-        """(T, capacity) boolean mask, True = may attend, for queries at pos (T,)."""
-        allowed = self.slots <= pos.unsqueeze(1)
+        """(B, 1, T, capacity) boolean mask, True = may attend, for queries at pos (B, T)."""
+        pos = pos.unsqueeze(-1)  # (B, T, 1) against the slots (capacity,)
+        allowed = self.slots <= pos
         if window:
-            allowed &= self.slots > pos.unsqueeze(1) - window  # the window counts the current token
-        return allowed
+            allowed &= self.slots > pos - window  # the window counts the current token
+        return allowed.unsqueeze(1)  # the same for every head
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, D) at positions pos (T,); return every slot of the layer."""
-        self.k[layer].index_copy_(2, pos, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(2, pos, v.to(self.v[layer].dtype))
+        """Store k, v (B, H_kv, T, D) at positions pos (B, T); return every slot of the layer."""
+        where = pos[:, None, :, None].expand_as(k)  # (B, H_kv, T, D): row b's tokens at its own positions
+        self.k[layer].scatter_(2, where, k.to(self.k[layer].dtype))
+        self.v[layer].scatter_(2, where, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
 
@@ -2874,6 +2913,13 @@ def end_of_turn_id(tok: TextTokenizer) -> int | None:
     return next((tok.vocab[t] for t in END_OF_TURN if t in tok.vocab), tok.eot_id)
 
 
+def reply_end_ids(tok: TextTokenizer) -> set[int]:
+    """Tokens after which an assistant reply is over: its end of turn, end-of-text, and the start
+    of a new turn (a model that opens the next message has finished its own)."""
+    ends = {end_of_turn_id(tok), tok.eot_id, tok.vocab.get(CHATML_TOKENS[0])}
+    return {i for i in ends if i is not None}
+
+
 def chat_prompt(tok: TextTokenizer, template: str, messages: list[dict[str, str]]) -> list[int]:
     """The conversation so far, rendered up to the assistant header the reply follows."""
     try:
@@ -3249,7 +3295,7 @@ def checkpoint_to_use(cfg: Config, mode: str) -> Path | None:
             raise TinyLLMError(f"--resume: no checkpoint at {path}; train without --resume first, or "
                                f"point --out_dir at the run to continue")
         return path
-    return find_checkpoint(cfg) if mode in ("generate", "chat", "eval", "export") else None
+    return find_checkpoint(cfg) if mode in ("generate", "chat", "serve", "eval", "export") else None
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -4566,7 +4612,7 @@ class ChatSession:
         self.model = sampling_copy(use.model, use.cfg, use.device)
         self.step = decode_step(self.model, use.cfg.compile_decode)
         self.template = use.cfg.chat_template or CHATML
-        self.end = end_of_turn_id(use.tok)
+        self.ends = reply_end_ids(use.tok)
         self.system = system
         self.reset()
 
@@ -4617,7 +4663,7 @@ class ChatSession:
                     history = torch.tensor([ids + reply], device=self.use.device)
                 nxt = choose_next(logits, history, settings, generator)  # (1, 1)
                 token = int(nxt)
-                if token in (self.end, self.tok.eot_id) or stop.is_set():
+                if token in self.ends or stop.is_set():
                     break
                 reply.append(token)
                 if on_token is not None:
@@ -5597,6 +5643,795 @@ def ollama_modelfile(cfg: Config, tok: TextTokenizer, gguf_name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Serving: an OpenAI-compatible HTTP API and a chat page (--serve)
+# ----------------------------------------------------------------------------------------------
+
+MAX_BODY = 1 << 20  # bytes of a request body; a longer one is refused (413) before it is read
+MAX_CHOICES = 16  # completions one request may ask for: n times its prompts
+MAX_STOPS = 4  # stop strings a request may give, as OpenAI allows
+POLL_SECONDS = 0.25  # how often a waiting request checks that its client is still there
+
+
+class ApiError(Exception):
+    """A request the server refuses: an HTTP status and the message of OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Completion:
+    """One choice being generated: its prompt, how it is sampled, and the queue its text goes to
+    as (choice index, new text, finish reason or None, tokens generated so far)."""
+    index: int
+    prompt: list[int]
+    settings: SampleSettings  # max_new_tokens: what this choice may generate at most
+    generator: torch.Generator
+    stop_ids: tuple[int, ...]
+    stops: list[str]
+    events: queue.SimpleQueue[tuple[int, str, str | None, int]]
+    cancelled: threading.Event
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the reply already sent
+
+
+class Engine:
+    """Decodes the choices of every client together. Each choice holds a row of one KV cache of
+    --serve_batch rows: it is prefilled into a free row, then every decode step advances all the
+    rows in use, each at its own position. Rows stay packed at the front (a finished row takes
+    the last one's place), so an eager step reads only the rows in use; a compiled one reads all
+    of them, to stay one graph. Choices beyond the rows wait in a queue, first come first served.
+    Runs in a thread of its own: the HTTP threads only queue work and read events."""
+
+    def __init__(self, use: Loaded):
+        self.tok, self.device = use.tok, use.device
+        self.model = sampling_copy(use.model, use.cfg, use.device)
+        self.compiled = use.cfg.compile_decode
+        self.step = decode_step(self.model, self.compiled)
+        self.cache = self.model.new_cache(use.cfg.serve_batch, use.device,
+                                          cache_dtype(self.model.wte.weight.dtype, use.device))
+        self.rows: list[Completion] = []
+        self.waiting: queue.Queue[Completion] = queue.Queue()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="tinyllm-engine", daemon=True)
+        self.failure: str | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def submit(self, choices: list[Completion]) -> None:
+        if self.failure or self.stopping.is_set():
+            raise ApiError(503, f"the server cannot generate: {self.failure or 'it is shutting down'}",
+                           kind="server_error")
+        for c in choices:
+            self.waiting.put(c)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self.admit()
+                if self.rows:
+                    self.advance()
+        except Exception as e:  # the model failed (out of memory, a kernel): every client is told
+            self.failure = first_line(e)
+            print(f"error: generation failed ({self.failure}); the server answers 503 from now on",
+                  file=sys.stderr, flush=True)
+        reason = "error" if self.failure else "shutdown"
+        for c in self.rows:
+            c.events.put((c.index, "", reason, len(c.ids)))
+        while not self.waiting.empty():
+            c = self.waiting.get_nowait()
+            c.events.put((c.index, "", reason, 0))
+
+    def admit(self) -> None:
+        """Prefill waiting choices into the free rows; with nothing to decode, wait for one."""
+        while len(self.rows) < self.cache.pos_t.size(0):
+            try:
+                c = self.waiting.get(timeout=POLL_SECONDS) if not self.rows else self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if c.cancelled.is_set():
+                continue
+            row = self.cache.rows(len(self.rows), len(self.rows) + 1)
+            row.seek(0)
+            logits = self.model(torch.tensor([c.prompt], device=self.device), cache=row, last_only=True)[0]
+            self.rows.append(c)
+            self.take(len(self.rows) - 1, logits[:, -1])
+
+    def advance(self) -> None:
+        """One decode step over the rows in use: each feeds its last token and samples its next."""
+        n = len(self.rows)
+        width = self.cache.pos_t.size(0) if self.compiled else n
+        last = torch.tensor([[c.ids[-1]] for c in self.rows] + [[0]] * (width - n), device=self.device)
+        logits = self.step(last, self.cache if width == self.cache.pos_t.size(0) else self.cache.rows(0, n))
+        self.cache.rows(0, n).advance(1)
+        for i in reversed(range(n)):  # from the end: a finished row is replaced by the last one
+            self.take(i, logits[i:i + 1])
+
+    def take(self, i: int, logits: torch.Tensor) -> None:
+        """Row i's next token from its logits (1, V); send its text; free the row when it is done."""
+        c = self.rows[i]
+        if c.cancelled.is_set():  # the client left
+            self.drop(i)
+            return
+        history = torch.tensor([c.prompt + c.ids], device=self.device) \
+            if c.settings.repetition_penalty != 1.0 else torch.zeros((1, 0), dtype=torch.long)
+        token = int(choose_next(logits, history, c.settings, c.generator))
+        finish = None
+        if token in c.stop_ids:
+            finish = "stop"
+        else:
+            c.ids.append(token)
+            if len(c.ids) >= c.settings.max_new_tokens or len(c.prompt) + len(c.ids) >= self.capacity:
+                finish = "length"
+        if self.send(c, finish):
+            self.drop(i)
+
+    def send(self, c: Completion, finish: str | None) -> bool:
+        """Queue the text the choice has added since the last event; True when it is finished. Text
+        that may be the start of a stop string, or ends inside a UTF-8 character, waits."""
+        text = reply_text(self.tok, c.prompt, c.ids)
+        end = len(text)
+        for s in c.stops:
+            at = text.find(s, max(0, c.sent - len(s) + 1))
+            if at != -1 and at < end:
+                end, finish = at, "stop"
+        if finish is None:
+            if text.endswith("\ufffd"):
+                return False
+            end -= max((k for s in c.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if end > c.sent or finish is not None:
+            c.events.put((c.index, text[c.sent:end], finish, len(c.ids)))
+            c.sent = max(c.sent, end)
+        return finish is not None
+
+    def drop(self, i: int) -> None:
+        """Free row i: the last row in use moves into it, so the rows in use stay packed."""
+        last = len(self.rows) - 1
+        if i != last:
+            for layer in self.cache.k + self.cache.v:
+                layer[i].copy_(layer[last])
+            self.cache.pos_t[i] = self.cache.pos_t[last]
+            self.rows[i] = self.rows[last]
+        self.cache.pos_t[last] = 0  # a free row stays at 0: a compiled step still writes it
+        self.rows.pop()
+
+
+def reply_text(tok: TextTokenizer, prompt: list[int], ids: list[int]) -> str:
+    """The text of the generated ids, decoded after the prompt's last token so that the space a
+    SentencePiece-style decoder drops at the start of a text stays."""
+    before = prompt[-1:]
+    return tok.decode(before + ids)[len(tok.decode(before)):]
+
+
+# ---- Requests: OpenAI's fields, checked, to prompts and sampling settings ---------------------
+
+# fields accepted only at the value that changes nothing: this server has no logprobs, tools,
+# penalties other than repetition_penalty, or structured output
+NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
+           "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+           "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+           "response_format": ({"type": "text"},)}
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")  # no effect on the text
+SAMPLING_FIELDS = ("model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+                   "top_p", "top_k", "repetition_penalty", "n", "stop", "seed")
+
+
+def api_value(body: dict[str, Any], name: str, kind: type, default: Any,
+              ok: Callable[[Any], bool] | None = None, need: str = "") -> Any:
+    """body[name] (null or absent: default), refused (400) when not of `kind` or not `ok`."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind or (ok is not None and not ok(value)):
+        raise ApiError(400, f"'{name}' must be {need or kind.__name__}; got {json.dumps(value)[:80]}",
+                       param=name)
+    return value
+
+
+def check_fields(body: dict[str, Any], own: tuple[str, ...]) -> None:
+    for name, value in body.items():
+        if name in own or name in SAMPLING_FIELDS or name in IGNORED or (name in NEUTRAL and value is None):
+            continue
+        if name not in NEUTRAL:
+            raise ApiError(400, f"unrecognized request argument: '{name}'", param=name)
+        if value not in NEUTRAL[name]:
+            raise ApiError(400, f"'{name}' is not supported by this server; leave it out", param=name)
+
+
+def sampling_of(body: dict[str, Any], cfg: Config, cap: int) -> SampleSettings:
+    """The request's sampling settings; what it leaves out comes from the server's settings."""
+    asked = api_value(body, "max_completion_tokens", int, None, lambda v: v >= 1, "an integer of at least 1")
+    asked = api_value(body, "max_tokens", int, asked, lambda v: v >= 1, "an integer of at least 1")
+    if asked is not None and asked > cap:
+        raise ApiError(400, f"max_tokens is {asked}, more than this server allows ({cap}, its "
+                            f"--max_new_tokens)", param="max_tokens")
+    return SampleSettings(
+        asked or cap,
+        api_value(body, "temperature", float, cfg.temperature, lambda v: 0 <= v <= 2, "a number in [0, 2]"),
+        api_value(body, "top_k", int, cfg.top_k, lambda v: v >= 0, "an integer of at least 0"),
+        max(api_value(body, "top_p", float, cfg.top_p, lambda v: 0 <= v <= 1, "a number in [0, 1]"), 1e-9),
+        api_value(body, "repetition_penalty", float, cfg.repetition_penalty, lambda v: v > 0,
+                  "a number above 0"))
+
+
+def stops_of(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not (isinstance(stops, list) and len(stops) <= MAX_STOPS
+            and all(isinstance(s, str) and s for s in stops)):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them",
+                       param="stop")
+    return stops
+
+
+def prompts_of(body: dict[str, Any], tok: TextTokenizer, start_ids: list[int]) -> list[list[int]]:
+    """/v1/completions' prompt: a text, a list of texts, a list of token ids, or a list of those."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise ApiError(400, "'prompt' is required", param="prompt")
+    is_ids = isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)
+    prompts = [prompt] if isinstance(prompt, str) or is_ids else prompt
+    if not isinstance(prompts, list) or not prompts:
+        raise ApiError(400, "'prompt' must be a text, a list of texts or a list of token ids", param="prompt")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            check_known_chars(tok, p, "the prompt")
+            out.append(tok.encode(p) if p else list(start_ids))
+        elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < tok.vocab_size for t in p):
+            out.append(list(p))
+        else:
+            raise ApiError(400, f"'prompt' holds {json.dumps(p)[:60]}: give texts, or token ids under "
+                                f"{tok.vocab_size}", param="prompt")
+    return out
+
+
+def message_text(message: Any, i: int) -> tuple[str, str]:
+    """(role, text) of messages[i]; the text of content parts is joined."""
+    if not isinstance(message, dict):
+        raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
+    role, content = message.get("role"), message.get("content")
+    role = "system" if role == "developer" else role
+    if role not in ("system", "user", "assistant"):
+        raise ApiError(400, f"messages[{i}] has role {json.dumps(role)}; this server takes system, "
+                            f"developer, user and assistant", param="messages")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ApiError(400, f"messages[{i}] has content parts other than text; this model reads text "
+                                f"only", param="messages")
+        content = "".join(p["text"] for p in content)
+    if content is None and role == "assistant":
+        content = ""
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+                       param="messages")
+    return role, content
+
+
+def chat_prompt_of(body: dict[str, Any], tok: TextTokenizer, template: str) -> list[int]:
+    """The conversation rendered with the model's chat template, up to the reply; a model without
+    a template continues the messages' texts, joined by blank lines."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    turns = [message_text(m, i) for i, m in enumerate(messages)]
+    if not template:
+        text = "\n\n".join(text for _, text in turns)
+        check_known_chars(tok, text, "the messages")
+        return tok.encode(text) if text else tok.start_ids()
+    messages = [{"role": role, "content": plain_content(text)} for role, text in turns]
+    return chat_prompt(tok, template, messages)
+
+
+# ---- The HTTP server: routes, streaming, errors -----------------------------------------------
+
+@dataclass
+class Served:
+    """What the HTTP threads share: the engine and the settings of the server."""
+    engine: Engine
+    cfg: Config
+    model_id: str
+    template: str
+    start_ids: list[int]
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """One HTTP connection (a thread each). Errors are OpenAI's JSON error objects."""
+    protocol_version = "HTTP/1.1"
+    server_version = "tinyllm"
+    timeout = 60  # seconds a client may stay silent while it sends its request
+    served: Served  # set on a subclass made per server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        print(f"{self.address_string()} {format % args}", file=sys.stderr, flush=True)
+
+    def do_GET(self) -> None:
+        self.respond(self.route_get)
+
+    def do_POST(self) -> None:
+        self.respond(self.route_post)
+
+    def respond(self, route: Callable[[], None]) -> None:
+        try:
+            route()
+        except ApiError as e:
+            self.send_json(e.status, e.body())
+        except TinyLLMError as e:  # a prompt the tokenizer or the template refuses
+            self.send_json(400, ApiError(400, str(e)).body())
+        except OSError:  # the client left, or stopped reading for `timeout` seconds
+            self.close_connection = True
+
+    def do_other(self) -> None:
+        self.respond(lambda: self.refuse_method())
+
+    do_PUT = do_DELETE = do_PATCH = do_other
+
+    def refuse_method(self) -> None:
+        raise ApiError(405, f"{self.command} is not served; use GET for /, /health and /v1/models, POST for "
+                            f"/v1/completions and /v1/chat/completions")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors of the HTTP layer itself (a malformed request line, headers too long) as JSON too."""
+        self.close_connection = True
+        self.send_json(code, ApiError(code, message or http.HTTPStatus(code).phrase).body())
+
+    def route_get(self) -> None:
+        path = self.path.split("?")[0]
+        s = self.served
+        if path == "/":
+            self.send_body(200, CHAT_PAGE.encode(), "text/html; charset=utf-8")
+        elif path == "/health":
+            self.send_json(200, {"status": "ok" if not s.engine.failure else "failed", "model": s.model_id,
+                                 "context": s.engine.capacity, "max_tokens": s.cfg.max_new_tokens,
+                                 "temperature": s.cfg.temperature, "decoding": len(s.engine.rows),
+                                 "waiting": s.engine.waiting.qsize()})
+        elif path in ("/v1/models", f"/v1/models/{s.model_id}"):
+            self.authorize()
+            card = {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "tinyllm"}
+            self.send_json(200, card if path != "/v1/models" else {"object": "list", "data": [card]})
+        elif path.startswith("/v1/models/"):
+            self.authorize()
+            raise ApiError(404, f"the model '{path[len('/v1/models/'):]}' does not exist; this server has "
+                                f"'{s.model_id}'", code="model_not_found")
+        elif path in ("/v1/completions", "/v1/chat/completions"):
+            raise ApiError(405, f"{path} takes POST")
+        else:
+            raise ApiError(404, f"no such path: {path}", code="not_found")
+
+    def route_post(self) -> None:
+        path = self.path.split("?")[0]
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            raise ApiError(404 if path not in ("/", "/health", "/v1/models") else 405,
+                           f"no POST route: {path}; use /v1/completions or /v1/chat/completions")
+        self.authorize()
+        body = self.read_json()
+        chat = path == "/v1/chat/completions"
+        self.complete(body, chat)
+
+    def authorize(self) -> None:
+        key = self.served.cfg.api_key
+        given = self.headers.get("Authorization", "")
+        if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    def read_json(self) -> dict[str, Any]:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise ApiError(411, "send the request body with a Content-Length header")
+        if int(length) > MAX_BODY:
+            self.close_connection = True  # the body is never read: the connection cannot go on
+            raise ApiError(413, f"the request body is {int(length)} bytes; this server takes at most "
+                                f"{MAX_BODY}")
+        raw = self.rfile.read(int(length))
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def complete(self, body: dict[str, Any], chat: bool) -> None:
+        """Check the request, queue its choices, then stream or return what the engine sends."""
+        s = self.served
+        check_fields(body, ("messages",) if chat else ("prompt",))
+        model = api_value(body, "model", str, s.model_id)
+        if model != s.model_id:
+            raise ApiError(404, f"the model '{model}' does not exist; this server has '{s.model_id}'",
+                           param="model", code="model_not_found")
+        stream = api_value(body, "stream", bool, False)
+        options = api_value(body, "stream_options", dict, {})
+        usage_chunk = api_value(options, "include_usage", bool, False)
+        settings = sampling_of(body, s.cfg, s.cfg.max_new_tokens)
+        n = api_value(body, "n", int, 1, lambda v: 1 <= v <= MAX_CHOICES,
+                      f"an integer from 1 to {MAX_CHOICES}")
+        seed = api_value(body, "seed", int, None)
+        stops = stops_of(body)
+        prompts = [chat_prompt_of(body, s.engine.tok, s.template)] if chat \
+            else prompts_of(body, s.engine.tok, s.start_ids)
+        if len(prompts) * n > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts times n={n} asks for more than {MAX_CHOICES} "
+                                f"choices", param="n")
+        longest = max(len(p) for p in prompts)
+        if longest >= s.engine.capacity:
+            raise ApiError(400, f"the prompt is {longest} tokens; this model's context is "
+                                f"{s.engine.capacity}, and the reply needs room too: shorten it (nothing "
+                                f"is cut)",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        tok = s.engine.tok
+        stop_ids = tuple(reply_end_ids(tok)) if chat else tuple(i for i in (tok.eot_id,) if i is not None)
+        events: queue.SimpleQueue[tuple[int, str, str | None, int]] = queue.SimpleQueue()
+        cancelled = threading.Event()
+        choices = [Completion(i, prompts[i // n], settings, new_generator(seed, i, s.engine.device), stop_ids,
+                              stops, events, cancelled) for i in range(len(prompts) * n)]
+        reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{os.urandom(12).hex()}", model, len(choices),
+                      sum(len(p) for p in prompts))
+        s.engine.submit(choices)
+        try:
+            if stream:
+                self.stream(reply, events, cancelled, usage_chunk)
+            else:
+                self.send_json(200, reply.whole(self.collect(events, cancelled, len(choices))))
+        finally:
+            cancelled.set()  # whatever ended this request, its rows are freed
+
+    def collect(self, events: queue.SimpleQueue[tuple[int, str, str | None, int]], cancelled: threading.Event,
+                count: int) -> Iterator[tuple[int, str, str | None, int]]:
+        """The engine's events until every choice is finished; a client that leaves cancels them."""
+        finished, checked = 0, time.monotonic()
+        while finished < count:
+            if time.monotonic() - checked > POLL_SECONDS:  # a reply not streamed writes nothing till the end
+                checked = time.monotonic()
+                if client_gone(self.connection):
+                    cancelled.set()
+                    raise ConnectionResetError("the client left")
+            try:
+                event = events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+            if event[2] in ("error", "shutdown"):
+                why = self.served.engine.failure or "it is shutting down"
+                raise ApiError(503, f"the server stopped generating: {why}", kind="server_error")
+            finished += event[2] is not None
+            yield event
+
+    def stream(self, reply: Reply, events: queue.SimpleQueue[tuple[int, str, str | None, int]],
+               cancelled: threading.Event, usage_chunk: bool) -> None:
+        """Server-sent events in OpenAI's chunk format, each flushed as it is made; the response
+        ends with the connection (no length is known in advance)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for chunk in reply.opening():
+                self.send_event(chunk)
+            for event in self.collect(events, cancelled, reply.count):
+                self.send_event(reply.chunk(event))
+            if usage_chunk:
+                self.send_event(reply.usage_chunk())
+            self.wfile.write(b"data: [DONE]\n\n")
+        except ApiError as e:  # the status line is sent: the error travels as an event
+            self.send_event(e.body())
+        except OSError:  # the client left: its rows are freed
+            cancelled.set()
+
+    def send_event(self, payload: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def send_json(self, status: int, payload: dict[str, Any]) -> None:
+        self.send_body(status, json.dumps(payload, ensure_ascii=False).encode(), "application/json")
+
+    def send_body(self, status: int, data: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def new_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator:
+    """The sampler of choice `index`: seeded from the request's seed (the same seed, the same
+    text), else from the operating system."""
+    generator = torch.Generator(device=device)
+    return generator.manual_seed(seed + index) if seed is not None else generator.manual_seed(
+        int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def client_gone(sock: Any) -> bool:
+    """True when the client closed its side of the connection."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+@dataclass
+class Reply:
+    """The response to one request in OpenAI's shapes, whole or as stream chunks."""
+    chat: bool
+    id: str
+    model: str
+    count: int  # choices
+    prompt_tokens: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    tokens: dict[int, int] = field(default_factory=dict)  # generated tokens per choice
+
+    def head(self, stream: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def usage(self) -> dict[str, int]:
+        done = sum(self.tokens.values())
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
+                "total_tokens": self.prompt_tokens + done}
+
+    def opening(self) -> list[dict[str, Any]]:
+        """A chat stream first names the role of every choice, as OpenAI's does."""
+        return [{**self.head(True), "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]}
+                for i in range(self.count)] if self.chat else []
+
+    def chunk(self, event: tuple[int, str, str | None, int]) -> dict[str, Any]:
+        index, text, finish, tokens = event
+        self.tokens[index] = tokens
+        delta = ({"content": text} if text or finish is None else {}) if self.chat else None
+        choice = {"index": index, "delta": delta} if self.chat else {"index": index, "text": text}
+        return {**self.head(True), "choices": [{**choice, "logprobs": None, "finish_reason": finish}]}
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return {**self.head(True), "choices": [], "usage": self.usage()}
+
+    def whole(self, events: Iterator[tuple[int, str, str | None, int]]) -> dict[str, Any]:
+        texts, finishes = [""] * self.count, [""] * self.count
+        for index, text, finish, tokens in events:
+            texts[index] += text
+            finishes[index] = finish or finishes[index]
+            self.tokens[index] = tokens
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}} if self.chat
+                   else {"index": i, "text": texts[i]} for i in range(self.count)]
+        return {**self.head(False), "choices": [{**c, "logprobs": None, "finish_reason": f}
+                                                for c, f in zip(choices, finishes)], "usage": self.usage()}
+
+
+@dataclass
+class Listening:
+    """A server answering in threads of its own: its address, and how to stop it."""
+    url: str
+    http: http.server.ThreadingHTTPServer
+    served: Served
+
+    def stop(self) -> None:
+        """Stop taking requests, end the ones in flight (a stream ends, a waiting request gets a
+        503), and close the socket."""
+        self.http.shutdown()
+        self.served.engine.stop()
+        self.http.server_close()
+
+
+def start_server(use: Loaded) -> Listening:
+    """Listen on --host:--port and answer from threads; the model decodes in a thread of its own."""
+    cfg, path = use.cfg, use.path
+    served = Served(Engine(use), cfg, path.parent.resolve().name, chat_template_of(cfg, use.tok),
+                    use.start_ids or use.tok.start_ids())
+    handler = type("Handler", (ApiHandler,), {"served": served})
+    try:
+        server = http.server.ThreadingHTTPServer((cfg.host, cfg.port), handler)
+    except OSError as e:
+        raise TinyLLMError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}); pick another --port "
+                           f"or --host") from None
+    server.daemon_threads = True
+    served.engine.thread.start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_SECONDS},
+                     name="tinyllm-http", daemon=True).start()
+    host, port = server.server_address[:2]
+    return Listening(f"http://{f'[{host}]' if ':' in host else host}:{port}", server, served)
+
+
+def serve(r: Resolved) -> None:
+    """--serve: the model behind an OpenAI-compatible API and a chat page, until SIGINT/SIGTERM."""
+    if not r.cfg.kv_cache or r.cfg.max_new_tokens < 1:
+        raise TinyLLMError("--serve decodes with a KV cache and needs --max_new_tokens (the most a request "
+                           "may ask for) of at least 1; drop --no-kv_cache, or raise --max_new_tokens")
+    use = load_for_use(r)
+    if use.cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {use.cfg.host} makes the server reachable from other machines"
+              f"{'' if use.cfg.api_key else ', and it has no --api_key'}", file=sys.stderr)
+    with SignalCatcher() as catcher:
+        server = start_server(use)
+        print(f"serving {use.path} (step {use.step}) as '{server.served.model_id}' at {server.url}/ (chat "
+              f"page there, API under /v1); Ctrl-C stops", file=sys.stderr, flush=True)
+        while not catcher.signum:
+            time.sleep(POLL_SECONDS)
+    server.stop()
+    print("the server stopped", file=sys.stderr, flush=True)
+
+
+CHAT_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>tinyllm</title>
+<style>
+  :root { color-scheme: light dark; --accent: #2f6fde; --soft: rgba(127, 127, 127, .14); }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 16px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; display: flex;
+         flex-direction: column; height: 100dvh; }
+  header { display: flex; align-items: center; gap: .6em; padding: .6em 1em;
+           border-bottom: 1px solid var(--soft); }
+  header b { font-size: 1.1em; }
+  #model { opacity: .7; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; flex: 1; }
+  button { font: inherit; padding: .45em .9em; border-radius: .5em; border: 1px solid var(--soft);
+           background: var(--soft); color: inherit; cursor: pointer; }
+  button.primary { background: var(--accent); color: #fff; border-color: var(--accent); }
+  #log { flex: 1; overflow-y: auto; padding: 1em; display: flex; flex-direction: column; gap: .7em; }
+  .msg { max-width: 46em; padding: .55em .85em; border-radius: .8em; white-space: pre-wrap;
+         overflow-wrap: anywhere; }
+  .user { align-self: flex-end; background: var(--accent); color: #fff; }
+  .assistant { align-self: flex-start; background: var(--soft); }
+  .assistant.pending::after { content: "\\u258d"; animation: blink 1s steps(2) infinite; }
+  .note { align-self: center; font-size: .85em; opacity: .75; }
+  .error { align-self: center; color: #d33; font-size: .9em; }
+  @keyframes blink { 50% { opacity: 0; } }
+  form { display: flex; gap: .5em; padding: .6em 1em; border-top: 1px solid var(--soft); }
+  textarea, input { font: inherit; color: inherit; background: transparent; border: 1px solid var(--soft);
+                    border-radius: .5em; padding: .45em .6em; }
+  #input { flex: 1; resize: none; }
+  details { padding: 0 1em .6em; font-size: .9em; }
+  details label { display: inline-flex; align-items: center; gap: .4em; margin: .3em 1em .3em 0; }
+  details input[type=number] { width: 5.5em; }
+  #system { width: 100%; resize: vertical; }
+</style>
+</head>
+<body>
+<header><b>tinyllm</b><span id="model"></span><button id="new" type="button">New chat</button></header>
+<main id="log" aria-live="polite"></main>
+<form id="form">
+  <textarea id="input" rows="2" placeholder="Message (Enter sends, Shift+Enter is a new line)"></textarea>
+  <button id="send" class="primary" type="submit">Send</button>
+</form>
+<details id="settings"><summary>Settings</summary>
+  <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1"></label>
+  <label>max tokens <input id="max_tokens" type="number" min="1" step="1"></label>
+  <label>API key
+    <input id="key" type="password" autocomplete="off" placeholder="if the server needs one"></label>
+  <textarea id="system" rows="2" placeholder="System prompt (optional)"></textarea>
+</details>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+let model = "", messages = [], controller = null;
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("key").value.trim();
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+
+function bubble(kind, text) {
+  const div = document.createElement("div");
+  div.className = "msg " + kind;
+  div.textContent = text;
+  $("log").appendChild(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+async function start() {
+  const health = await (await fetch("/health")).json();
+  model = health.model;
+  $("model").textContent = model + " \\u00b7 context " + health.context + " tokens";
+  $("temperature").value = health.temperature;
+  $("max_tokens").value = health.max_tokens;
+  $("max_tokens").max = health.max_tokens;
+}
+
+function newChat() {
+  if (controller) controller.abort();
+  messages = [];
+  $("log").replaceChildren();
+  $("input").focus();
+}
+
+async function send(event) {
+  event.preventDefault();
+  if (controller) { controller.abort(); return; }
+  const text = $("input").value.trim();
+  if (!text) return;
+  $("input").value = "";
+  const talk = messages;  // a new chat started meanwhile keeps its own list
+  talk.push({ role: "user", content: text });
+  bubble("user", text);
+  const out = bubble("assistant pending", "");
+  const system = $("system").value.trim();
+  const body = { model, stream: true,
+                 messages: system ? [{ role: "system", content: system }, ...talk] : talk,
+                 temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value) };
+  controller = new AbortController();
+  $("send").textContent = "Stop";
+  let reply = "";
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
+    if (!response.ok) {
+      const error = await response.json().catch(() => null);
+      throw new Error(error && error.error ? error.error.message
+                                           : response.status + " " + response.statusText);
+    }
+    const reader = response.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+        const line = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        const chunk = JSON.parse(line.slice(6));
+        if (chunk.error) throw new Error(chunk.error.message);
+        const choice = chunk.choices[0];
+        if (choice && choice.delta.content) { reply += choice.delta.content; out.textContent = reply; }
+        if (choice && choice.finish_reason === "length") {
+          bubble("note", "(the reply reached its length limit)");
+        }
+        out.scrollIntoView({ block: "end" });
+      }
+    }
+  } catch (error) {
+    if (error.name !== "AbortError") bubble("error", error.message);
+  } finally {
+    out.classList.remove("pending");
+    if (reply) talk.push({ role: "assistant", content: reply });
+    else talk.pop();
+    controller = null;
+    $("send").textContent = "Send";
+  }
+}
+
+$("form").addEventListener("submit", send);
+$("new").addEventListener("click", newChat);
+$("input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("form").requestSubmit(); }
+});
+start().catch((error) => bubble("error", "cannot reach the server: " + error.message));
+</script>
+</body>
+</html>
+"""
+
+
+
+# ----------------------------------------------------------------------------------------------
 # main(): resolve the invocation once, then run its mode
 # ----------------------------------------------------------------------------------------------
 
@@ -5613,7 +6448,7 @@ def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
 
 
 MODES: dict[str, Callable[[Resolved], Any]] = {
-    "train": train_and_plot, "generate": generate_from_checkpoint, "chat": chat_in_terminal,
+    "train": train_and_plot, "generate": generate_from_checkpoint, "chat": chat_in_terminal, "serve": serve,
     "eval": evaluate_checkpoint,
     "benchmark": benchmark, "plot": plot_run, "export": export_checkpoint}
 
@@ -5621,7 +6456,7 @@ MODES: dict[str, Callable[[Resolved], Any]] = {
 # What Ctrl-C before a mode's end leaves behind, per mode (training itself saves and says so).
 INTERRUPTED = {
     None: "interrupted; nothing was done", "train": "interrupted before training started; nothing was lost",
-    "generate": "interrupted; generation stopped", "chat": "the chat ended",
+    "generate": "interrupted; generation stopped", "chat": "the chat ended", "serve": "the server stopped",
     "eval": "interrupted; nothing was written",
     "benchmark": "interrupted; nothing was written", "plot": "interrupted; loss.png was not changed",
     "export": "interrupted; no export was written"}

@@ -167,9 +167,9 @@ def test_the_cache_is_kept_across_turns_and_old_turns_make_room(tmp_path):
     prompt = tl.chat_prompt(use.tok, "", session.messages[:-1])
     common = next(i for i, (a, b) in enumerate(zip(held + [-1], prompt)) if a != b)
     assert dropped == 0 and 0 < fed[0] == len(prompt) - common < len(prompt) // 2
-    fresh = tl.generate(session.model, torch.tensor([prompt]), greedy, stop_id=session.end)
-    fresh = fresh[0, len(prompt):].tolist()
-    assert second == use.tok.decode(fresh[:fresh.index(session.end)] if session.end in fresh else fresh)
+    fresh = tl.generate(session.model, torch.tensor([prompt]), greedy)[0, len(prompt):].tolist()
+    end = next((i for i, t in enumerate(fresh) if t in session.ends), len(fresh))
+    assert second == use.tok.decode(fresh[:end])
     session = tl.ChatSession(use, system="abc")  # 128 tokens hold about three turns
     drops = [session.reply("abc def abc", greedy, torch.Generator())[1] for _ in range(8)]
     assert sum(drops) > 0 and session.messages[0] == {"role": "system", "content": "abc"}

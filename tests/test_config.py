@@ -124,7 +124,7 @@ def test_resume_validates_the_merged_config(run_args):
 
 
 def test_every_mode_has_an_entry():
-    modes = {"--generate_only": "generate", "--chat": "chat", "--eval_only": "eval",
+    modes = {"--generate_only": "generate", "--chat": "chat", "--serve": "serve", "--eval_only": "eval",
              "--benchmark": "benchmark", "--plot": "plot", "--export=hf": "export"}
     for flag, mode in modes.items():
         assert tl.modes_asked(tl.merge_config(tl.parse_args([flag]))) == [mode]
