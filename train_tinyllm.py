@@ -65,6 +65,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -5649,6 +5650,8 @@ def ollama_modelfile(cfg: Config, tok: TextTokenizer, gguf_name: str) -> str:
 MAX_BODY = 1 << 20  # bytes of a request body; a longer one is refused (413) before it is read
 MAX_CHOICES = 16  # completions one request may ask for: n times its prompts
 MAX_STOPS = 4  # stop strings a request may give, as OpenAI allows
+MAX_STOP_CHARS = 256  # characters of one stop string: each is looked for after every token
+GREEDY_BELOW = 1e-4  # a temperature below this samples as 0 does (the argmax): dividing by it overflows
 POLL_SECONDS = 0.25  # how often a waiting request checks that its client is still there
 
 
@@ -5667,7 +5670,8 @@ class ApiError(Exception):
 @dataclass
 class Completion:
     """One choice being generated: its prompt, how it is sampled, and the queue its text goes to
-    as (choice index, new text, finish reason or None, tokens generated so far)."""
+    as (choice index, new text, finish reason or None, tokens generated so far). A choice that
+    cannot go on finishes as "error" (the text is why) or "shutdown"."""
     index: int
     prompt: list[int]
     settings: SampleSettings  # max_new_tokens: what this choice may generate at most
@@ -5686,7 +5690,9 @@ class Engine:
     rows in use, each at its own position. Rows stay packed at the front (a finished row takes
     the last one's place), so an eager step reads only the rows in use; a compiled one reads all
     of them, to stay one graph. Choices beyond the rows wait in a queue, first come first served.
-    Runs in a thread of its own: the HTTP threads only queue work and read events."""
+    `run` decodes in the main thread under --serve (torch's CPU kernels, launched from another
+    thread, took 2.7 times as long per token here); the HTTP threads only queue work and read
+    events."""
 
     def __init__(self, use: Loaded):
         self.tok, self.device = use.tok, use.device
@@ -5698,7 +5704,9 @@ class Engine:
         self.rows: list[Completion] = []
         self.waiting: queue.Queue[Completion] = queue.Queue()
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="tinyllm-engine", daemon=True)
+        self.lock = threading.Lock()  # between submit() and the end of run()
+        self.closed = False
+        self.thread: threading.Thread | None = None  # when run() is not in the main thread
         self.failure: str | None = None
 
     @property
@@ -5706,20 +5714,28 @@ class Engine:
         return self.cache.capacity
 
     def submit(self, choices: list[Completion]) -> None:
-        if self.failure or self.stopping.is_set():
-            raise ApiError(503, f"the server cannot generate: {self.failure or 'it is shutting down'}",
-                           kind="server_error")
-        for c in choices:
-            self.waiting.put(c)
+        with self.lock:
+            if self.closed:
+                raise ApiError(503, f"the server cannot generate: {self.failure or 'it is shutting down'}",
+                               kind="server_error")
+            for c in choices:
+                self.waiting.put(c)
+
+    def start(self) -> None:
+        """Decode in a thread of its own (tests; --serve decodes in the main thread)."""
+        self.thread = threading.Thread(target=self.run, name="tinyllm-engine", daemon=True)
+        self.thread.start()
 
     def stop(self) -> None:
         self.stopping.set()
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
 
     @torch.inference_mode()
-    def run(self) -> None:
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Decode until stop() or `until()`; then every choice still open is told why it ends."""
         try:
-            while not self.stopping.is_set():
+            while not self.stopping.is_set() and not until():
                 self.admit()
                 if self.rows:
                     self.advance()
@@ -5728,11 +5744,13 @@ class Engine:
             print(f"error: generation failed ({self.failure}); the server answers 503 from now on",
                   file=sys.stderr, flush=True)
         reason = "error" if self.failure else "shutdown"
-        for c in self.rows:
-            c.events.put((c.index, "", reason, len(c.ids)))
-        while not self.waiting.empty():
-            c = self.waiting.get_nowait()
-            c.events.put((c.index, "", reason, 0))
+        with self.lock:
+            self.closed = True
+            for c in self.rows:
+                c.events.put((c.index, self.failure or "", reason, len(c.ids)))
+            while not self.waiting.empty():
+                c = self.waiting.get_nowait()
+                c.events.put((c.index, self.failure or "", reason, 0))
 
     def admit(self) -> None:
         """Prefill waiting choices into the free rows; with nothing to decode, wait for one."""
@@ -5745,9 +5763,14 @@ class Engine:
                 continue
             row = self.cache.rows(len(self.rows), len(self.rows) + 1)
             row.seek(0)
-            logits = self.model(torch.tensor([c.prompt], device=self.device), cache=row, last_only=True)[0]
             self.rows.append(c)
-            self.take(len(self.rows) - 1, logits[:, -1])
+            try:
+                prompt = torch.tensor([c.prompt], device=self.device)
+                logits = self.model(prompt, cache=row, last_only=True)[0]
+            except Exception as e:  # this prompt failed: the others go on
+                self.fail(len(self.rows) - 1, e)
+                continue
+            self.take_or_fail(len(self.rows) - 1, logits[:, -1])
 
     def advance(self) -> None:
         """One decode step over the rows in use: each feeds its last token and samples its next."""
@@ -5757,7 +5780,19 @@ class Engine:
         logits = self.step(last, self.cache if width == self.cache.pos_t.size(0) else self.cache.rows(0, n))
         self.cache.rows(0, n).advance(1)
         for i in reversed(range(n)):  # from the end: a finished row is replaced by the last one
-            self.take(i, logits[i:i + 1])
+            self.take_or_fail(i, logits[i:i + 1])
+
+    def take_or_fail(self, i: int, logits: torch.Tensor) -> None:
+        try:
+            self.take(i, logits)
+        except Exception as e:  # one choice's sampling or decoding failed: the others go on
+            self.fail(i, e)
+
+    def fail(self, i: int, e: Exception) -> None:
+        c = self.rows[i]
+        print(f"error: a request failed ({first_line(e)}); the server goes on", file=sys.stderr, flush=True)
+        c.events.put((c.index, first_line(e), "error", len(c.ids)))
+        self.drop(i)
 
     def take(self, i: int, logits: torch.Tensor) -> None:
         """Row i's next token from its logits (1, V); send its text; free the row when it is done."""
@@ -5790,7 +5825,11 @@ class Engine:
         if finish is None:
             if text.endswith("\ufffd"):
                 return False
-            end -= max((k for s in c.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            held = 0  # the longest end of the text that may grow into a stop string
+            for s in c.stops:
+                longest = min(len(s) - 1, len(text))
+                held = next((k for k in range(longest, held, -1) if text.endswith(s[:k])), held)
+            end -= held
         if end > c.sent or finish is not None:
             c.events.put((c.index, text[c.sent:end], finish, len(c.ids)))
             c.sent = max(c.sent, end)
@@ -5835,8 +5874,9 @@ def api_value(body: dict[str, Any], name: str, kind: type, default: Any,
     if value is None:
         return default
     if kind is float and type(value) is int:
-        value = float(value)
-    if type(value) is not kind or (ok is not None and not ok(value)):
+        value = float(value) if abs(value) < 1e300 else math.inf  # float() of a longer one raises
+    finite = type(value) is not float or math.isfinite(value)
+    if type(value) is not kind or not finite or (ok is not None and not ok(value)):
         raise ApiError(400, f"'{name}' must be {need or kind.__name__}; got {json.dumps(value)[:80]}",
                        param=name)
     return value
@@ -5859,27 +5899,39 @@ def sampling_of(body: dict[str, Any], cfg: Config, cap: int) -> SampleSettings:
     if asked is not None and asked > cap:
         raise ApiError(400, f"max_tokens is {asked}, more than this server allows ({cap}, its "
                             f"--max_new_tokens)", param="max_tokens")
+    temperature = api_value(body, "temperature", float, cfg.temperature, lambda v: 0 <= v <= 2,
+                            "a number in [0, 2]")
     return SampleSettings(
-        asked or cap,
-        api_value(body, "temperature", float, cfg.temperature, lambda v: 0 <= v <= 2, "a number in [0, 2]"),
+        asked or cap, temperature if temperature >= GREEDY_BELOW else 0.0,
         api_value(body, "top_k", int, cfg.top_k, lambda v: v >= 0, "an integer of at least 0"),
         max(api_value(body, "top_p", float, cfg.top_p, lambda v: 0 <= v <= 1, "a number in [0, 1]"), 1e-9),
-        api_value(body, "repetition_penalty", float, cfg.repetition_penalty, lambda v: v > 0,
-                  "a number above 0"))
+        api_value(body, "repetition_penalty", float, cfg.repetition_penalty, lambda v: 0.01 <= v <= 100,
+                  "a number in [0.01, 100]"))
 
 
 def stops_of(body: dict[str, Any]) -> list[str]:
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not (isinstance(stops, list) and len(stops) <= MAX_STOPS
-            and all(isinstance(s, str) and s for s in stops)):
-        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them",
-                       param="stop")
-    return stops
+            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise ApiError(400, f"'stop' must be a string of 1 to {MAX_STOP_CHARS} characters, or a list of "
+                            f"at most {MAX_STOPS} of them", param="stop")
+    return [unicode_text(s, "stop") for s in stops]
 
 
-def prompts_of(body: dict[str, Any], tok: TextTokenizer, start_ids: list[int]) -> list[list[int]]:
-    """/v1/completions' prompt: a text, a list of texts, a list of token ids, or a list of those."""
+def unicode_text(text: str, param: str) -> str:
+    """The text, refused when JSON's escapes made it something UTF-8 cannot hold (a lone surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{param}' holds a lone surrogate (\\ud800-\\udfff), which is no text",
+                       param=param) from None
+    return text
+
+
+def prompts_of(body: dict[str, Any], tok: TextTokenizer, start_ids: list[int], most: int) -> list[list[int]]:
+    """/v1/completions' prompt: a text, a list of texts, a list of token ids, or a list of (at
+    most `most`) of those."""
     prompt = body.get("prompt")
     if prompt is None:
         raise ApiError(400, "'prompt' is required", param="prompt")
@@ -5887,10 +5939,13 @@ def prompts_of(body: dict[str, Any], tok: TextTokenizer, start_ids: list[int]) -
     prompts = [prompt] if isinstance(prompt, str) or is_ids else prompt
     if not isinstance(prompts, list) or not prompts:
         raise ApiError(400, "'prompt' must be a text, a list of texts or a list of token ids", param="prompt")
+    if len(prompts) > most:
+        raise ApiError(400, f"{len(prompts)} prompts times n asks for more than {MAX_CHOICES} choices",
+                       param="prompt")
     out = []
     for p in prompts:
         if isinstance(p, str):
-            check_known_chars(tok, p, "the prompt")
+            check_known_chars(tok, unicode_text(p, "prompt"), "the prompt")
             out.append(tok.encode(p) if p else list(start_ids))
         elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < tok.vocab_size for t in p):
             out.append(list(p))
@@ -5920,7 +5975,7 @@ def message_text(message: Any, i: int) -> tuple[str, str]:
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                        param="messages")
-    return role, content
+    return role, unicode_text(content, "messages")
 
 
 def chat_prompt_of(body: dict[str, Any], tok: TextTokenizer, template: str) -> list[int]:
@@ -5949,6 +6004,14 @@ class Served:
     template: str
     start_ids: list[int]
     created: int = field(default_factory=lambda: int(time.time()))
+    active: int = 0  # requests being answered
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def settle(self, seconds: float) -> None:
+        """Wait (a while at most) for the requests being answered to finish."""
+        deadline = time.monotonic() + seconds
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 class ApiHandler(http.server.BaseHTTPRequestHandler):
@@ -5968,14 +6031,48 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.respond(self.route_post)
 
     def respond(self, route: Callable[[], None]) -> None:
+        self.unread = self.body_length() or 0  # bytes of the request body not read yet
         try:
-            route()
-        except ApiError as e:
-            self.send_json(e.status, e.body())
-        except TinyLLMError as e:  # a prompt the tokenizer or the template refuses
-            self.send_json(400, ApiError(400, str(e)).body())
+            try:
+                route()
+            except ApiError as e:
+                self.refuse(e)
+            except TinyLLMError as e:  # a prompt the tokenizer or the template refuses
+                self.refuse(ApiError(400, str(e)))
+            except OSError:
+                raise
+            except Exception as e:  # a bug: this client is told, and the server goes on
+                print(f"error: {type(e).__name__} ({first_line(e)}) answering {self.requestline[:80]!r}",
+                      file=sys.stderr, flush=True)
+                self.refuse(ApiError(500, f"the server failed on this request ({type(e).__name__}); it "
+                                          f"serves others", kind="server_error"))
         except OSError:  # the client left, or stopped reading for `timeout` seconds
             self.close_connection = True
+
+    def refuse(self, e: ApiError) -> None:
+        """Answer with the error. A body left unread would be taken for the next request: the
+        connection closes, after what is left of the body (within limits) is read and dropped,
+        so that the client is not reset before it reads the answer."""
+        if self.unread:
+            self.close_connection = True
+        self.send_json(e.status, e.body())
+        if self.unread:
+            self.connection.settimeout(1.0)
+            left = min(self.unread, 4 * MAX_BODY)
+            while left > 0 and (data := self.rfile.read1(min(left, 1 << 16))):
+                left -= len(data)
+
+    def body_length(self) -> int | None:
+        length = self.headers.get("Content-Length", "")
+        return int(length) if length.isascii() and length.isdigit() else None
+
+    def handle_expect_100(self) -> bool:
+        """A client that waits for leave to send its body hears of a body too big before sending it."""
+        if (self.body_length() or 0) > MAX_BODY:
+            self.close_connection, self.unread = True, 0
+            self.send_json(413, ApiError(413, f"the request body is over {MAX_BODY} bytes").body())
+            return False
+        return super().handle_expect_100()
 
     def do_other(self) -> None:
         self.respond(lambda: self.refuse_method())
@@ -5992,7 +6089,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(code, ApiError(code, message or http.HTTPStatus(code).phrase).body())
 
     def route_get(self) -> None:
-        path = self.path.split("?")[0]
+        path = urllib.parse.unquote(self.path.split("?")[0])
         s = self.served
         if path == "/":
             self.send_body(200, CHAT_PAGE.encode(), "text/html; charset=utf-8")
@@ -6015,14 +6112,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(404, f"no such path: {path}", code="not_found")
 
     def route_post(self) -> None:
-        path = self.path.split("?")[0]
+        path = urllib.parse.unquote(self.path.split("?")[0])
+        body = self.read_json()  # first: a body left unread would break the connection
         if path not in ("/v1/completions", "/v1/chat/completions"):
             raise ApiError(404 if path not in ("/", "/health", "/v1/models") else 405,
                            f"no POST route: {path}; use /v1/completions or /v1/chat/completions")
         self.authorize()
-        body = self.read_json()
-        chat = path == "/v1/chat/completions"
-        self.complete(body, chat)
+        self.complete(body, path == "/v1/chat/completions")
 
     def authorize(self) -> None:
         key = self.served.cfg.api_key
@@ -6032,19 +6128,17 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                            code="invalid_api_key")
 
     def read_json(self) -> dict[str, Any]:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
+        length = self.body_length()
+        if length is None:
+            self.close_connection = True  # where the body ends is unknown
             raise ApiError(411, "send the request body with a Content-Length header")
-        if int(length) > MAX_BODY:
-            self.close_connection = True  # the body is never read: the connection cannot go on
-            raise ApiError(413, f"the request body is {int(length)} bytes; this server takes at most "
-                                f"{MAX_BODY}")
-        raw = self.rfile.read(int(length))
+        if length > MAX_BODY:
+            raise ApiError(413, f"the request body is {length} bytes; this server takes at most {MAX_BODY}")
+        raw, self.unread = self.rfile.read(length), 0
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, numbers or nesting too deep
+            raise ApiError(400, f"the request body is not valid JSON ({first_line(e)})") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return body
@@ -6063,13 +6157,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         settings = sampling_of(body, s.cfg, s.cfg.max_new_tokens)
         n = api_value(body, "n", int, 1, lambda v: 1 <= v <= MAX_CHOICES,
                       f"an integer from 1 to {MAX_CHOICES}")
-        seed = api_value(body, "seed", int, None)
+        seed = api_value(body, "seed", int, None, lambda v: -2 ** 63 <= v < 2 ** 64, "an integer of 64 bits")
         stops = stops_of(body)
         prompts = [chat_prompt_of(body, s.engine.tok, s.template)] if chat \
-            else prompts_of(body, s.engine.tok, s.start_ids)
-        if len(prompts) * n > MAX_CHOICES:
-            raise ApiError(400, f"{len(prompts)} prompts times n={n} asks for more than {MAX_CHOICES} "
-                                f"choices", param="n")
+            else prompts_of(body, s.engine.tok, s.start_ids, MAX_CHOICES // n)
         longest = max(len(p) for p in prompts)
         if longest >= s.engine.capacity:
             raise ApiError(400, f"the prompt is {longest} tokens; this model's context is "
@@ -6085,6 +6176,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{os.urandom(12).hex()}", model, len(choices),
                       sum(len(p) for p in prompts))
         s.engine.submit(choices)
+        with s.lock:
+            s.active += 1
         try:
             if stream:
                 self.stream(reply, events, cancelled, usage_chunk)
@@ -6092,6 +6185,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 self.send_json(200, reply.whole(self.collect(events, cancelled, len(choices))))
         finally:
             cancelled.set()  # whatever ended this request, its rows are freed
+            with s.lock:
+                s.active -= 1
 
     def collect(self, events: queue.SimpleQueue[tuple[int, str, str | None, int]], cancelled: threading.Event,
                 count: int) -> Iterator[tuple[int, str, str | None, int]]:
@@ -6107,9 +6202,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 event = events.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 continue
-            if event[2] in ("error", "shutdown"):
-                why = self.served.engine.failure or "it is shutting down"
-                raise ApiError(503, f"the server stopped generating: {why}", kind="server_error")
+            if event[2] == "error":
+                raise ApiError(500, f"generation failed: {event[1]}", kind="server_error")
+            if event[2] == "shutdown":
+                raise ApiError(503, "the server is shutting down", kind="server_error")
             finished += event[2] is not None
             yield event
 
@@ -6137,11 +6233,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             cancelled.set()
 
     def send_event(self, payload: dict[str, Any]) -> None:
-        self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+        self.wfile.write(b"data: " + json_bytes(payload) + b"\n\n")
         self.wfile.flush()
 
     def send_json(self, status: int, payload: dict[str, Any]) -> None:
-        self.send_body(status, json.dumps(payload, ensure_ascii=False).encode(), "application/json")
+        self.send_body(status, json_bytes(payload), "application/json")
 
     def send_body(self, status: int, data: bytes, kind: str) -> None:
         self.send_response(status)
@@ -6155,11 +6251,16 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+def json_bytes(payload: dict[str, Any]) -> bytes:
+    """UTF-8 JSON; a lone surrogate echoed from a request becomes '?' instead of failing."""
+    return json.dumps(payload, ensure_ascii=False).encode(errors="replace")
+
+
 def new_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator:
     """The sampler of choice `index`: seeded from the request's seed (the same seed, the same
     text), else from the operating system."""
     generator = torch.Generator(device=device)
-    return generator.manual_seed(seed + index) if seed is not None else generator.manual_seed(
+    return generator.manual_seed((seed + index) % 2 ** 64) if seed is not None else generator.manual_seed(
         int.from_bytes(os.urandom(8), "little") >> 1)
 
 
@@ -6220,11 +6321,22 @@ class Reply:
                                                 for c, f in zip(choices, finishes)], "usage": self.usage()}
 
 
+class ApiServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True  # a connection left open never holds up the shutdown
+    # connections waiting to be accepted: beyond this, a burst of clients has its connections
+    # dropped, and their systems retry only after a second
+    request_queue_size = 128
+
+
+class ApiServer6(ApiServer):
+    address_family = socket.AF_INET6
+
+
 @dataclass
 class Listening:
     """A server answering in threads of its own: its address, and how to stop it."""
     url: str
-    http: http.server.ThreadingHTTPServer
+    http: ApiServer
     served: Served
 
     def stop(self) -> None:
@@ -6232,22 +6344,24 @@ class Listening:
         503), and close the socket."""
         self.http.shutdown()
         self.served.engine.stop()
+        self.served.settle(5.0)  # each hears that the server is shutting down
         self.http.server_close()
 
 
-def start_server(use: Loaded) -> Listening:
-    """Listen on --host:--port and answer from threads; the model decodes in a thread of its own."""
+def start_server(use: Loaded, decode_here: bool = False) -> Listening:
+    """Listen on --host:--port and answer from threads. The model decodes in a thread of its own,
+    or with `decode_here` wherever the caller then calls served.engine.run()."""
     cfg, path = use.cfg, use.path
     served = Served(Engine(use), cfg, path.parent.resolve().name, chat_template_of(cfg, use.tok),
                     use.start_ids or use.tok.start_ids())
     handler = type("Handler", (ApiHandler,), {"served": served})
     try:
-        server = http.server.ThreadingHTTPServer((cfg.host, cfg.port), handler)
+        server = (ApiServer6 if ":" in cfg.host else ApiServer)((cfg.host, cfg.port), handler)
     except OSError as e:
         raise TinyLLMError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}); pick another --port "
                            f"or --host") from None
-    server.daemon_threads = True
-    served.engine.thread.start()
+    if not decode_here:
+        served.engine.start()
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_SECONDS},
                      name="tinyllm-http", daemon=True).start()
     host, port = server.server_address[:2]
@@ -6264,11 +6378,10 @@ def serve(r: Resolved) -> None:
         print(f"warning: --host {use.cfg.host} makes the server reachable from other machines"
               f"{'' if use.cfg.api_key else ', and it has no --api_key'}", file=sys.stderr)
     with SignalCatcher() as catcher:
-        server = start_server(use)
+        server = start_server(use, decode_here=True)
         print(f"serving {use.path} (step {use.step}) as '{server.served.model_id}' at {server.url}/ (chat "
               f"page there, API under /v1); Ctrl-C stops", file=sys.stderr, flush=True)
-        while not catcher.signum:
-            time.sleep(POLL_SECONDS)
+        server.served.engine.run(until=lambda: catcher.signum != 0)
     server.stop()
     print("the server stopped", file=sys.stderr, flush=True)
 
@@ -6296,7 +6409,7 @@ CHAT_PAGE = """<!doctype html>
          overflow-wrap: anywhere; }
   .user { align-self: flex-end; background: var(--accent); color: #fff; }
   .assistant { align-self: flex-start; background: var(--soft); }
-  .assistant.pending::after { content: "\\u258d"; animation: blink 1s steps(2) infinite; }
+  .assistant.pending::after { content: "\\258d"; animation: blink 1s steps(2) infinite; }
   .note { align-self: center; font-size: .85em; opacity: .75; }
   .error { align-self: center; color: #d33; font-size: .9em; }
   @keyframes blink { 50% { opacity: 0; } }
@@ -6356,6 +6469,8 @@ async function start() {
 
 function newChat() {
   if (controller) controller.abort();
+  controller = null;
+  $("send").textContent = "Send";
   messages = [];
   $("log").replaceChildren();
   $("input").focus();
@@ -6369,18 +6484,19 @@ async function send(event) {
   $("input").value = "";
   const talk = messages;  // a new chat started meanwhile keeps its own list
   talk.push({ role: "user", content: text });
-  bubble("user", text);
+  const asked = bubble("user", text);
   const out = bubble("assistant pending", "");
   const system = $("system").value.trim();
-  const body = { model, stream: true,
-                 messages: system ? [{ role: "system", content: system }, ...talk] : talk,
+  const body = { stream: true, messages: system ? [{ role: "system", content: system }, ...talk] : talk,
                  temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value) };
-  controller = new AbortController();
+  if (model) body.model = model;
+  const mine = new AbortController();
+  controller = mine;
   $("send").textContent = "Stop";
   let reply = "";
   try {
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: mine.signal });
     if (!response.ok) {
       const error = await response.json().catch(() => null);
       throw new Error(error && error.error ? error.error.message
@@ -6411,10 +6527,18 @@ async function send(event) {
     if (error.name !== "AbortError") bubble("error", error.message);
   } finally {
     out.classList.remove("pending");
-    if (reply) talk.push({ role: "assistant", content: reply });
-    else talk.pop();
-    controller = null;
-    $("send").textContent = "Send";
+    if (reply) {
+      talk.push({ role: "assistant", content: reply });
+    } else {  // nothing came back: the message goes back to the input, to send again
+      talk.pop();
+      asked.remove();
+      out.remove();
+      if (talk === messages && !$("input").value) $("input").value = text;
+    }
+    if (controller === mine) {
+      controller = null;
+      $("send").textContent = "Send";
+    }
   }
 }
 

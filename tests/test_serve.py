@@ -456,3 +456,69 @@ def test_the_chat_page_streams_replies_in_a_real_browser(models, monkeypatch):
             assert page.find_elements(By.CSS_SELECTOR, ".msg") == []
         finally:
             page.quit()
+
+
+def test_hostile_values_are_refused_or_contained(models, monkeypatch):
+    """Values that would overflow sampling, seeds or the JSON parser, lone surrogates, stop
+    strings too long: each is a 4xx; a choice whose sampling fails anyway ends alone (500)."""
+    with serving(models / "text") as server:
+        good = {"prompt": "the", "max_tokens": 3}
+        for extra, param in (({"repetition_penalty": 1e300}, "repetition_penalty"),
+                             ({"seed": 2 ** 70}, "seed"), ({"stop": "x" * 300}, "stop"),
+                             ({"prompt": "\ud800"}, "prompt"), ({"top_p": -1}, "top_p")):
+            status, answer = raw(server, "POST", "/v1/completions", json.dumps({**good, **extra}).encode())
+            assert (status, answer["error"]["param"]) == (400, param), (extra, answer)
+        for body in (b'{"prompt": "the", "top_k": 1e400}', b"[" * 100_000, b'{"seed": ' + b"9" * 5000 + b"}"):
+            assert raw(server, "POST", "/v1/completions", body)[0] == 400
+        surrogate = json.dumps({**good, "model": "\ud800"}).encode()
+        status, answer = raw(server, "POST", "/v1/completions", surrogate)
+        assert status == 404 and "?" in answer["error"]["message"]
+        host, port = server.http.server_address[:2]
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ²\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 411 ")
+        with socket.create_connection((host, port)) as sock:  # refused before the body is sent
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                         f"Content-Length: {tl.MAX_BODY + 1}\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
+        expected, _, _ = text_oracle(server, "the", 5)
+        tiny = client(server).completions.create(model="text", prompt="the", max_tokens=5, temperature=1e-30)
+        assert tiny.choices[0].text == expected  # below 1e-4 a temperature samples greedily
+
+        choose = tl.choose_next
+
+        def fails_for_top_k_7(logits, history, settings, generator):
+            if settings.top_k == 7:
+                raise RuntimeError("a kernel failed")
+            return choose(logits, history, settings, generator)
+        monkeypatch.setattr(tl, "choose_next", fails_for_top_k_7)
+        status, answer = raw(server, "POST", "/v1/completions", json.dumps({**good, "top_k": 7}).encode())
+        assert status == 500 and "a kernel failed" in answer["error"]["message"]
+        assert client(server).completions.create(model="text", prompt="the", max_tokens=3).choices
+        assert raw(server, "GET", "/health")[1]["status"] == "ok"
+
+
+def test_a_refused_request_leaves_its_connection_usable(models):
+    """A refusal before the body is read (no API key, a wrong path) must not leave the body to be
+    read as the next request on a kept-alive connection."""
+    with serving(models / "text", "--api_key", "k") as server:
+        host, port = server.http.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        body = json.dumps({"prompt": "the", "max_tokens": 2})
+        for path, key, status in (("/v1/completions", "wrong", 401), ("/v1/nowhere", "k", 404),
+                                  ("/v1/completions", "k", 200)):
+            conn.request("POST", path, body, {"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == status and json.loads(response.read())
+        conn.close()
+
+
+def test_stopping_the_server_tells_a_stream_in_flight(models, monkeypatch):
+    slow_sampling(monkeypatch)
+    with serving(models / "text") as server:
+        stream = client(server).completions.create(model="text", prompt="the", max_tokens=60, stream=True)
+        next(iter(stream))
+        threading.Timer(0.1, server.stop).start()
+        with pytest.raises(openai.APIError, match="shutting down"):
+            list(stream)
