@@ -309,16 +309,17 @@ class Config:
                                "uncached path keeps a full window; under sampling, or bf16/fp16 "
                                "weights, rounding can tip a near-tie either way.",
                          "generation")
-    quantize: str = opt("none", "Weights for decoding (samples, --generate_only, --chat, --benchmark) "
-                                "and --eval_only: none keeps the sampling dtype; int8 stores every "
-                                "linear layer as int8 with one scale per output row (weight-only: "
-                                "a quarter of fp32's bytes to read per token). Checkpoints and "
-                                "exports keep full weights.", "generation", QUANTIZERS)
+    quantize: str = opt("none", "Weights for decoding (samples, --generate_only, --chat, --serve, "
+                                "--benchmark) and --eval_only: none keeps the sampling dtype; int8 "
+                                "stores every linear layer as int8 with one scale per output row "
+                                "(weight-only: a quarter of fp32's bytes to read per token). "
+                                "Checkpoints and exports keep full weights.", "generation", QUANTIZERS)
     compile_decode: bool = opt(False, "torch.compile the one-token decode step (samples, --generate_only, "
-                                      "--chat, --benchmark): a compile of some seconds once per "
+                                      "--chat, --serve, --benchmark): a compile of some seconds once per "
                                       "batch size (inductor caches it on disk for later runs), then "
                                       "faster tokens. The cache's shapes are static, so advancing the "
-                                      "position never recompiles.", "generation")
+                                      "position never recompiles; --serve steps all --serve_batch rows "
+                                      "every time, one graph.", "generation")
     serve: bool = opt(False, "Serve a trained model over HTTP until Ctrl-C: an OpenAI-compatible API "
                              "(/v1/models, /v1/completions, /v1/chat/completions, streamed or not) and "
                              "a chat page at /. Concurrent requests are decoded together, up to "
