@@ -5742,8 +5742,6 @@ class Engine:
                     self.advance()
         except Exception as e:  # the model failed (out of memory, a kernel): every client is told
             self.failure = first_line(e)
-            print(f"error: generation failed ({self.failure}); the server answers 503 from now on",
-                  file=sys.stderr, flush=True)
         reason = "error" if self.failure else "shutdown"
         with self.lock:
             self.closed = True
@@ -5793,7 +5791,8 @@ class Engine:
         c = self.rows[i]
         print(f"error: a request failed ({first_line(e)}); the server goes on", file=sys.stderr, flush=True)
         c.events.put((c.index, first_line(e), "error", len(c.ids)))
-        self.drop(i)
+        if self.rows[i] is c:  # unless dropping it was what failed
+            self.drop(i)
 
     def take(self, i: int, logits: torch.Tensor) -> None:
         """Row i's next token from its logits (1, V); send its text; free the row when it is done."""
@@ -6033,6 +6032,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def respond(self, route: Callable[[], None]) -> None:
         self.unread = self.body_length() or 0  # bytes of the request body not read yet
+        if self.unread and self.command != "POST":  # a body nothing here reads: the connection ends
+            self.close_connection = True
         try:
             try:
                 route()
@@ -6065,7 +6066,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def body_length(self) -> int | None:
         length = self.headers.get("Content-Length", "")
-        return int(length) if length.isascii() and length.isdigit() else None
+        if not (length.isascii() and length.isdigit()):
+            return None
+        return int(length) if len(length) <= 18 else 1 << 62  # int() refuses 4,300 digits and more
 
     def handle_expect_100(self) -> bool:
         """A client that waits for leave to send its body hears of a body too big before sending it."""
@@ -6078,7 +6081,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def do_other(self) -> None:
         self.respond(lambda: self.refuse_method())
 
-    do_PUT = do_DELETE = do_PATCH = do_other
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_other
 
     def refuse_method(self) -> None:
         raise ApiError(405, f"{self.command} is not served; use GET for /, /health and /v1/models, POST for "
@@ -6176,10 +6179,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                               stops, events, cancelled) for i in range(len(prompts) * n)]
         reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{os.urandom(12).hex()}", model, len(choices),
                       sum(len(p) for p in prompts))
-        s.engine.submit(choices)
-        with s.lock:
+        with s.lock:  # counted first: a shutdown in between still waits for this reply
             s.active += 1
         try:
+            s.engine.submit(choices)
             if stream:
                 self.stream(reply, events, cancelled, usage_chunk)
             else:
@@ -6249,7 +6252,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # an answer to HEAD has headers only
+            self.wfile.write(data)
 
 
 def json_bytes(payload: dict[str, Any]) -> bytes:
@@ -6384,6 +6388,8 @@ def serve(r: Resolved) -> None:
               f"page there, API under /v1); Ctrl-C stops", file=sys.stderr, flush=True)
         server.served.engine.run(until=lambda: catcher.signum != 0)
     server.stop()
+    if server.served.engine.failure:  # a status a supervisor can restart on
+        raise TinyLLMError(f"generation failed ({server.served.engine.failure}); the server stopped")
     print("the server stopped", file=sys.stderr, flush=True)
 
 

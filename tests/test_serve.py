@@ -237,6 +237,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(models):
              400, "messages"),
             ("GET", "/v1/completions", None, 405, None),
             ("DELETE", "/v1/models", None, 405, None),
+            ("OPTIONS", "/v1/chat/completions", None, 405, None),
             ("GET", "/v2/anything", None, 404, None),
             ("GET", "/v1/models/gpt-4o", None, 404, None),
         ]
@@ -245,6 +246,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(models):
             assert got == status, (path, body[:80] if body else None, answer)
             assert answer["error"]["message"] and answer["error"]["param"] == param, answer
         host, port = server.http.server_address[:2]
+        assert raw(server, "HEAD", "/") == (405, {})  # headers only
+        with socket.create_connection((host, port)) as sock:  # a length of 5,000 digits is too big too
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {'9' * 5000}"
+                         f"\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
         with socket.create_connection((host, port)) as sock:  # a body too big is refused unread
             sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {tl.MAX_BODY + 1}"
                          f"\r\n\r\n".encode())
@@ -555,3 +561,24 @@ def test_a_compiled_decode_step_serves_every_width_with_one_graph(models):
             assert [results[i] for i in range(width)] == expected
             before = tl.compile_count() if before is None else before
         assert tl.compile_count() == before  # the first request compiled the only graph
+
+
+def test_a_failing_model_stops_the_server_with_status_2(models, monkeypatch, capsys):
+    """When the batched step itself fails, every client is told (500) and --serve exits 2, so
+    that a supervisor restarts it; a failure of one request's sampling is the other test's."""
+    started: list = []
+    start = tl.start_server
+    monkeypatch.setattr(tl, "start_server", lambda *a, **k: started.append(start(*a, **k)) or started[-1])
+    monkeypatch.setattr(tl.Engine, "advance", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
+    answers: list = []
+
+    def ask() -> None:
+        while not started:
+            time.sleep(0.01)
+        answers.append(raw(started[0], "POST", "/v1/completions", b'{"prompt": "the", "max_tokens": 5}'))
+    asker = threading.Thread(target=ask)
+    asker.start()
+    assert tl.main(["--serve", "--out_dir", str(models / "text"), "--port", "0", "--device", "cpu"]) == 2
+    asker.join(30)
+    assert answers[0][0] == 500 and "device lost" in answers[0][1]["error"]["message"]
+    assert "error: generation failed (device lost); the server stopped" in capsys.readouterr().err
