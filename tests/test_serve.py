@@ -571,14 +571,23 @@ def test_a_failing_model_stops_the_server_with_status_2(models, monkeypatch, cap
     monkeypatch.setattr(tl, "start_server", lambda *a, **k: started.append(start(*a, **k)) or started[-1])
     monkeypatch.setattr(tl.Engine, "advance", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
     answers: list = []
+    returned = threading.Event()
 
     def ask() -> None:
         while not started:
             time.sleep(0.01)
-        answers.append(raw(started[0], "POST", "/v1/completions", b'{"prompt": "the", "max_tokens": 5}'))
+        try:
+            answers.append(raw(started[0], "POST", "/v1/completions",  # greedy: no end-of-text at once
+                               b'{"prompt": "the", "max_tokens": 5, "temperature": 0}'))
+        except Exception as e:
+            answers.append(e)
+        if not returned.wait(20):  # whatever went wrong, the server must not hang the suite
+            os.kill(os.getpid(), signal.SIGINT)
     asker = threading.Thread(target=ask)
     asker.start()
-    assert tl.main(["--serve", "--out_dir", str(models / "text"), "--port", "0", "--device", "cpu"]) == 2
+    status = tl.main(["--serve", "--out_dir", str(models / "text"), "--port", "0", "--device", "cpu"])
+    returned.set()
     asker.join(30)
+    assert status == 2, answers
     assert answers[0][0] == 500 and "device lost" in answers[0][1]["error"]["message"]
     assert "error: generation failed (device lost); the server stopped" in capsys.readouterr().err
