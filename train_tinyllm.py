@@ -293,7 +293,7 @@ class Config:
                             "cache kept across turns; /reset, /system TEXT, /exit. Piped stdin: one "
                             "message a line, one reply a line.", "generation")
     system: str = opt("", "System prompt for --chat.", "generation")
-    temperature: float = opt(0.8, "Softmax temperature; 0 = greedy.", "generation")
+    temperature: float = opt(0.8, "Softmax temperature; 0 (or below 1e-4) = greedy.", "generation")
     top_k: int = opt(0, "Sample only from the k most likely tokens; 0 = off.", "generation")
     top_p: float = opt(1.0, "Nucleus sampling: the smallest set of tokens whose probability reaches "
                             "top_p, in (0, 1]; 1 = off.", "generation")
@@ -2441,6 +2441,10 @@ class KVCache:
     def capacity(self) -> int:
         return self.k[0].size(2)
 
+    @property
+    def batch(self) -> int:
+        return self.k[0].size(0)
+
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows start..stop-1 as a cache of their own that shares this one's memory: what it
         writes, and where it moves their positions, lands here."""
@@ -2743,6 +2747,9 @@ QUANTIZERS.update({"none": lambda model: model, "int8": quantize_int8})
 # Sampling: filters, the next token, cached and uncached decoding, streaming to stdout
 # ----------------------------------------------------------------------------------------------
 
+GREEDY_BELOW = 1e-4  # a temperature below this picks the argmax, as 0 does: dividing by it overflows
+
+
 @dataclass
 class SampleSettings:
     max_new_tokens: int
@@ -2773,10 +2780,12 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+    """Keep the smallest set of most likely tokens whose probability mass reaches p; the most
+    likely token always stays (p = 0 keeps it alone)."""
     sorted_logits, order = torch.sort(logits, descending=True)
     probs = sorted_logits.softmax(-1)
     drop = probs.cumsum(-1) - probs >= p  # mass before this token already reaches p
+    drop[:, 0] = False
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
@@ -2786,7 +2795,7 @@ def choose_next(logits: torch.Tensor, history: torch.Tensor, s: SampleSettings,
     logits = logits.float()
     if s.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, history, s.repetition_penalty)
-    if s.temperature == 0:
+    if s.temperature < GREEDY_BELOW:
         return logits.argmax(-1, keepdim=True)
     logits = logits / s.temperature
     if s.top_k:
@@ -5201,7 +5210,7 @@ def hf_generation_config(cfg: Config, tok: TextTokenizer) -> dict[str, Any]:
     out: dict[str, Any] = {"bos_token_id": tok.eot_id, "eos_token_id": ends[0] if len(ends) == 1 else ends,
                            "max_new_tokens": cfg.max_new_tokens,
                            "repetition_penalty": cfg.repetition_penalty}
-    if cfg.temperature == 0:
+    if cfg.temperature < GREEDY_BELOW:  # greedy here: transformers would divide by it
         return out | {"do_sample": False}
     return out | {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k,
                   "top_p": cfg.top_p}
@@ -5652,7 +5661,6 @@ MAX_BODY = 1 << 20  # bytes of a request body; a longer one is refused (413) bef
 MAX_CHOICES = 16  # completions one request may ask for: n times its prompts
 MAX_STOPS = 4  # stop strings a request may give, as OpenAI allows
 MAX_STOP_CHARS = 256  # characters of one stop string: each is looked for after every token
-GREEDY_BELOW = 1e-4  # a temperature below this samples as 0 does (the argmax): dividing by it overflows
 POLL_SECONDS = 0.25  # how often a waiting request checks that its client is still there
 
 
@@ -5753,7 +5761,7 @@ class Engine:
 
     def admit(self) -> None:
         """Prefill waiting choices into the free rows; with nothing to decode, wait for one."""
-        while len(self.rows) < self.cache.pos_t.size(0):
+        while len(self.rows) < self.cache.batch:
             try:
                 c = self.waiting.get(timeout=POLL_SECONDS) if not self.rows else self.waiting.get_nowait()
             except queue.Empty:
@@ -5774,9 +5782,9 @@ class Engine:
     def advance(self) -> None:
         """One decode step over the rows in use: each feeds its last token and samples its next."""
         n = len(self.rows)
-        width = self.cache.pos_t.size(0) if self.compiled else n
+        width = self.cache.batch if self.compiled else n
         last = torch.tensor([[c.ids[-1]] for c in self.rows] + [[0]] * (width - n), device=self.device)
-        logits = self.step(last, self.cache if width == self.cache.pos_t.size(0) else self.cache.rows(0, n))
+        logits = self.step(last, self.cache if width == self.cache.batch else self.cache.rows(0, n))
         self.cache.rows(0, n).advance(1)
         for i in reversed(range(n)):  # from the end: a finished row is replaced by the last one
             self.take_or_fail(i, logits[i:i + 1])
@@ -5899,12 +5907,11 @@ def sampling_of(body: dict[str, Any], cfg: Config, cap: int) -> SampleSettings:
     if asked is not None and asked > cap:
         raise ApiError(400, f"max_tokens is {asked}, more than this server allows ({cap}, its "
                             f"--max_new_tokens)", param="max_tokens")
-    temperature = api_value(body, "temperature", float, cfg.temperature, lambda v: 0 <= v <= 2,
-                            "a number in [0, 2]")
     return SampleSettings(
-        asked or cap, temperature if temperature >= GREEDY_BELOW else 0.0,
+        asked or cap,
+        api_value(body, "temperature", float, cfg.temperature, lambda v: 0 <= v <= 2, "a number in [0, 2]"),
         api_value(body, "top_k", int, cfg.top_k, lambda v: v >= 0, "an integer of at least 0"),
-        max(api_value(body, "top_p", float, cfg.top_p, lambda v: 0 <= v <= 1, "a number in [0, 1]"), 1e-9),
+        api_value(body, "top_p", float, cfg.top_p, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         api_value(body, "repetition_penalty", float, cfg.repetition_penalty, lambda v: 0.01 <= v <= 100,
                   "a number in [0.01, 100]"))
 

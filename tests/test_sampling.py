@@ -14,6 +14,15 @@ def test_top_k_and_top_p():
     assert torch.isinf(tl.top_p_filter(logits, 0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(tl.top_p_filter(logits, 0.5)).tolist() == [[False, True, True, True]]
     assert not torch.isinf(tl.top_p_filter(logits, 1.0)).any()
+    assert torch.isinf(tl.top_p_filter(logits, 0.0)).tolist() == [[False, True, True, True]]  # never empty
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    """Logits divided by 1e-40 overflow to inf and softmax gives NaN: below 1e-4 it is argmax."""
+    logits, hist = torch.tensor([[0.1, 3.0, 0.2]]), torch.zeros(1, 1, dtype=torch.long)
+    for t in (1e-40, 5e-5):
+        s = tl.SampleSettings(max_new_tokens=1, temperature=t)
+        assert tl.choose_next(logits, hist, s, torch.Generator().manual_seed(0)).item() == 1
 
 
 def test_temperature_zero_is_argmax_and_seed_repeats():
