@@ -63,10 +63,12 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -2436,6 +2438,9 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.slots = torch.arange(length, device=device)
         self.pos, self.pos_t = 0, torch.zeros(batch, dtype=torch.long, device=device)
+        # where update() writes: (row, head) index grids that broadcast against positions (B, 1, T)
+        self.row_ids = torch.arange(batch, device=device).view(batch, 1, 1)
+        self.head_ids = torch.arange(n_kv_head, device=device).view(1, n_kv_head, 1)
 
     @property
     def capacity(self) -> int:
@@ -2450,7 +2455,7 @@ class KVCache:
         writes, and where it moves their positions, lands here."""
         view = copy.copy(self)
         view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
-        view.pos_t = self.pos_t[start:stop]
+        view.pos_t, view.row_ids = self.pos_t[start:stop], self.row_ids[:stop - start]
         return view
 
     def seek(self, pos: int) -> None:
@@ -2477,9 +2482,11 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H_kv, T, D) at positions pos (B, T); return every slot of the layer."""
-        where = pos[:, None, :, None].expand_as(k)  # (B, H_kv, T, D): row b's tokens at its own positions
-        self.k[layer].scatter_(2, where, k.to(self.k[layer].dtype))
-        self.v[layer].scatter_(2, where, v.to(self.v[layer].dtype))
+        # row b's tokens at its own positions. An indexed write, not scatter_: the compiler
+        # writes that in place, where it copied the whole layer twice for a scatter_.
+        where = (self.row_ids, self.head_ids, pos.unsqueeze(1))  # broadcast to (B, H_kv, T)
+        self.k[layer].index_put_(where, k.to(self.k[layer].dtype))
+        self.v[layer].index_put_(where, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
 
@@ -2510,11 +2517,27 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, pos)  # (B, H_kv, capacity, D), in the cache's dtype
             q = q.to(k.dtype)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != H_kv)
+        if cache is not None and T == 1 and torch.compiler.is_compiling():
+            y = attend_one_query(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != H_kv)
         y = y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype)  # (B, T, H*D); H*D = C unless head_dim is set
         return self.resid_dropout(self.out_proj(y))
+
+
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row over the cache, written out for the compiler: q (B, H, 1, D),
+    k and v (B, H_kv, capacity, D), mask (B, 1, 1, capacity) -> (B, H, 1, D). The compiled decode
+    step fuses it into one loop over the cache; SDPA is a separate call there, and for one query
+    its fixed cost is larger than the work. Eager decoding keeps SDPA."""
+    B, H, _, D = q.shape
+    H_kv = k.size(1)
+    q = q.view(B, H_kv, H // H_kv, 1, D)  # the query heads that share each key/value head
+    scores = (q * k.unsqueeze(2)).sum(-1) / math.sqrt(D)  # (B, H_kv, H/H_kv, capacity)
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(B, H, 1, D)
 
 
 class Block(nn.Module):
@@ -2759,6 +2782,7 @@ class SampleSettings:
     repetition_penalty: float = 1.0
     kv_cache: bool = True
     compiled: bool = False  # the decode step through torch.compile
+    frozen: bool = False  # compiled with the weights built in: for a model whose weights stay
 
     @classmethod
     def from_config(cls, cfg: Config, max_new_tokens: int | None = None) -> SampleSettings:
@@ -2795,8 +2819,8 @@ def choose_next(logits: torch.Tensor, history: torch.Tensor, s: SampleSettings,
     logits = logits.float()
     if s.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, history, s.repetition_penalty)
-    if s.temperature < GREEDY_BELOW:
-        return logits.argmax(-1, keepdim=True)
+    if s.temperature < GREEDY_BELOW:  # max's indices are argmax's (the first of equals), faster on CPU
+        return logits.max(-1, keepdim=True).indices
     logits = logits / s.temperature
     if s.top_k:
         logits = top_k_filter(logits, s.top_k)
@@ -2843,13 +2867,94 @@ def compiled_step() -> Callable[[GPT, torch.Tensor, KVCache], torch.Tensor]:
     return torch.compile(GPT.step, fullgraph=True, dynamic=False)
 
 
-def decode_step(model: GPT, compiled: bool) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
-    return functools.partial(compiled_step(), model) if compiled else model.step
+class FlatStep(nn.Module):
+    """GPT.step over plain tensors (the token, the positions, every layer's keys then values), the
+    form torch.export takes; `like` gives the cache's constant parts (slots, index grids)."""
+
+    def __init__(self, model: GPT, like: KVCache):
+        super().__init__()
+        self.model, self.like = model, like
+
+    def forward(self, idx: torch.Tensor, pos_t: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        cache = copy.copy(self.like)
+        cache.k, cache.v, cache.pos_t = list(kv[:len(kv) // 2]), list(kv[len(kv) // 2:]), pos_t
+        return self.model.step(idx, cache)
+
+
+class FrozenStep:
+    """The decode step compiled ahead of time with the model's weights built in (AOTInductor, on
+    CPU), one library per batch size: the weights become constants that the compiler lays out
+    for its own matrix kernels (AMX or AVX-512 where the CPU has them; torch's own bf16 matmul of
+    one row is far slower), and a call runs no Python and checks no guards. For a model that
+    keeps its weights for the rest of the process: --generate_only, --chat, --serve, --benchmark.
+    Training's samples use the shared graph of compiled_step, since their weights change."""
+    made = 0  # libraries compiled in this process
+
+    def __init__(self, model: GPT):
+        self.model = weakref.ref(model)  # FROZEN_STEPS keeps this while the model lives, no longer
+        self.runners: dict[tuple[int, torch.dtype], Callable[..., torch.Tensor]] = {}
+
+    def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.prepare(cache)((idx, cache.pos_t, *cache.k, *cache.v))
+
+    def prepare(self, cache: KVCache) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
+        """The library for the cache's batch size, compiled now if it is new."""
+        key = (cache.batch, cache.k[0].dtype)
+        if key not in self.runners:
+            idx = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.pos_t.device)
+            self.runners[key] = self.compile((idx, cache.pos_t, *cache.k, *cache.v), cache)
+        return self.runners[key]
+
+    @torch.no_grad()
+    def compile(self, args: tuple[torch.Tensor, ...], cache: KVCache
+                ) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
+        import torch._inductor.config
+        print0(f"compiling the decode step for batch {cache.batch} with the weights built in "
+               f"(--compile_decode; AOTInductor, once per batch size)...", file=sys.stderr)
+        start = time.perf_counter()
+        quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, from inside it
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+            program = torch.export.export(FlatStep(self.model(), cache), args)
+            with torch._inductor.config.patch(max_autotune=True, **quiet):
+                package = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2")
+            runner = torch._inductor.aoti_load_package(package)
+        FrozenStep.made += 1
+        print0(f"decode step compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        # the flat inputs straight to the library: the packaged call would first flatten and
+        # check them as a tree, for every token
+        loader = getattr(runner, "loader", None)
+        return (lambda flat: loader.run(list(flat))[0]) if loader else (lambda flat: runner(*flat))
+
+
+FROZEN_STEPS: weakref.WeakKeyDictionary[GPT, FrozenStep] = weakref.WeakKeyDictionary()
+
+
+def decode_step(model: GPT, compiled: bool, frozen: bool = False
+                ) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
+    """The one-token step: eager, compiled with the weights as inputs (shared by every model of the
+    same shapes), or, for a model whose weights stay (`frozen`) on CPU, compiled with them built in."""
+    if not compiled:
+        return model.step
+    if frozen and model.wte.weight.device.type == "cpu":
+        if model not in FROZEN_STEPS:
+            FROZEN_STEPS[model] = FrozenStep(model)
+        return FROZEN_STEPS[model]
+    return functools.partial(compiled_step(), model)
+
+
+def prepare_step(step: Callable[[torch.Tensor, KVCache], torch.Tensor], cache: KVCache) -> None:
+    """Compile a frozen step for the cache's batch size now, so that no reply or sample stops
+    halfway to wait for it."""
+    if isinstance(step, FrozenStep):
+        step.prepare(cache)
 
 
 def compile_count() -> int:
-    """Graphs torch.compile has made in this process (dynamo's counter)."""
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    """Decode steps compiled in this process: torch.compile's graphs (dynamo's counter) and the
+    ahead-of-time libraries of FrozenStep."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"] + FrozenStep.made
 
 
 def cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
@@ -2869,7 +2974,7 @@ def generate(model: GPT, idx: torch.Tensor, s: SampleSettings, generator: torch.
     model.eval()
     cache = model.new_cache(idx.size(0), idx.device, cache_dtype(model.wte.weight.dtype, idx.device)) \
         if s.kv_cache else None
-    step = decode_step(model, s.compiled)
+    step = decode_step(model, s.compiled, s.frozen)
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
     for _ in range(s.max_new_tokens):
         logits = next_logits_cached(model, idx, cache, step) if cache else next_logits_uncached(model, idx)
@@ -2979,15 +3084,19 @@ def sampling_copy(model: GPT, cfg: Config, device: torch.device) -> GPT:
 
 def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.device,
                   max_new_tokens: int | None = None, seed: int | None = None,
-                  start_ids: list[int] | None = None) -> None:
+                  start_ids: list[int] | None = None, frozen: bool = False) -> None:
     """cfg.num_samples samples of cfg.prompt to stdout, decoded as one batch: the first streams
     as it is made, the others follow when the batch is done; same seed, same text. Runs on a
-    copy in the sampling dtype, so training never sees its weights rounded."""
+    copy in the sampling dtype, so training never sees its weights rounded. `frozen`: the
+    weights stay for the rest of the process (see FrozenStep)."""
     prompt_ids = encode_prompt(tok, cfg.prompt, start_ids)
     model = sampling_copy(model, cfg, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed if seed is None else seed)
-    settings = SampleSettings.from_config(cfg, max_new_tokens)
+    settings = dataclasses.replace(SampleSettings.from_config(cfg, max_new_tokens), frozen=frozen)
     n = cfg.num_samples
+    if settings.compiled and settings.kv_cache:
+        prepare_step(decode_step(model, True, frozen), model.new_cache(n, device, cache_dtype(
+            model.wte.weight.dtype, device)))
     print0(f"--- sample 1/{n} ---\n{cfg.prompt}", end="")
     idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
     out = generate(model, idx, settings, generator, TextStreamer(tok, prompt_ids) if is_rank0() else None,
@@ -4594,7 +4703,7 @@ def generate_from_checkpoint(r: Resolved) -> None:
     encode_prompt(use.tok, use.cfg.prompt)  # refuse a bad prompt before any output
     print0(f"loaded {use.path} (step {use.step}, {use.model.num_params() / 1e6:.2f}M parameters)",
            file=sys.stderr)
-    print_samples(use.model, use.tok, use.cfg, use.device, start_ids=use.start_ids)
+    print_samples(use.model, use.tok, use.cfg, use.device, start_ids=use.start_ids, frozen=True)
 
 
 @contextlib.contextmanager
@@ -4621,11 +4730,12 @@ class ChatSession:
     def __init__(self, use: Loaded, system: str = ""):
         self.use, self.tok = use, use.tok
         self.model = sampling_copy(use.model, use.cfg, use.device)
-        self.step = decode_step(self.model, use.cfg.compile_decode)
+        self.step = decode_step(self.model, use.cfg.compile_decode, frozen=True)
         self.template = use.cfg.chat_template or CHATML
         self.ends = reply_end_ids(use.tok)
         self.system = system
         self.reset()
+        prepare_step(self.step, self.cache)
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": plain_content(self.system)}] if self.system else []
@@ -4855,7 +4965,7 @@ def decode_benchmark(model: GPT, cfg: Config, device: torch.device, tok: TextTok
     the KV cache, in the sampling dtype and in int8 (compiled with --compile_decode), and without
     the cache; then prefill tokens/s and the time to the first token of a 200-token prompt."""
     result, prompt, graphs = {}, torch.tensor([tok.start_ids()], device=device), compile_count()
-    settings = SampleSettings(cfg.max_new_tokens, temperature=0, compiled=cfg.compile_decode)
+    settings = SampleSettings(cfg.max_new_tokens, temperature=0, compiled=cfg.compile_decode, frozen=True)
     for quantize in QUANTIZERS:
         sampler = sampling_copy(model, dataclasses.replace(cfg, quantize=quantize), device)
         generate(sampler, prompt, dataclasses.replace(settings, max_new_tokens=2))  # warm-up; compiles
@@ -5707,9 +5817,10 @@ class Engine:
         self.tok, self.device = use.tok, use.device
         self.model = sampling_copy(use.model, use.cfg, use.device)
         self.compiled = use.cfg.compile_decode
-        self.step = decode_step(self.model, self.compiled)
+        self.step = decode_step(self.model, self.compiled, frozen=True)
         self.cache = self.model.new_cache(use.cfg.serve_batch, use.device,
                                           cache_dtype(self.model.wte.weight.dtype, use.device))
+        prepare_step(self.step, self.cache)  # before the server listens, not in the first request
         self.rows: list[Completion] = []
         self.waiting: queue.Queue[Completion] = queue.Queue()
         self.stopping = threading.Event()

@@ -101,6 +101,40 @@ def test_compiled_int8_decode_matches_eager_int8():
                                                                  compiled=True)), eager)
 
 
+@pytest.mark.parametrize("switches", COMPILED_SWITCHES, ids=lambda s: "-".join(map(str, s)))
+def test_frozen_decode_step_is_the_eager_one_and_compiles_once_per_batch_size(switches):
+    """The step compiled ahead of time with the weights built in: in fp32 the oracle's greedy
+    tokens within block_size and the eager cached path's past it, through two cache restarts;
+    one library per batch size, whatever the position."""
+    model = tiny(*switches)
+    idx = torch.randint(VOCAB, (2, 3), generator=torch.Generator().manual_seed(3))
+    before = tl.compile_count()
+    fits = tl.SampleSettings(max_new_tokens=13, temperature=0, compiled=True, frozen=True)
+    oracle = tl.generate(model, idx, tl.SampleSettings(max_new_tokens=13, temperature=0, kv_cache=False))
+    assert torch.equal(tl.generate(model, idx, fits), oracle)
+    long = tl.SampleSettings(max_new_tokens=40, temperature=0, compiled=True, frozen=True)
+    eager = tl.generate(model, idx, tl.SampleSettings(max_new_tokens=40, temperature=0))
+    assert torch.equal(tl.generate(model, idx, long), eager)
+    assert tl.compile_count() - before == 1
+    assert isinstance(tl.decode_step(model, True, frozen=True), tl.FrozenStep)
+
+
+def test_frozen_int8_step_matches_eager_int8_and_the_weights_stay_out_of_shared_graphs():
+    model = tl.QUANTIZERS["int8"](tiny().to(torch.bfloat16))
+    idx = torch.randint(VOCAB, (1, 3), generator=torch.Generator().manual_seed(4))
+    eager = tl.generate(model, idx, tl.SampleSettings(max_new_tokens=20, temperature=0))
+    step = tl.decode_step(model, True, frozen=True)
+    assert step is tl.decode_step(model, True, frozen=True)  # one per model: its libraries are kept
+    with torch.no_grad():
+        logits_eager = model.step(idx[:, -1:], model.new_cache(1, idx.device, torch.float32))
+        frozen = step(idx[:, -1:], model.new_cache(1, idx.device, torch.float32))
+    assert torch.allclose(frozen, logits_eager, atol=2e-2)
+    assert torch.equal(tl.generate(model, idx, tl.SampleSettings(max_new_tokens=20, temperature=0,
+                                                                 compiled=True, frozen=True)), eager)
+    # training's samples (weights that change) get the shared graph, never a library of their own
+    assert not isinstance(tl.decode_step(model, True), tl.FrozenStep)
+
+
 def test_cli_quantize_and_compile_decode(run_args, tmp_path, capsys):
     assert tl.main(run_args("--max_steps", "30")) == 0
     out = ["--out_dir", str(tmp_path / "out")]
