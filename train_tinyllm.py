@@ -316,12 +316,13 @@ class Config:
                                 "stores every linear layer as int8 with one scale per output row "
                                 "(weight-only: a quarter of fp32's bytes to read per token). "
                                 "Checkpoints and exports keep full weights.", "generation", QUANTIZERS)
-    compile_decode: bool = opt(False, "torch.compile the one-token decode step (samples, --generate_only, "
-                                      "--chat, --serve, --benchmark): a compile of some seconds once per "
-                                      "batch size (inductor caches it on disk for later runs), then "
-                                      "faster tokens. The cache's shapes are static, so advancing the "
-                                      "position never recompiles; --serve steps all --serve_batch rows "
-                                      "every time, one graph.", "generation")
+    compile_decode: bool = opt(False, "Compile the one-token decode step. --generate_only, --chat, --serve "
+                                      "and --benchmark on CPU compile it ahead of time with the weights "
+                                      "built in (AOTInductor: tens of seconds at start, once per batch size, "
+                                      "then the fastest tokens); training's samples and GPUs use "
+                                      "torch.compile with the weights as inputs. The cache's shapes are "
+                                      "static, so advancing the position never recompiles; --serve steps "
+                                      "all --serve_batch rows every time, one compile.", "generation")
     serve: bool = opt(False, "Serve a trained model over HTTP until Ctrl-C: an OpenAI-compatible API "
                              "(/v1/models, /v1/completions, /v1/chat/completions, streamed or not) and "
                              "a chat page at /. Concurrent requests are decoded together, up to "
@@ -2798,9 +2799,10 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits.scatter(1, history, torch.where(seen > 0, seen / penalty, seen * penalty))
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    kth = torch.topk(logits, min(k, logits.size(-1))).values[:, -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+def top_k_filter(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits of each row, most likely first, and their token ids, both (B, k):
+    sampling among those alone is sampling from the top-k distribution, over far fewer tokens."""
+    return torch.topk(logits, min(k, logits.size(-1)))
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -2822,11 +2824,25 @@ def choose_next(logits: torch.Tensor, history: torch.Tensor, s: SampleSettings,
     if s.temperature < GREEDY_BELOW:  # max's indices are argmax's (the first of equals), faster on CPU
         return logits.max(-1, keepdim=True).indices
     logits = logits / s.temperature
+    ids = None  # which token each column is, where top-k kept only some
     if s.top_k:
-        logits = top_k_filter(logits, s.top_k)
+        logits, ids = top_k_filter(logits, s.top_k)
     if s.top_p < 1.0:
         logits = top_p_filter(logits, s.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    picked = sample_index(logits.softmax(-1), generator)
+    return picked if ids is None else ids.gather(1, picked)
+
+
+def sample_index(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) probabilities -> (B, 1) indices drawn from them, by inverse CDF: the first index whose
+    cumulative mass passes a uniform draw. One random number per row; torch.multinomial takes
+    far longer over a vocabulary on CPU. A token of probability 0 is never drawn: the draw stays
+    strictly below the total, and the mass must rise at the index it lands on."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # rounding must not reach the total
+    return torch.searchsorted(cdf, u, right=True)
 
 
 def next_logits_uncached(model: GPT, idx: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,34 @@ def test_repetition_penalty_ctrl_rule():
 
 def test_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(tl.top_k_filter(logits, 2)).tolist() == [[False, False, True, True]]
+    values, ids = tl.top_k_filter(logits[:, [2, 0, 3, 1]], 2)  # the k most likely, in order, and where
+    assert ids.tolist() == [[1, 3]] and torch.equal(values, logits[:, :2])
     assert torch.isinf(tl.top_p_filter(logits, 0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(tl.top_p_filter(logits, 0.5)).tolist() == [[False, True, True, True]]
     assert not torch.isinf(tl.top_p_filter(logits, 1.0)).any()
     assert torch.isinf(tl.top_p_filter(logits, 0.0)).tolist() == [[False, True, True, True]]  # never empty
+
+
+def test_sampling_draws_in_proportion_and_never_a_filtered_token():
+    """The inverse-CDF draw against the probabilities it was given (20,000 draws, within 0.015),
+    zero-probability tokens never; top-k and top-p draw only among the tokens they keep."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0]]).expand(20000, 6)
+    counts = torch.bincount(tl.sample_index(probs, g).flatten(), minlength=6) / 20000
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs[0], atol=0.015)
+    logits = torch.randn(1, 500, generator=g).expand(4000, 500)
+    hist = torch.zeros(4000, 1, dtype=torch.long)
+    top3 = set(torch.topk(logits[0], 3).indices.tolist())
+    drawn = tl.choose_next(logits, hist, tl.SampleSettings(1, temperature=1.0, top_k=3), g)
+    assert set(drawn.flatten().tolist()) == top3  # all three, and nothing else
+    probs = logits[0].softmax(-1)
+    nucleus = torch.sort(probs, descending=True)
+    keep = int((nucleus.values.cumsum(0) - nucleus.values < 0.5).sum())
+    drawn = tl.choose_next(logits, hist, tl.SampleSettings(1, temperature=1.0, top_p=0.5), g)
+    assert set(drawn.flatten().tolist()) <= set(nucleus.indices[:keep].tolist())
+    both = tl.choose_next(logits, hist, tl.SampleSettings(1, temperature=1.0, top_k=50, top_p=0.5), g)
+    assert set(both.flatten().tolist()) <= set(nucleus.indices[:min(keep, 50)].tolist())
 
 
 def test_a_temperature_too_small_to_divide_by_is_greedy():
