@@ -2518,7 +2518,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, pos)  # (B, H_kv, capacity, D), in the cache's dtype
             q = q.to(k.dtype)
-        if cache is not None and T == 1 and torch.compiler.is_compiling():
+        if cache is not None and T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
             y = attend_one_query(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
@@ -2532,7 +2532,8 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """Attention of one query per row over the cache, written out for the compiler: q (B, H, 1, D),
     k and v (B, H_kv, capacity, D), mask (B, 1, 1, capacity) -> (B, H, 1, D). The compiled decode
     step fuses it into one loop over the cache; SDPA is a separate call there, and for one query
-    its fixed cost is larger than the work. Eager decoding keeps SDPA."""
+    its fixed cost is larger than the work. Eager decoding keeps SDPA, and so do GPUs (where the
+    cache is in half precision, which SDPA accumulates in fp32 and this would not)."""
     B, H, _, D = q.shape
     H_kv = k.size(1)
     q = q.view(B, H_kv, H // H_kv, 1, D)  # the query heads that share each key/value head
@@ -2801,7 +2802,8 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
 
 def top_k_filter(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest logits of each row, most likely first, and their token ids, both (B, k):
-    sampling among those alone is sampling from the top-k distribution, over far fewer tokens."""
+    sampling among those alone is sampling from the top-k distribution, over far fewer tokens.
+    Exactly k: tokens tied with the k-th are cut where torch.topk cuts them."""
     return torch.topk(logits, min(k, logits.size(-1)))
 
 
@@ -2840,6 +2842,8 @@ def sample_index(probs: torch.Tensor, generator: torch.Generator | None) -> torc
     strictly below the total, and the mass must rise at the index it lands on."""
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
+    if not bool(torch.isfinite(total).all()):  # NaN or inf logits: no token can be drawn
+        raise RuntimeError("the model's next-token probabilities are not finite (NaN or inf logits)")
     u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
     u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # rounding must not reach the total
     return torch.searchsorted(cdf, u, right=True)
@@ -2908,14 +2912,14 @@ class FrozenStep:
 
     def __init__(self, model: GPT):
         self.model = weakref.ref(model)  # FROZEN_STEPS keeps this while the model lives, no longer
-        self.runners: dict[tuple[int, torch.dtype], Callable[..., torch.Tensor]] = {}
+        self.runners: dict[tuple[int, int, torch.dtype], Callable[..., torch.Tensor]] = {}
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return self.prepare(cache)((idx, cache.pos_t, *cache.k, *cache.v))
 
     def prepare(self, cache: KVCache) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
         """The library for the cache's batch size, compiled now if it is new."""
-        key = (cache.batch, cache.k[0].dtype)
+        key = (cache.batch, cache.capacity, cache.k[0].dtype)
         if key not in self.runners:
             idx = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.pos_t.device)
             self.runners[key] = self.compile((idx, cache.pos_t, *cache.k, *cache.v), cache)

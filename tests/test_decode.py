@@ -135,6 +135,23 @@ def test_frozen_int8_step_matches_eager_int8_and_the_weights_stay_out_of_shared_
     assert not isinstance(tl.decode_step(model, True), tl.FrozenStep)
 
 
+def test_frozen_steps_of_models_of_one_shape_each_hold_their_own_weights():
+    """Two models of the same shapes compile the same code: each library must still compute with
+    its own model's weights, not the other's."""
+    models = [tiny(), tiny()]
+    with torch.no_grad():
+        models[1].lm_head.weight.mul_(-1)  # same shapes, other weights, other logits
+        idx = torch.tensor([[5]])
+        logits = []
+        for model in models:
+            eager = model.step(idx, model.new_cache(1, idx.device, torch.float32))
+            cache = model.new_cache(1, idx.device, torch.float32)
+            frozen = tl.decode_step(model, True, frozen=True)(idx, cache)
+            assert torch.allclose(frozen, eager, atol=1e-5)
+            logits.append(frozen)
+        assert not torch.allclose(*logits)
+
+
 def test_cli_quantize_and_compile_decode(run_args, tmp_path, capsys):
     assert tl.main(run_args("--max_steps", "30")) == 0
     out = ["--out_dir", str(tmp_path / "out")]

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import tl
 
@@ -38,6 +39,15 @@ def test_sampling_draws_in_proportion_and_never_a_filtered_token():
     assert set(drawn.flatten().tolist()) <= set(nucleus.indices[:keep].tolist())
     both = tl.choose_next(logits, hist, tl.SampleSettings(1, temperature=1.0, top_k=50, top_p=0.5), g)
     assert set(both.flatten().tolist()) <= set(nucleus.indices[:min(keep, 50)].tolist())
+
+
+def test_non_finite_logits_are_an_error_not_a_token():
+    """NaN logits give NaN probabilities: no token may come of them (one past the vocabulary would)."""
+    hist = torch.zeros(1, 1, dtype=torch.long)
+    for top_k in (0, 2):
+        s = tl.SampleSettings(max_new_tokens=1, temperature=1.0, top_k=top_k)
+        with pytest.raises(RuntimeError, match="not finite"):
+            tl.choose_next(torch.full((1, 5), float("nan")), hist, s, torch.Generator().manual_seed(0))
 
 
 def test_a_temperature_too_small_to_divide_by_is_greedy():

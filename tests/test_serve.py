@@ -560,7 +560,7 @@ def test_a_compiled_decode_step_serves_every_width_with_one_graph(models):
             expected = [chat_oracle(server, texts[i], 10)[0] for i in range(width)]
             assert [results[i] for i in range(width)] == expected
             before = tl.compile_count() if before is None else before
-        assert tl.compile_count() == before  # the first request compiled the only graph
+        assert tl.compile_count() == before  # the one compile happened before the first reply
 
 
 def test_a_failing_model_stops_the_server_with_status_2(models, monkeypatch, capsys):
