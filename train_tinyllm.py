@@ -2932,14 +2932,19 @@ class FrozenStep:
         print0(f"compiling the decode step for batch {cache.batch} with the weights built in "
                f"(--compile_decode; AOTInductor, once per batch size)...", file=sys.stderr)
         start = time.perf_counter()
-        quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        tuned = {"max_autotune": True, "autotune_num_choices_displayed": 0,  # quietly
+                 "max_autotune_report_choices_stats": False}
         with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, from inside it
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")
-            program = torch.export.export(FlatStep(self.model(), cache), args)
-            with torch._inductor.config.patch(max_autotune=True, **quiet):
-                package = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2")
-            runner = torch._inductor.aoti_load_package(package)
+            try:
+                program = torch.export.export(FlatStep(self.model(), cache), args)
+                with torch._inductor.config.patch(tuned):
+                    library = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/a.pt2")
+                runner = torch._inductor.aoti_load_package(library)
+            except Exception as e:  # no C++ compiler, a full disk, an operation the exporter cannot take
+                raise TinyLLMError(f"--compile_decode could not compile the decode step ({first_line(e)}); "
+                                   f"run without --compile_decode") from None
         FrozenStep.made += 1
         print0(f"decode step compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         # the flat inputs straight to the library: the packaged call would first flatten and

@@ -152,6 +152,17 @@ def test_frozen_steps_of_models_of_one_shape_each_hold_their_own_weights():
         assert not torch.allclose(*logits)
 
 
+def test_a_frozen_step_that_cannot_compile_is_one_clear_error(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("C++ compiler not found\nlong details")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    model = tiny()
+    with pytest.raises(tl.TinyLLMError, match=r"--compile_decode could not compile the decode step "
+                                             r"\(C\+\+ compiler not found\); run without --compile_decode"):
+        tl.decode_step(model, True, frozen=True)(torch.tensor([[1]]), model.new_cache(1, torch.device("cpu"),
+                                                                                     torch.float32))
+
+
 def test_cli_quantize_and_compile_decode(run_args, tmp_path, capsys):
     assert tl.main(run_args("--max_steps", "30")) == 0
     out = ["--out_dir", str(tmp_path / "out")]
