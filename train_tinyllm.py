@@ -3016,23 +3016,46 @@ def generate(model: GPT, idx: torch.Tensor, s: SampleSettings, generator: torch.
     return idx
 
 
+def reply_text(tok: TextTokenizer, prompt: list[int], ids: list[int]) -> str:
+    """The text of the generated ids, decoded after the prompt's last token so that the space a
+    SentencePiece-style decoder (Llama 2, TinyLlama) drops at the start of a text stays."""
+    before = prompt[-1:]
+    return tok.decode(before + ids)[len(tok.decode(before)):]
+
+
+class GrowingText:
+    """reply_text of generated ids that only grow, without decoding all of them for every new
+    token: the text up to the last complete character is kept, and only the ids after it are
+    decoded again (after the id before them, as reply_text does). A text that ends inside a
+    UTF-8 character ends in U+FFFD until the rest arrives."""
+
+    def __init__(self, tok: TextTokenizer, prompt: list[int]):
+        self.tok, self.before, self.text, self.done = tok, prompt[-1:], "", 0
+
+    def of(self, ids: list[int]) -> str:
+        tail = reply_text(self.tok, self.before, ids[self.done:])
+        if tail.endswith("\ufffd"):  # decoded again with what follows
+            return self.text + tail
+        if len(ids) > self.done:
+            self.text, self.before, self.done = self.text + tail, ids[-1:], len(ids)
+        return self.text
+
+
 class TextStreamer:
-    """Prints text as tokens arrive: the text of the prompt and the tokens so far, less what is
-    already printed. Decoding new tokens after what precedes them keeps the space that
-    SentencePiece-style decoders (Llama 2, TinyLlama) drop at the start of a text; a text that
+    """Prints a sample's text as its tokens arrive, after the prompt (see GrowingText); text that
     ends inside a UTF-8 character waits for the rest. The end-of-text token ends a sample; it is
     not printed."""
 
     def __init__(self, tok: TextTokenizer, prompt_ids: list[int] | None = None):
-        self.tok, self.ids = tok, list(prompt_ids or [])
-        self.printed = len(tok.decode(self.ids))
+        self.tok, self.ids, self.printed = tok, [], 0
+        self.text = GrowingText(tok, list(prompt_ids or []))
 
     def __call__(self, nxt: torch.Tensor) -> None:
         token = int(nxt[0, 0])
         if token == self.tok.eot_id:
             return
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
+        text = self.text.of(self.ids)
         if not text.endswith("\ufffd"):
             sys.stdout.write(text[self.printed:])
             sys.stdout.flush()
@@ -5337,6 +5360,12 @@ def hf_config(model: GPT, tok: TextTokenizer, layout: str) -> dict[str, Any]:
             **({"use_sliding_window": False, "sliding_window": None} if layout == "qwen3" else {})}
 
 
+def runtime_end_id(cfg: Config, tok: TextTokenizer) -> int | None:
+    """The token an exported model's runtime stops at: the end of a turn for a chat model (one
+    with a template), else end-of-text."""
+    return end_of_turn_id(tok) if chat_template_of(cfg, tok) else tok.eot_id
+
+
 def hf_generation_config(cfg: Config, tok: TextTokenizer) -> dict[str, Any]:
     """generation_config.json with this run's sampling settings, so that model.generate() samples
     as --generate_only does: same processors in the same order (repetition penalty, temperature,
@@ -5359,7 +5388,7 @@ def hf_tokenizer_files(tok: TextTokenizer, cfg: Config) -> dict[str, str]:
     special = {"bos_token": tok.eot, "eos_token": tok.eot} if tok.eot is not None else {}
     template = chat_template_of(cfg, tok)
     if template:  # runtimes that stop at eos_token stop at the end of a turn
-        special["eos_token"] = tok.hf.id_to_token(end_of_turn_id(tok))
+        special["eos_token"] = tok.hf.id_to_token(runtime_end_id(cfg, tok))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
               "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
               **special, **({"chat_template": template} if template else {})}
@@ -5376,6 +5405,12 @@ def save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
+def check_tokenizer_fits(model: GPT, tok: TextTokenizer) -> None:
+    if model.vocab_size < tok.vocab_size:
+        raise TinyLLMError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
+                           f"{model.vocab_size}; export the tokenizer the model was trained with")
+
+
 def export_hf(model: GPT, tok: TextTokenizer, out_dir: Path) -> None:
     """A directory that transformers loads with AutoModelForCausalLM/AutoTokenizer.from_pretrained:
     GPT2LMHeadModel for layernorm+gelu+learned models, LlamaForCausalLM for rmsnorm+swiglu+rope
@@ -5383,9 +5418,7 @@ def export_hf(model: GPT, tok: TextTokenizer, out_dir: Path) -> None:
     shared tensors) and tie_word_embeddings re-ties them on load."""
     require("safetensors", "exporting to HuggingFace")
     layout = hf_layout(model.cfg)
-    if model.vocab_size < tok.vocab_size:
-        raise TinyLLMError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
-                           f"{model.vocab_size}; export the tokenizer the model was trained with")
+    check_tokenizer_fits(model, tok)
     out = make_export_dir(out_dir)
     tensors = hf_gpt2_tensors(model) if layout == "gpt2" else hf_llama_tensors(model)
     save_safetensors_file(tensors, out / "model.safetensors", {"format": "pt"})
@@ -5526,9 +5559,7 @@ def export_gguf(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, weights
     if weights not in choices_of("gguf_type"):
         raise TinyLLMError(f"--gguf_type {weights!r} is not one of {', '.join(choices_of('gguf_type'))}")
     arch = hf_layout(model.cfg, "llama.cpp's", "a GGUF export")
-    if model.vocab_size < tok.vocab_size:
-        raise TinyLLMError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
-                           f"{model.vocab_size}; export the tokenizer the model was trained with")
+    check_tokenizer_fits(model, tok)
     vocab = gguf_vocab(tok, model.vocab_size)
     if vocab["model"] == "llama":
         print0("gguf: llama.cpp stops with an error on a character outside a char-level vocabulary (as "
@@ -5540,7 +5571,7 @@ def export_gguf(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, weights
         print0("gguf: llama.cpp's GPT-2 computes GELU by its tanh approximation; this model was trained "
                "with the exact (erf) GELU, which differs by at most 5e-4 per activation")
     tensors = gguf_tensors(model, arch)
-    kept = [n for n, t in tensors.items() if weights == "q8_0" and t.dim() == 2 and t.size(-1) % Q8_BLOCK]
+    kept = [n for n, t in tensors.items() if weights == "q8_0" and gguf_kind(t, weights, n) == "f16"]
     if kept:
         print0(f"gguf: q8_0 needs rows of a multiple of {Q8_BLOCK} weights; {len(kept)} tensors stay "
                f"f16: {', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''}")
@@ -5558,7 +5589,7 @@ def export_gguf(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, weights
             bar.close()
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=sys.stdout.isatty() and is_rank0())
+        writer.write_tensors_to_file(progress=bar is not None)
         writer.close()
     path = export_file(path)
     atomic_write(path, write)
@@ -5595,18 +5626,23 @@ def rotate_half_to_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return halves.transpose(1, 2).reshape(w.shape)
 
 
+def gguf_kind(t: torch.Tensor, weights: str, name: str) -> str:
+    """f32, f16 or q8_0: what one tensor is written as. Norms, biases and GPT-2's position table
+    stay f32 (llama.cpp's own converter keeps them so); q8_0 quantizes what has rows of a
+    multiple of 32 and leaves the rest f16."""
+    if weights == "f32" or t.dim() == 1 or name.startswith("position_embd"):
+        return "f32"
+    return "q8_0" if weights == "q8_0" and t.size(-1) % Q8_BLOCK == 0 else "f16"
+
+
 def gguf_array(t: torch.Tensor, weights: str, name: str) -> tuple[np.ndarray, Any]:
-    """(data, ggml type or None when numpy's dtype says it) of one tensor. Norms, biases and
-    GPT-2's position table stay f32 (llama.cpp's own converter keeps them so); q8_0 quantizes
-    what has rows of a multiple of 32 and leaves the rest f16."""
+    """(data, ggml type or None when numpy's dtype says it) of one tensor, as gguf_kind says."""
     import gguf
     data = t.float().cpu().numpy()
-    if weights == "f32" or data.ndim == 1 or name.startswith("position_embd"):
-        return data, None
-    if weights == "q8_0" and data.shape[-1] % Q8_BLOCK == 0:
-        kind = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(data, kind), kind
-    return data.astype(np.float16), None
+    kind = gguf_kind(t, weights, name)
+    if kind == "q8_0":
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return (data, None) if kind == "f32" else (data.astype(np.float16), None)
 
 
 def gguf_vocab(tok: TextTokenizer, n_vocab: int) -> dict[str, Any]:
@@ -5616,7 +5652,7 @@ def gguf_vocab(tok: TextTokenizer, n_vocab: int) -> dict[str, Any]:
     SentencePiece-style `llama` model without merges, which looks every character up whole. The
     tokens go by id, padded to the model's rows with unused ones."""
     spec, added = json.loads(tok.to_str()), tok.hf.get_added_tokens_decoder()
-    by_id = {i: t for t, i in tok.hf.get_vocab(with_added_tokens=True).items()}
+    by_id = {i: t for t, i in tok.vocab.items()}
     if sorted(by_id) != list(range(len(by_id))):
         raise TinyLLMError("the tokenizer's ids have gaps, which a GGUF token list cannot hold; "
                            "use --export hf")
@@ -5635,15 +5671,16 @@ def gguf_vocab(tok: TextTokenizer, n_vocab: int) -> dict[str, Any]:
         model, pre = "gpt2", gguf_pre_tokenizer(spec)
         check_whole_word_lookup(tok, spec, pre)
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    if len(set(tokens)) < len(tokens) or any(f"[PAD{i}]" in tok.vocab for i in range(len(tokens), n_vocab)):
+    padding = range(len(tokens), n_vocab)  # rows the model has beyond the tokenizer
+    names = tokens + [f"[PAD{i}]" for i in padding]
+    if len(set(names)) < len(names):
         raise TinyLLMError("the tokenizer has two tokens with the same text (or one named like the padding "
                            "rows, [PADn]); llama.cpp needs every token's text to be unique: use --export hf")
     import gguf
     kind = gguf.TokenType
     types = [(kind.CONTROL if added[i].special else kind.USER_DEFINED) if i in added else kind.NORMAL
              for i in range(len(tokens))]
-    padding = range(len(tokens), n_vocab)  # rows the model has beyond the tokenizer
-    return {"model": model, "pre": pre, "merges": merges, "tokens": tokens + [f"[PAD{i}]" for i in padding],
+    return {"model": model, "pre": pre, "merges": merges, "tokens": names,
             "types": types + [kind.UNUSED] * len(padding)}
 
 
@@ -5738,7 +5775,7 @@ def gguf_metadata(writer: Any, model: GPT, arch: str, weights: str, vocab: dict[
     else:
         writer.add_token_merges(vocab["merges"])
     template = chat_template_of(cfg, tok)
-    end = end_of_turn_id(tok) if template else tok.eot_id
+    end = runtime_end_id(cfg, tok)
     writer.add_bos_token_id(tok.eot_id)
     writer.add_eos_token_id(end)
     writer.add_add_bos_token(False)
@@ -5778,8 +5815,7 @@ def ollama_modelfile(cfg: Config, tok: TextTokenizer, gguf_name: str) -> str:
         print0('gguf: the Modelfile has no SYSTEM: Ollama cannot quote a system prompt that holds """')
     elif cfg.system:
         lines.append(f'SYSTEM """{cfg.system}"""')
-    stops = [tok.hf.id_to_token(i) for i in dict.fromkeys((end_of_turn_id(tok) if template else None,
-                                                           tok.eot_id)) if i is not None]
+    stops = [tok.hf.id_to_token(i) for i in dict.fromkeys((runtime_end_id(cfg, tok), tok.eot_id))]
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     settings = {"num_ctx": cfg.block_size, "num_predict": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "top_k": cfg.top_k, "top_p": cfg.top_p, "min_p": 0, "repeat_penalty": cfg.repetition_penalty,
@@ -5824,6 +5860,7 @@ class Completion:
     stops: list[str]
     events: queue.SimpleQueue[tuple[int, str, str | None, int]]
     cancelled: threading.Event
+    text: GrowingText  # of ids
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the reply already sent
 
@@ -5908,20 +5945,20 @@ class Engine:
             row.seek(0)
             self.rows.append(c)
             try:
-                prompt = torch.tensor([c.prompt], device=self.device)
-                logits = self.model(prompt, cache=row, last_only=True)[0]
+                logits = feed(self.model, torch.tensor([c.prompt], device=self.device), row)
             except Exception as e:  # this prompt failed: the others go on
                 self.fail(len(self.rows) - 1, e)
                 continue
-            self.take_or_fail(len(self.rows) - 1, logits[:, -1])
+            self.take_or_fail(len(self.rows) - 1, logits)
 
     def advance(self) -> None:
         """One decode step over the rows in use: each feeds its last token and samples its next."""
         n = len(self.rows)
         width = self.cache.batch if self.compiled else n
         last = torch.tensor([[c.ids[-1]] for c in self.rows] + [[0]] * (width - n), device=self.device)
-        logits = self.step(last, self.cache if width == self.cache.batch else self.cache.rows(0, n))
-        self.cache.rows(0, n).advance(1)
+        in_use = self.cache.rows(0, n)
+        logits = self.step(last, self.cache if width == self.cache.batch else in_use)
+        in_use.advance(1)
         for i in reversed(range(n)):  # from the end: a finished row is replaced by the last one
             self.take_or_fail(i, logits[i:i + 1])
 
@@ -5960,7 +5997,7 @@ class Engine:
     def send(self, c: Completion, finish: str | None) -> bool:
         """Queue the text the choice has added since the last event; True when it is finished. Text
         that may be the start of a stop string, or ends inside a UTF-8 character, waits."""
-        text = reply_text(self.tok, c.prompt, c.ids)
+        text = c.text.of(c.ids)
         end = len(text)
         for s in c.stops:
             at = text.find(s, max(0, c.sent - len(s) + 1))
@@ -5989,13 +6026,6 @@ class Engine:
             self.rows[i] = self.rows[last]
         self.cache.pos_t[last] = 0  # a free row stays at 0: a compiled step still writes it
         self.rows.pop()
-
-
-def reply_text(tok: TextTokenizer, prompt: list[int], ids: list[int]) -> str:
-    """The text of the generated ids, decoded after the prompt's last token so that the space a
-    SentencePiece-style decoder drops at the start of a text stays."""
-    before = prompt[-1:]
-    return tok.decode(before + ids)[len(tok.decode(before)):]
 
 
 # ---- Requests: OpenAI's fields, checked, to prompts and sampling settings ---------------------
@@ -6319,7 +6349,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         events: queue.SimpleQueue[tuple[int, str, str | None, int]] = queue.SimpleQueue()
         cancelled = threading.Event()
         choices = [Completion(i, prompts[i // n], settings, new_generator(seed, i, s.engine.device), stop_ids,
-                              stops, events, cancelled) for i in range(len(prompts) * n)]
+                              stops, events, cancelled, GrowingText(tok, prompts[i // n]))
+                   for i in range(len(prompts) * n)]
         reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{os.urandom(12).hex()}", model, len(choices),
                       sum(len(p) for p in prompts))
         with s.lock:  # counted first: a shutdown in between still waits for this reply

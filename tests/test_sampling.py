@@ -78,6 +78,21 @@ def test_streamer_holds_back_partial_utf8(capsys):
     assert capsys.readouterr().out == "日本"  # whole characters only, and no end-of-text marker
 
 
+def test_growing_text_is_the_whole_decode_at_every_token():
+    """GrowingText decodes only the ids after the last complete character; at every length its
+    text must be what decoding them all gives (reply_text), through characters split over several
+    byte tokens, random ids (invalid UTF-8 included) and for a char-level vocabulary too."""
+    bpe = tl.train_bpe_tokenizer(iter(["plain text, café and naïve " * 50]), 300)
+    char = tl.train_char_tokenizer("ab cé\n")
+    g = torch.Generator().manual_seed(0)
+    for tok, text in ((bpe, "café 日本 🙂 plain naïve"), (char, "ab cé cab\n")):
+        ids = tok.encode(text) + torch.randint(tok.vocab_size, (40,), generator=g).tolist()
+        prompt = tok.encode("a")
+        growing = tl.GrowingText(tok, prompt)
+        for n in range(len(ids) + 1):
+            assert growing.of(ids[:n]) == tl.reply_text(tok, prompt, ids[:n])
+
+
 def test_generation_stops_at_end_of_text(monkeypatch):
     """A row that produces the stop token is padded with it; generation ends when all rows are
     done (as transformers' generate does with its EOS token)."""
