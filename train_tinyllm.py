@@ -1,35 +1,33 @@
-"""tinyllm: train, checkpoint and sample a small GPT- or Llama-style language model, in one file.
+"""tinyllm: train, checkpoint and sample a small GPT-, Llama- or Qwen-style language model, in one file.
 
 Run it:
     python train_tinyllm.py                                   # tiny char model on a built-in corpus
     python train_tinyllm.py --data_path data/tiny_corpus.txt --out_dir out/my_model
     python train_tinyllm.py --config config/shakespeare_char.json --max_steps 500
-    python train_tinyllm.py --init_from models/smollm2-135m --data_path data/my.txt --lora_rank 8
     python train_tinyllm.py --generate_only --out_dir out/my_model --prompt "Once upon a time"
-    python train_tinyllm.py --serve --out_dir out/my_model    # OpenAI-compatible API, chat page at /
     python train_tinyllm.py --help                            # every option, grouped, with defaults
 
-The file reads top to bottom. First the core, which trains a model:
-    Config            the Config dataclass (flags, JSON keys, defaults, help), the registries
-                      whose keys are its choices, and resolve(): one config per invocation
+This file is the trainer, and it reads top to bottom:
+    Config            the Config dataclass (flags, JSON keys, defaults, help) and the registries
+                      whose keys are its choices
     Runtime           device, dtype, torchrun ranks, seeding, printing, atomic files
+    Model             GPT, its norms, MLPs and positions (NORMS, MLPS, POSITIONS), attention with
+                      the KV cache beside it; LoRA adapters
     Tokenizers        char-level and byte-level BPE (TOKENIZERS)
-    Data              token files and random windows (get_batch); corpora, one reader per kind
-                      of file (READERS); streaming tokenization
-    Model             GPT, its norms, MLPs and positions (NORMS, MLPS, POSITIONS); the KV cache;
-                      LoRA adapters (LORA_TARGETS)
+    Data              token files and random windows (get_batch); corpora, one reader per kind of
+                      file (READERS); streaming tokenization
     Sampling          filters, cached and uncached decoding, streaming output
-    Training parts    schedules (SCHEDULES), optimizers (OPTIMIZERS), EMA, measuring,
-                      checkpoints, pretrained models for --init_from (HF_FAMILIES), the run
-                      and its metrics
+    Training parts    schedules (SCHEDULES), optimizers (OPTIMIZERS), EMA, measuring, checkpoints,
+                      starting from a pretrained model, the run and its metrics
     train()           the run, its loop, one optimizer step, then their helpers
-Then a ruler, and the tools built on the core; the core never calls them:
-    Using a trained model   generate, evaluate, benchmark (a fresh model), plot
-    Export                  transformers, safetensors, ONNX, TorchScript, tiktoken, GGUF (EXPORTERS)
-    Serving                 --serve: an OpenAI-compatible HTTP API and a chat page; concurrent
-                            requests decoded together as rows of one KV cache
-    main()                  resolve the invocation, run its mode (MODES; training is train()
-                            followed by the loss plot)
+Then a ruler, and what uses a trained model; training never calls it:
+    Using a trained model   generate, evaluate, benchmark, plot
+    The invocation          flags and a JSON config into one checked Config: resolve()
+    main()                  run the invocation's mode (MODES)
+Beside it, each imported only when an invocation uses one of the entries declared here for it:
+    tinyllm_data.py   JSON Lines and Parquet corpora, conversations and chat templates, tiktoken
+    tinyllm_hub.py    transformers models in (--init_from) and every --export out, GGUF included
+    tinyllm_serve.py  int8 weights, the decode step compiled ahead of time, --chat and --serve
 Importing it does nothing; main() runs it.
 """
 
@@ -37,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import concurrent.futures
 import contextlib
 import copy
 import ctypes
@@ -46,29 +43,20 @@ import difflib
 import functools
 import glob
 import hashlib
-import hmac
-import http
-import http.server
 import importlib
 import importlib.util
 import json
 import math
 import os
 import pickle
-import queue
 import random
 import re
-import select
 import shutil
 import signal
-import socket
 import sys
-import tempfile
 import threading
 import time
-import urllib.parse
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,24 +75,91 @@ import torch.utils.checkpoint
 GROUPS = ("data and I/O", "model", "training", "generation", "evaluation, metrics and export")
 
 
-# Extension points. Each registry maps a value of its flag to what implements it, and the flag's
-# choices are the registry's keys: an entry added where its kind is defined (further down) is a
-# new value of the flag, in --help, JSON configs and validation alike.
+class Registry(dict):
+    """An extension point: a flag's values, each mapped to what implements it, so that the flag's
+    choices are the keys and an entry added where its kind is defined (further down) is a new
+    value of the flag, in --help, JSON configs and validation alike. An entry may be declared
+    here and implemented in a sibling module (its `home`): its name is a choice whether or not
+    the module is there, and the module, imported when the entry is first looked up, puts the
+    implementation in its place (`implement`)."""
+
+    def __init__(self, what: str, entries: dict[str, Any] | None = None):
+        super().__init__(entries or {})
+        self.what = what
+
+    def __getitem__(self, name: str) -> Any:
+        entry = super().__getitem__(name)
+        if getattr(entry, "home", ""):
+            sibling(entry.home, f"{self.what} {name}")
+            entry = super().__getitem__(name)
+        return entry
+
+    def implement(self, name: str, value: Any = None, **parts: Any) -> None:
+        """The declared entry `name`, implemented: by `value`, or by the declaration with `parts`."""
+        declared = super().__getitem__(name)
+        self[name] = value if value is not None else dataclasses.replace(declared, home="", **parts)
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """A registry entry (a function or a class) that the sibling module `home` implements."""
+    home: str
+
+
+def sibling(module: str, what: str) -> Any:
+    """The sibling module `module`, imported now (once); TinyLLMError naming its file when it is
+    not beside this one."""
+    if module not in sys.modules and not (Path(__file__).parent / f"{module}.py").is_file():
+        raise TinyLLMError(f"{what} needs {module}.py, which is not beside {Path(__file__).name}; copy it "
+                           f"there from tinyllm")
+    return importlib.import_module(module)
+
+
 PRESETS: dict[str, dict[str, Any]] = {  # --arch: model fields that a preset sets
     "gpt2": {"norm": "layernorm", "mlp": "gelu", "pos_encoding": "learned", "bias": True,
              "tie_weights": True},
     "llama": {"norm": "rmsnorm", "mlp": "swiglu", "pos_encoding": "rope", "bias": False,
               "tie_weights": True},
 }
-TOKENIZERS: dict[str, Callable[[Iterator[str], Config], TextTokenizer]] = {}  # --tokenizer: trainers
-NORMS: dict[str, Callable[[int, Config], nn.Module]] = {}  # --norm: (width, config) -> layer
-MLPS: dict[str, type[nn.Module]] = {}  # --mlp: feed-forward blocks
-POSITIONS: dict[str, type[nn.Module]] = {}  # --pos_encoding: position encodings
-SCHEDULES: dict[str, Callable[[float, float], float]] = {}  # --lr_schedule: shape after warmup
-OPTIMIZERS: dict[str, Callable[[GPT, Config, torch.device], list[torch.optim.Optimizer]]] = {}  # --optimizer
-EXPORTERS: dict[str, Exporter] = {}  # --export: formats
-HF_FAMILIES: dict[str, HFFamily] = {}  # --init_from: transformers model_types we import
-QUANTIZERS: dict[str, Callable[[GPT], GPT]] = {}  # --quantize: weights for decoding
+TOKENIZERS = Registry("--tokenizer")  # trainers: (texts, config) -> TextTokenizer
+NORMS = Registry("--norm")  # (width, config) -> layer
+MLPS = Registry("--mlp")  # feed-forward blocks, each class declaring its hidden width
+POSITIONS = Registry("--pos_encoding")  # position encodings
+SCHEDULES = Registry("--lr_schedule")  # shape after warmup
+OPTIMIZERS = Registry("--optimizer")  # (model, config, device) -> optimizers
+QUANTIZERS = Registry("--quantize", {"none": lambda model: model, "int8": Elsewhere("tinyllm_serve")})
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """A format of --export: the file it writes in the export directory ("" when the directory
+    itself is the export), and the writer, called as write(checkpoint, target) with the loaded
+    checkpoint (its model on the CPU in float32)."""
+    filename: str
+    write: Callable[[Loaded, Path], None] | None = None
+    home: str = "tinyllm_hub"
+
+
+EXPORTERS = Registry("--export", {fmt: Exporter(name) for fmt, name in (
+    ("hf", ""), ("safetensors", "model.safetensors"), ("onnx", "model.onnx"), ("torchscript", "model.pt"),
+    ("tiktoken", "tokenizer.tiktoken"), ("gguf", "model.gguf"))})
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What an invocation does: the Config flag that asks for it ("" for training, the default),
+    whether it starts from a checkpoint (--ckpt, else out_dir's best, else its latest), whether
+    it decodes (and so takes --quantize and --compile_decode), what Ctrl-C before its end leaves
+    behind, and the function that runs it (None: its sibling module `home` implements it)."""
+    flag: str
+    loads: bool
+    decodes: bool
+    interrupted: str
+    run: Callable[[Resolved], Any] | None = None
+    home: str = ""
+
+
+MODES = Registry("--mode")  # filled in beside main(), once every mode's function is defined
 
 
 def opt(default: Any, help: str, group: str, choices: tuple[Any, ...] | dict[str, Any] | None = None,
@@ -372,6 +427,8 @@ class Config:
 RUN_KEYS = ("device", "resume", "allow_data_change", "overwrite", "generate_only", "chat", "ckpt",
             "stop_at_step", "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir",
             "gguf_type", "serve", "host", "port", "api_key", "serve_batch")
+
+
 SERVE_KEYS = ("host", "port", "api_key", "serve_batch")  # settings of --serve alone
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ARCH_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["arch"])
@@ -388,321 +445,6 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (through TinyLLMError) instead of usage + error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise TinyLLMError(f"{message}; run with --help to see the options")
-
-
-def field_type(name: str) -> type:
-    return {"bool": bool, "int": int, "float": float, "str": str}[FIELDS[name].type]
-
-
-def choices_of(name: str) -> tuple[str, ...] | None:
-    """A field's allowed values, registries read when asked (so every entry counts), or None."""
-    spec = FIELDS[name].metadata["choices"]
-    if spec is None:
-        return None
-    return tuple(key for part in ([spec] if isinstance(spec, dict) else spec)
-                 for key in (part if isinstance(part, dict) else (part,)))
-
-
-def check_value(name: str, value: Any, where: str) -> Any:
-    """Type- and choice-check one setting from a JSON file; ints are accepted for floats."""
-    want = field_type(name)
-    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        example = {bool: "true or false", int: "a whole number like 4", float: "a number like 0.001",
-                   str: 'a string in "quotes"'}[want]
-        raise TinyLLMError(f"{where}: key '{name}' must be {want.__name__}, got {json.dumps(value)}; "
-                           f"write it as {example}")
-    choices = choices_of(name)
-    if choices and value not in choices:
-        raise TinyLLMError(f"{where}: key '{name}' must be one of {', '.join(choices)}, got "
-                           f"{json.dumps(value)}")
-    return value
-
-
-def load_json_config(path: str) -> dict[str, Any]:
-    """Read a JSON config file into checked settings; unknown keys and bad types are refused."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TinyLLMError(f"--config {path} does not exist; give the path of a JSON file "
-                           f"(see config/ for examples)") from None
-    except json.JSONDecodeError as e:
-        raise TinyLLMError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}; "
-                           f"fix the syntax") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TinyLLMError(f"--config {path} cannot be read ({e}); give a readable UTF-8 JSON "
-                           f"file") from None
-    if not isinstance(raw, dict):
-        raise TinyLLMError(f"{path}: the top level must be a JSON object of option names and values")
-    for key in raw:
-        if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else "see --help for the option names"
-            raise TinyLLMError(f"{path}: unknown key '{key}'; {hint}")
-    return {k: check_value(k, v, path) for k, v in raw.items()}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """argparse flags straight from the Config fields; defaults are SUPPRESSed so that only
-    the flags a user actually typed come back (they override the JSON file)."""
-    p = OneLineParser(
-        prog="train_tinyllm.py", description="Train, checkpoint and sample a small GPT/Llama model.",
-        epilog="Precedence: defaults < --arch preset < --config file < command-line flags.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = {g: p.add_argument_group(g) for g in GROUPS}
-    groups["data and I/O"].add_argument(
-        "--config", default=argparse.SUPPRESS, metavar="PATH",
-        help="JSON file of option values; command-line flags override it.")
-    for name, f in FIELDS.items():
-        kind = field_type(name)
-        text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")  # argparse formats help
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs.update(type=kind, choices=choices_of(name),
-                          metavar=None if choices_of(name) else kind.__name__.upper())
-        groups[f.metadata["group"]].add_argument(f"--{name}", **kwargs)
-    return p
-
-
-def parse_args(argv: list[str] | None) -> dict[str, Any]:
-    """The settings the user gave: the --config file's, overridden by command-line flags."""
-    flags = vars(build_parser().parse_args(argv))
-    from_file = load_json_config(flags.pop("config")) if "config" in flags else {}
-    return {**from_file, **flags}
-
-
-def merge_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> Config:
-    """Defaults < base (a checkpoint's config) < the explicit --arch preset < explicit settings."""
-    base = {k: v for k, v in (base or {}).items() if k in FIELDS and k not in RUN_KEYS}
-    preset = PRESETS[explicit["arch"]] if "arch" in explicit else {}
-    merged = {**base, **preset, **explicit}
-    if "min_lr" not in merged and "learning_rate" in merged:  # a fine-tuning rate of 1e-4 gets 1e-5
-        merged["min_lr"] = merged["learning_rate"] / 10
-    return Config(**merged)
-
-
-def build_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> Config:
-    """A merged and validated config from settings, for code that builds models by hand (tests,
-    notebooks); the program itself goes through resolve()."""
-    cfg = merge_config(explicit, base)
-    validate(cfg)
-    return cfg
-
-
-Check = tuple[bool, str]  # (is it bad, the one-line message that names the option and the fix)
-
-
-def finite_checks(cfg: Config) -> list[Check]:
-    """Every float setting is a finite number: nan or inf would train on into a checkpoint full
-    of NaN, or sample garbage. Checked first, so the message names the setting that is wrong."""
-    return [(not math.isfinite(getattr(cfg, name)),
-             f"--{name} must be a finite number, got {getattr(cfg, name)}; give a number like "
-             f"{FIELDS[name].default!r}")
-            for name in FIELDS if field_type(name) is float]
-
-
-def head_size(cfg: Config) -> int:
-    """Width of one attention head."""
-    return cfg.head_dim or cfg.n_embd // max(cfg.n_head, 1)
-
-
-def model_checks(cfg: Config) -> list[Check]:
-    kv = cfg.n_kv_head or cfg.n_head
-    return [
-        (cfg.n_layer < 1, "--n_layer must be at least 1"),
-        (cfg.n_head < 1, "--n_head must be at least 1"),
-        (cfg.n_embd < 1, "--n_embd must be at least 1"),
-        (cfg.n_kv_head < 0, "--n_kv_head must be 0 (= n_head) or a positive divisor of n_head"),
-        (cfg.head_dim < 0, "--head_dim must be 0 (n_embd / n_head) or positive"),
-        (cfg.head_dim == 0 and cfg.n_embd % cfg.n_head != 0,
-         f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}; pick n_embd as a "
-         f"multiple of n_head, or set --head_dim"),
-        (cfg.n_kv_head > 0 and cfg.n_head % kv != 0,
-         f"--n_head {cfg.n_head} is not divisible by --n_kv_head {cfg.n_kv_head}; use a divisor of "
-         f"n_head (1 = MQA, n_head = MHA)"),
-        (cfg.pos_encoding == "rope" and head_size(cfg) % 2 != 0,
-         f"rope needs an even head size, but it is {head_size(cfg)}; change --n_embd, --n_head or "
-         f"--head_dim, or use --pos_encoding learned"),
-        (cfg.block_size < 1, "--block_size must be at least 1"),
-        (not 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
-        (cfg.norm_eps <= 0, "--norm_eps must be positive"),
-        (cfg.mlp_hidden < 0, "--mlp_hidden must be 0 (automatic) or positive"),
-        (cfg.rope_theta <= 0, "--rope_theta must be positive"),
-        (cfg.sliding_window < 0, "--sliding_window must be 0 (off) or a positive window"),
-    ]
-
-
-def data_checks(cfg: Config) -> list[Check]:
-    return [
-        (not cfg.text_field, "--text_field must name a field or column, like text"),
-        (cfg.bpe_vocab_size < 258 or cfg.bpe_vocab_size > 2**32,
-         "--bpe_vocab_size must be at least 258 (256 bytes, the end-of-text token and one merge)"),
-        (not 0 < cfg.val_fraction < 1, f"--val_fraction must be in (0, 1), got {cfg.val_fraction}"),
-    ]
-
-
-def training_checks(cfg: Config) -> list[Check]:
-    targets = [t.strip() for t in cfg.lora_targets.split(",")]
-    narrowest = min(cfg.n_embd, cfg.n_head * head_size(cfg))  # of the layers LoRA adapts
-    return [
-        (cfg.lora_rank < 0, "--lora_rank must be 0 (off) or positive"),
-        (cfg.lora_rank > 0 and not cfg.init_from,
-         "--lora_rank adapts a pretrained model: give --init_from (a HuggingFace directory or a "
-         "tinyllm checkpoint)"),
-        (cfg.lora_alpha <= 0, "--lora_alpha must be positive"),
-        (not 0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}"),
-        (not targets or any(t not in LORA_TARGETS for t in targets),
-         f"--lora_targets {cfg.lora_targets!r}: give attn, mlp or attn,mlp"),
-        (cfg.lora_rank >= narrowest > 0,
-         f"--lora_rank {cfg.lora_rank} is no low rank for layers {narrowest} wide; use a smaller rank (4 to "
-         f"64 is usual), or full fine-tuning (no --lora_rank)"),
-        (cfg.lora_rank > 0 and cfg.optimizer == "muon",
-         "--optimizer muon orthogonalizes whole weight matrices, not adapters; with --lora_rank use "
-         "adamw, adamw8bit or lion"),
-        (cfg.max_steps < 1, "--max_steps must be at least 1"),
-        (cfg.batch_size < 1, f"--batch_size must be at least 1, got {cfg.batch_size}"),
-        (cfg.grad_accum_steps < 1, "--grad_accum_steps must be at least 1"),
-        (cfg.learning_rate <= 0, f"--learning_rate must be positive, got {cfg.learning_rate}"),
-        (not 0 <= cfg.min_lr <= cfg.learning_rate,
-         f"--min_lr must be in [0, learning_rate={cfg.learning_rate}], got {cfg.min_lr}"),
-        (cfg.warmup_steps < 0, "--warmup_steps must be 0 or more"),
-        (cfg.weight_decay < 0, "--weight_decay must be 0 or more"),
-        (not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1), "--beta1 and --beta2 must be in [0, 1)"),
-        (cfg.grad_clip < 0, "--grad_clip must be 0 (off) or positive"),
-        (cfg.eval_interval < 1, "--eval_interval must be at least 1"),
-        (cfg.eval_iters < 1, "--eval_iters must be at least 1"),
-        (cfg.log_interval < 1, "--log_interval must be at least 1"),
-        (cfg.sample_interval < 0, "--sample_interval must be 0 (only at the end) or positive"),
-        (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must be in (0, 1]"),
-        (cfg.max_nonfinite < 1, "--max_nonfinite must be at least 1"),
-        (cfg.time_budget_s < 0, "--time_budget_s must be 0 (off) or positive"),
-        (cfg.stop_at_step < 0, "--stop_at_step must be 0 (off) or positive"),
-        (not 0 <= cfg.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
-        (cfg.z_loss < 0, "--z_loss must be 0 (off) or positive"),
-        (not 0 < cfg.ema_decay < 1, "--ema_decay must be in (0, 1)"),
-        (cfg.curriculum and not 1 <= cfg.curriculum_start_block_size < cfg.block_size,
-         f"--curriculum_start_block_size must be in [1, block_size={cfg.block_size})"),
-        (cfg.curriculum_steps < 0, "--curriculum_steps must be 0 (a third of max_steps) or positive"),
-        (cfg.peak_flops < 0, "--peak_flops must be 0 (automatic) or positive"),
-    ]
-
-
-def sampling_checks(cfg: Config) -> list[Check]:
-    return [
-        (cfg.max_new_tokens < 0, f"--max_new_tokens must be 0 or more, got {cfg.max_new_tokens}"),
-        (cfg.temperature < 0, f"--temperature must be 0 (greedy) or more, got {cfg.temperature}"),
-        (cfg.top_k < 0, "--top_k must be 0 (off) or positive"),
-        (not 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}"),
-        (cfg.repetition_penalty <= 0, "--repetition_penalty must be positive (1 = off)"),
-        (cfg.num_samples < 1, "--num_samples must be at least 1"),
-        (cfg.compile_decode and not cfg.kv_cache,
-         "--compile_decode compiles the KV-cache decode step; drop --no-kv_cache or --compile_decode"),
-    ]
-
-
-def run_checks(cfg: Config) -> list[Check]:
-    """The mode and where it runs: RUN_KEYS only, which never come from a checkpoint."""
-    return [
-        (cfg.resume and cfg.overwrite, "--resume and --overwrite contradict each other; pick one"),
-        (len(modes_asked(cfg)) > 1,
-         "--generate_only, --chat, --serve, --eval_only, --benchmark, --plot and --export are separate "
-         "modes; give one"),
-        (not 0 <= cfg.port <= 65535, f"--port {cfg.port} is no port; give 1-65535, or 0 for a free one"),
-        (cfg.serve_batch < 1, f"--serve_batch {cfg.serve_batch} must be at least 1"),
-        (not is_valid_device(cfg.device),
-         f"--device {cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"),
-    ]
-
-
-SETTING_CHECKS = (finite_checks, model_checks, data_checks, training_checks, sampling_checks)
-
-
-def validate(cfg: Config, groups: tuple[Callable[[Config], list[Check]], ...] = (run_checks, *SETTING_CHECKS)
-             ) -> None:
-    """Refuse impossible settings before any work, naming the option and the fix."""
-    for checks in groups:
-        for bad, message in checks(cfg):
-            if bad:
-                raise TinyLLMError(message)
-
-
-def modes_asked(cfg: Config) -> list[str]:
-    """The modes whose flags are set (run_checks allows one); none means training."""
-    asked = {"generate": cfg.generate_only, "chat": cfg.chat, "serve": cfg.serve, "eval": cfg.eval_only,
-             "benchmark": cfg.benchmark, "plot": cfg.plot, "export": cfg.export != "none"}
-    return [mode for mode, on in asked.items() if on]
-
-
-@dataclass
-class Resolved:
-    """One invocation, resolved once: its mode, its config, and the checkpoint it starts from
-    (loaded) for --resume, --generate_only, --eval_only and --export."""
-    mode: str
-    cfg: Config
-    ckpt: dict[str, Any] | None = None
-    ckpt_path: Path | None = None
-    source: Source | None = None  # --init_from, for a new training run
-
-
-def resolve(argv: list[str] | None) -> Resolved:
-    """The config of this invocation, merged and validated once, and its checkpoint. Precedence:
-    defaults < --arch preset < --config file < flags; when the mode starts from a checkpoint, its
-    config takes the place of the defaults. Every mode takes what this returns."""
-    explicit = parse_args(argv)
-    if explicit.get("chat_template"):
-        explicit["chat_template"] = template_text(explicit["chat_template"])
-    if explicit.get("init_from"):  # absolute: a LoRA checkpoint finds its base by it from anywhere
-        explicit["init_from"] = str(Path(explicit["init_from"]).resolve())
-    cfg = merge_config(explicit)
-    validate(cfg, (run_checks,))  # the mode first: it decides whether a checkpoint is read
-    mode = (modes_asked(cfg) or ["train"])[0]
-    for key in ("quantize", "compile_decode"):
-        if key in explicit and mode in ("export", "plot"):
-            raise TinyLLMError(f"--{key} is for decoding and --eval_only; --{mode} does not decode (exports "
-                               f"keep the checkpoint's full weights): drop --{key}")
-    if "gguf_type" in explicit and cfg.export != "gguf":
-        raise TinyLLMError("--gguf_type is for --export gguf; drop it or add --export gguf")
-    for key in SERVE_KEYS:
-        if key in explicit and mode != "serve":
-            raise TinyLLMError(f"--{key} is for --serve; drop it or add --serve")
-    path = checkpoint_to_use(cfg, mode)
-    if cfg.init_from and mode != "train" and path is None:
-        flag = {"generate": "generate_only", "eval": "eval_only"}.get(mode, mode)
-        raise TinyLLMError(f"--init_from starts a training run (or points a LoRA checkpoint at its moved "
-                           f"base); --{flag} does not take it: drop --init_from")
-    if path is None and cfg.init_from:
-        source = load_source(Path(cfg.init_from))
-        cfg = merge_config(explicit, base=source_defaults(source))
-        try:
-            validate(cfg, SETTING_CHECKS)
-        except TinyLLMError as e:  # the source's own config may be what cannot work
-            raise TinyLLMError(f"--init_from {source.path}, with its config: {e}") from None
-        check_source_compatible(cfg, explicit, source)
-        check_source_shapes(cfg, source)
-        refuse_existing_run(cfg)
-        return Resolved(mode, cfg, source=source)
-    if path is None:
-        validate(cfg, SETTING_CHECKS)
-        if mode == "train":
-            refuse_existing_run(cfg)
-        return Resolved(mode, cfg)
-    ckpt = load_checkpoint(path)
-    cfg = merge_config(explicit, base=ckpt["config"])
-    validate(cfg, SETTING_CHECKS)
-    check_compatible(cfg, explicit, ckpt, path, resuming=mode == "train")
-    source = lora_base(ckpt, path, cfg.init_from) if ckpt["config"].get("lora_rank") else None
-    return Resolved(mode, cfg, ckpt, path, source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -904,10 +646,433 @@ def sha256_hex(*parts: str | bytes) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Model: one GPT class; norms, MLPs and position encodings come from registries; the KV cache beside attention
+# ----------------------------------------------------------------------------------------------
+
+def head_size(cfg: Config) -> int:
+    """Width of one attention head."""
+    return cfg.head_dim or cfg.n_embd // max(cfg.n_head, 1)
+
+
+NORMS.update({
+    "layernorm": lambda dim, cfg: nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias),
+    "rmsnorm": lambda dim, cfg: nn.RMSNorm(dim, eps=cfg.norm_eps),
+})
+
+
+def mlp_hidden_size(cfg: Config) -> int:
+    """--mlp_hidden, else the width the MLP class declares for the model width."""
+    return cfg.mlp_hidden or MLPS[cfg.mlp].hidden_size(cfg.n_embd)
+
+
+class GeluMLP(nn.Module):
+    approximate = "none"  # exact erf GELU
+
+    @staticmethod
+    def hidden_size(width: int) -> int:
+        return 4 * width
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, mlp_hidden_size(cfg), bias=cfg.bias)
+        self.out_proj = nn.Linear(mlp_hidden_size(cfg), cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class TanhGeluMLP(GeluMLP):
+    """GELU by its tanh approximation: what GPT-2 was trained with (transformers' gelu_new)."""
+    approximate = "tanh"
+
+
+class SwiGLUMLP(nn.Module):
+    @staticmethod
+    def hidden_size(width: int) -> int:  # the parameters of a 4x GELU MLP, rounded up to a multiple of 32
+        return 32 * math.ceil(8 * width / 3 / 32)
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        hidden = mlp_hidden_size(cfg)
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.out_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.silu(self.gate(x)) * self.up(x))
+
+
+MLPS.update({"gelu": GeluMLP, "gelu_tanh": TanhGeluMLP, "swiglu": SwiGLUMLP})
+
+
+class LearnedPositions(nn.Module):
+    """Absolute position embeddings added to the token embeddings (GPT-2)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        return x + self.wpe(pos if pos is not None else torch.arange(x.size(1), device=x.device))
+
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+
+class RotaryPositions(nn.Module):
+    """Rotary embeddings in the rotate-half layout (the two halves of each head pair up), the
+    layout HuggingFace Llama uses, so exported q/k weights need no permutation."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        head_dim = head_size(cfg)
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(cfg.block_size).float(), inv_freq)  # (T, D/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RotaryPositions:
+        """Move with the model but stay float32: angles in bf16 would blur positions."""
+        super()._apply(fn, recurse)
+        self.cos, self.sin = self.cos.float(), self.sin.float()
+        return self
+
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, T, H, D) at positions pos (B, T), or 0..T-1 when pos is None."""
+        T, half = x.size(1), x.size(-1) // 2
+        cos = (self.cos[pos] if pos is not None else self.cos[:T]).unsqueeze(-2)  # (B or 1, T, 1, D/2)
+        sin = (self.sin[pos] if pos is not None else self.sin[:T]).unsqueeze(-2)
+        x32 = x.float()
+        x1, x2 = x32[..., :half], x32[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+POSITIONS.update({"learned": LearnedPositions, "rope": RotaryPositions})
+
+
+def attention_mask(T: int, window: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean (T, T) mask of T queries against themselves, True = may attend; None when plain
+    causal attention (is_causal) is exact."""
+    if window == 0:
+        return None
+    q = torch.arange(T, device=device).unsqueeze(1)
+    k = torch.arange(T, device=device).unsqueeze(0)
+    return (k <= q) & (k > q - window)  # the window counts the current token
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for the n_kv_head heads. `pos`, where the
+    next tokens go, is kept twice: an int for the host and a tensor for the model, which reads
+    only the tensor, so that a compiled decode step sees the same shapes and no Python number
+    change as the position advances (it would recompile for every new one). The tensor holds a
+    position per row: rows of a served batch are at different places in their own texts.
+    Attention reads every slot, and a mask hides the slots not written yet."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, n_kv_head, length, head_dim)
+        # a tensor per layer: an update in place then touches its own layer only, also compiled
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.slots = torch.arange(length, device=device)
+        self.pos, self.pos_t = 0, torch.zeros(batch, dtype=torch.long, device=device)
+        # where update() writes: (row, head) index grids that broadcast against positions (B, 1, T)
+        self.row_ids = torch.arange(batch, device=device).view(batch, 1, 1)
+        self.head_ids = torch.arange(n_kv_head, device=device).view(1, n_kv_head, 1)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].size(2)
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].size(0)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own that shares this one's memory: what it
+        writes, and where it moves their positions, lands here."""
+        view = copy.copy(self)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        view.pos_t, view.row_ids = self.pos_t[start:stop], self.row_ids[:stop - start]
+        return view
+
+    def seek(self, pos: int) -> None:
+        """Go to `pos`: what follows is written from there (and what was there is forgotten)."""
+        self.pos = pos
+        self.pos_t.fill_(pos)
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+        self.pos_t += T
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) positions of the next T tokens of each row."""
+        return self.pos_t.unsqueeze(1) + self.slots[:T]
+
+    def mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
+        """(B, 1, T, capacity) boolean mask, True = may attend, for queries at pos (B, T)."""
+        pos = pos.unsqueeze(-1)  # (B, T, 1) against the slots (capacity,)
+        allowed = self.slots <= pos
+        if window:
+            allowed &= self.slots > pos - window  # the window counts the current token
+        return allowed.unsqueeze(1)  # the same for every head
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H_kv, T, D) at positions pos (B, T); return every slot of the layer."""
+        # row b's tokens at its own positions. An indexed write, not scatter_: the compiler
+        # writes that in place, where it copied the whole layer twice for a scatter_.
+        where = (self.row_ids, self.head_ids, pos.unsqueeze(1))  # broadcast to (B, H_kv, T)
+        self.k[layer].index_put_(where, k.to(self.k[layer].dtype))
+        self.v[layer].index_put_(where, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head, grouped-query and multi-query attention in one path: query head h reads
+    key/value head h // (n_head / n_kv_head)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.head_dim = head_size(cfg)
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
+                             bias=cfg.bias)
+        self.out_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.qkv_sizes = [self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim]  # q, k, v rows
+        self.q_norm = NORMS[cfg.norm](self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
+        self.k_norm = NORMS[cfg.norm](self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, positions: nn.Module, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
+        q = positions.rotate(self.q_norm(q.view(B, T, H, D)), pos)
+        k = positions.rotate(self.k_norm(k.view(B, T, H_kv, D)), pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, pos)  # (B, H_kv, capacity, D), in the cache's dtype
+            q = q.to(k.dtype)
+        if cache is not None and T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
+            y = attend_one_query(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != H_kv)
+        y = y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype)  # (B, T, H*D); H*D = C unless head_dim is set
+        return self.resid_dropout(self.out_proj(y))
+
+
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row over the cache, written out for the compiler: q (B, H, 1, D),
+    k and v (B, H_kv, capacity, D), mask (B, 1, 1, capacity) -> (B, H, 1, D). The compiled decode
+    step fuses it into one loop over the cache; SDPA is a separate call there, and for one query
+    its fixed cost is larger than the work. Eager decoding keeps SDPA, and so do GPUs (where the
+    cache is in half precision, which SDPA accumulates in fp32 and this would not)."""
+    B, H, _, D = q.shape
+    H_kv = k.size(1)
+    q = q.view(B, H_kv, H // H_kv, 1, D)  # the query heads that share each key/value head
+    scores = (q * k.unsqueeze(2)).sum(-1) / math.sqrt(D)  # (B, H_kv, H/H_kv, capacity)
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(B, H, 1, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.norm_1 = NORMS[cfg.norm](cfg.n_embd, cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm_2 = nn.Identity() if cfg.parallel_block else NORMS[cfg.norm](cfg.n_embd, cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
+
+    def forward(self, x: torch.Tensor, positions: nn.Module, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm_1(x)
+        x = x + self.attn(h, positions, mask, cache, layer, pos)
+        # A parallel block feeds the MLP the same normalized input as attention.
+        return x + self.mlp(h if self.parallel else self.norm_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)
+        self.positions = POSITIONS[cfg.pos_encoding](cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = NORMS[cfg.norm](cfg.n_embd, cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.grad_checkpointing = False  # a runtime choice, not part of the architecture
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("out_proj.weight"):  # residual projections: keep the stream's variance
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        attn = self.blocks[0].attn
+        return KVCache(self.cfg.n_layer, batch, attn.n_kv_head, self.cfg.block_size, attn.head_dim,
+                       device, dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False,
+                label_smoothing: float = 0.0, z_loss: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T or 1, V) and the loss vs targets: plain mean
+        cross-entropy unless label smoothing or z-loss are asked for (training only). With a
+        cache, idx follows what it holds, and it advances past idx."""
+        x = self.trunk(idx, cache)
+        if cache is not None:
+            cache.advance(idx.size(1))
+        x = self.norm_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:] if last_only else x), None
+        logits = self.lm_head(x).float()  # (B, T, V); the loss in fp32 even under autocast
+        # the mean over the targets that count (IGNORE marks the rest): a batch with none gives 0
+        learned = (targets != IGNORE).float()
+        count = learned.sum().clamp(min=1)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=label_smoothing,
+                               ignore_index=IGNORE, reduction="sum") / count
+        if z_loss:
+            loss = loss + z_loss * (torch.logsumexp(logits, dim=-1).pow(2) * learned).sum() / count
+        return logits, loss
+
+    def trunk(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """idx (B, T) -> the last block's output (B, T, C); reads the cache's position, never moves it."""
+        T = idx.size(1)
+        pos = cache.positions(T) if cache is not None else None
+        x = self.drop(self.positions.embed(self.wte(idx), pos))  # (B, T, C)
+        mask = cache.mask(pos, self.cfg.sliding_window) if cache is not None \
+            else attention_mask(T, self.cfg.sliding_window, idx.device)
+        for layer, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, self.positions, mask, cache, layer, pos,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, self.positions, mask, cache, layer, pos)
+        return x
+
+    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """float32 logits (B, V) after idx (B, T) at the cache's position, which stays: the decode
+        step that generation compiles (the caller advances the cache)."""
+        return self.lm_head(self.norm_f(self.trunk(idx, cache)[:, -1])).float()
+
+
+# ---- LoRA: low-rank adapters on a frozen model (--lora_rank) -------------------------------
+
+class LoRALinear(nn.Linear):
+    """A frozen linear layer plus a trainable low-rank update: x W^T + b + (alpha / r) dropout(x)
+    A^T B^T. It holds the base layer's own tensors (nothing copied) under their own names, so a
+    merged model is a plain one. B starts at zero: the first step starts from the base model."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a weight of its own
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.requires_grad_(False)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialization
+        self.scale = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scale * update
+
+    def merged(self) -> nn.Linear:
+        """A plain layer computing W + (alpha / r) B A (and b)."""
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            linear.weight = nn.Parameter(self.weight + self.scale * (self.lora_B @ self.lora_A))
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias.detach().clone())
+        return linear
+
+
+LORA_TARGETS = {"attn": ("attn.qkv", "attn.out_proj"),  # --lora_targets: names of block layers
+                "mlp": ("mlp.fc", "mlp.gate", "mlp.up", "mlp.out_proj")}
+
+
+def lora_target_set(targets: str) -> set[str]:
+    """--lora_targets as a set: 'mlp, attn' is 'attn,mlp'."""
+    return {t.strip() for t in targets.split(",")}
+
+
+def add_lora(model: GPT, cfg: Config) -> GPT:
+    """Freeze every weight and put adapters on the --lora_targets layers of every block; the
+    embedding and output head (tied or not) stay as they are."""
+    model.requires_grad_(False)
+    wanted = {name for target in lora_target_set(cfg.lora_targets) for name in LORA_TARGETS[target]}
+    for name, module in list(model.named_modules()):
+        parent, _, attr = name.rpartition(".")
+        if isinstance(module, nn.Linear) and name.startswith("blocks.") and name.split(".", 2)[2] in wanted:
+            setattr(model.get_submodule(parent), attr,
+                    LoRALinear(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+    return model
+
+
+def merge_lora(model: GPT) -> GPT:
+    """Fold every adapter into its layer, in place: what sampling, evaluation and export use."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, module.merged())
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def saved_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: every weight, or with LoRA the adapters only (the
+    base is referenced by --init_from and its fingerprint)."""
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if ".lora_" in k} if has_lora(model) else state
+
+
+def load_weights(model: GPT, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of saved_weights."""
+    expected = saved_weights(model).keys()
+    if has_lora(model) and state.keys() != expected:
+        raise TinyLLMError(f"the checkpoint's adapters ({len(state)} tensors) do not fit this model's "
+                           f"{len(expected)}; use the --lora_rank and --lora_targets it was trained with")
+    try:
+        model.load_state_dict(state, strict=not has_lora(model))
+    except RuntimeError as e:
+        raise TinyLLMError(f"the checkpoint's weights do not fit the model its config describes "
+                           f"({first_line(e)}); the checkpoint is damaged or was edited") from None
+
+
+# ----------------------------------------------------------------------------------------------
 # Tokenizers: char-level and byte-level BPE, both as HuggingFace `tokenizers` objects
 # ----------------------------------------------------------------------------------------------
 
 EOT = "<|endoftext|>"
+
+
 # Special tokens that end a text, in order of preference: ours and GPT-2's, Llama 3's, the
 # SentencePiece family's (Llama 2, TinyLlama), Gemma's. Imported tokenizers bring one of them.
 END_OF_TEXT = (EOT, "<|end_of_text|>", "</s>", "<eos>")
@@ -1039,118 +1204,14 @@ def load_tokenizer_file(path: str) -> TextTokenizer:
                            f"give a tokenizer.json file or leave it empty to train one") from None
 
 
-# ---- tiktoken: the same byte-level BPE as a table of ranks, for exact and fast encoding ------
-
-# The regular expression of HF's ByteLevel pre-tokenizer with use_regex=True, which is GPT-2's:
-# contractions, letters, digits and other symbols (each with one optional leading space), then
-# whitespace runs that leave their last space to the next word.
-GPT2_SPLIT_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
-
-
-def byte_level_chars() -> dict[str, int]:
-    """The byte-level BPE alphabet: the character that spells each byte in a vocabulary. Bytes
-    that are printable Latin-1 and not space stand for themselves; the other 68 become
-    U+0100.. in byte order, so that every token is a printable string."""
-    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
-    chars, shifted = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + shifted)] = b
-            shifted += 1
-    return chars
-
-
-def check_tiktoken_compatible(spec: dict[str, Any]) -> None:
-    """tiktoken does regex splitting then rank-ordered byte merges, nothing else: refuse any
-    tokenizer.json that does more or differently, naming the part."""
-    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-    fix = "tiktoken can only express GPT-2-style byte-level BPE; use the tokenizer.json instead"
-    if model.get("type") == "WordLevel":
-        raise TinyLLMError(f"a char-level tokenizer has no byte-level merges for tiktoken to run "
-                           f"(it maps whole characters, not UTF-8 bytes); {fix}")
-    if model.get("type") != "BPE":
-        raise TinyLLMError(f"the tokenizer is {model.get('type')}, not BPE; {fix}")
-    if pre != {**pre, "type": "ByteLevel", "add_prefix_space": False, "use_regex": True}:
-        raise TinyLLMError(f"the tokenizer's pre-tokenizer is {json.dumps(pre)}, not ByteLevel with "
-                           f"use_regex and no add_prefix_space; {fix}")
-    extras = [k for k in ("normalizer",) if spec.get(k)] + \
-        [k for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix") if model.get(k)] + \
-        ["byte_fallback"] * bool(model.get("byte_fallback"))
-    if extras:
-        raise TinyLLMError(f"the tokenizer uses {', '.join(extras)}, which tiktoken does not have; {fix}")
-
-
-def tiktoken_tables(tok: TextTokenizer) -> tuple[dict[bytes, int], dict[str, int]]:
-    """(mergeable ranks, special tokens) with ranks = our token ids, so both give the same ids."""
-    spec = json.loads(tok.to_str())
-    check_tiktoken_compatible(spec)
-    added = tok.hf.get_added_tokens_decoder()  # {id: AddedToken}; the trainer also puts them in the vocab
-    plain = [a.content for a in added.values() if not a.special]
-    if plain:
-        raise TinyLLMError(f"the tokenizer has added tokens that are not special ({plain[:5]}); "
-                           f"tiktoken only knows special tokens: use the tokenizer.json instead")
-    chars = byte_level_chars()
-    try:
-        ranks = {bytes(chars[c] for c in token): i for token, i in
-                 tok.hf.get_vocab(with_added_tokens=False).items() if i not in added}
-    except KeyError as e:
-        raise TinyLLMError(f"the vocabulary has a token with {e.args[0]!r}, which is not in the "
-                           f"byte-level alphabet; use the tokenizer.json instead") from None
-    missing = 256 - sum(len(b) == 1 for b in ranks)
-    if missing:
-        raise TinyLLMError(f"the tokenizer lacks {missing} of the 256 single-byte tokens, so "
-                           f"tiktoken could not encode every text; train it with the full byte "
-                           f"alphabet (train_bpe_tokenizer does)")
-    check_merge_order(tok, spec["model"]["merges"], ranks, chars)
-    return ranks, {a.content: i for i, a in added.items()}
-
-
-def check_merge_order(tok: TextTokenizer, merges: list[Any], ranks: dict[bytes, int],
-                      chars: dict[str, int]) -> None:
-    """What tiktoken needs of a BPE to encode as HF does: merges made tokens in id order
-    (tiktoken ranks a pair by the id of the token it makes, HF by the merge's place in the list),
-    and every token is what HF's merges make of its own bytes (tiktoken takes a pre-token that is
-    a whole token as it is, without merging). Tokenizers from train_bpe_tokenizer pass."""
-    last = -1
-    for merge in merges:
-        left, right = merge.split(" ") if isinstance(merge, str) else merge  # old and new format
-        made = bytes(chars[c] for c in left + right)
-        if ranks.get(made, -1) <= last:
-            raise TinyLLMError(f"the merge {left!r} + {right!r} does not make a token with a larger id "
-                               f"than the merge before it, so tiktoken would merge in another order; "
-                               f"use the tokenizer.json instead")
-        last = ranks[made]
-    odd = token_not_made_by_merges(tok)
-    if odd:
-        raise TinyLLMError(f"token {odd[0]} ({odd[1]!r}) is not what the tokenizer's own merges make of "
-                           f"its bytes, so tiktoken (which looks whole pre-tokens up) would encode "
-                           f"differently; use the tokenizer.json instead")
-
-
-def token_not_made_by_merges(tok: TextTokenizer) -> tuple[int, str] | None:
-    """(id, text) of the first token that the BPE's merges do not make of its own text, or None.
-    Where there is one, an encoder that looks a whole pre-token up before merging (tiktoken,
-    llama.cpp with Llama 3's pre-tokenizer) gives that token where HF's merges do not."""
-    added = tok.hf.get_added_tokens_decoder()
-    for text, i in tok.hf.get_vocab(with_added_tokens=False).items():
-        if i not in added and len(text) > 1 and [t.id for t in tok.hf.model.tokenize(text)] != [i]:
-            return i, text
-    return None
-
-
-# Accents, CJK, emoji (4-byte UTF-8), runs of spaces, tabs and newlines, digits, contractions:
-# the fast encoder must give HF's ids on this before it is trusted.
-ENCODER_PROBE = ["Hello wörld,  the cat's 日本語 sat\n\n\n on the mat!  12345 \t\tx\ty 😀🎉👍🏽 don't "
-                 "I'll SHE'D  ümlaut ...--- \"q\" (p) x=1+2*3; naïve café \r\n tail   \n", "a", " ", ""]
+ENCODERS = Registry("fast encoding", {"tiktoken": Elsewhere("tinyllm_data")})  # tok -> encoder, or None
 
 
 def fast_batch_encoder(tok: TextTokenizer) -> Callable[[list[str]], list[list[int]]]:
-    """The fastest exact batch encoder for `tok`: tiktoken run on our own ranks where tiktoken
-    is installed and can express the tokenizer (our byte-level BPE), with the same ids and about
-    five times the speed of HF's encoder on two cores; else HF's. Texts must hold no special
-    tokens (document pieces never do)."""
+    """The fastest exact batch encoder for `tok`: tiktoken run on our own ranks where tiktoken is
+    installed and can express the tokenizer (our byte-level BPE), with the same ids and several
+    times the speed (README: Performance); else HF's. Texts must hold no special tokens
+    (document pieces never do)."""
     if tok.kind == "char":
         return tok.encode_batch
     if importlib.util.find_spec("tiktoken") is None:
@@ -1158,26 +1219,11 @@ def fast_batch_encoder(tok: TextTokenizer) -> Callable[[list[str]], list[list[in
                "ids about five times faster")
         return tok.encode_batch
     try:
-        ranks, special = tiktoken_tables(tok)
-    except TinyLLMError:  # a tokenizer.json that tiktoken cannot express
+        fast = ENCODERS["tiktoken"]
+    except TinyLLMError as e:
+        print0(f"data: encoding with the tokenizers library, since {e}")
         return tok.encode_batch
-    import tiktoken
-    enc = tiktoken.Encoding("tinyllm", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
-                            special_tokens=special)
-    if enc.encode_ordinary_batch(ENCODER_PROBE) != tok.encode_batch(ENCODER_PROBE):
-        return tok.encode_batch  # never trust an encoder that disagrees
-    threads = os.cpu_count() or 1
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        # One task per thread, each a run of texts (tiktoken lets go of the GIL while it encodes):
-        # tiktoken's own batch call makes a task per text, and with short documents handing them
-        # to threads took longer than encoding them.
-        step = max(1, -(-len(texts) // threads))
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            runs = pool.map(lambda run: [enc.encode_ordinary(t) for t in run],
-                            [texts[i:i + step] for i in range(0, len(texts), step)])
-        return [ids for run in runs for ids in run]
-    return encode
+    return fast(tok) or tok.encode_batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1374,7 +1420,7 @@ def conversation_starts(split: TokenSplit, tok: TextTokenizer) -> np.ndarray:
     return starts[starts < len(split) - 1]
 
 
-# ---- Corpora: files, directories, globs and URLs; one reader per kind of file (READERS) ------
+# ---- Corpora: files, directories, globs and URLs; one reader per kind of file (READERS) ----
 
 DEFAULT_CORPUS = "data/tiny_corpus.txt"
 READ_SIZE = 1 << 22  # corpus files are read 4 MB at a time, never whole
@@ -1419,8 +1465,8 @@ def load_corpus(cfg: Config, spec: str | None = None, flag: str = "--data_path")
     files = resolve_data_path(spec, flag)
     if not files:
         raise TinyLLMError(f"{flag} {spec!r} names no files; give a file, directory, glob or URL")
+    settings.kinds |= {"text" for p in files if reader_of(p, flag).yields == "text"}  # readers first
     documents, n_bytes = scan_files(files, settings)
-    settings.kinds |= {"text" for p in files if reader_for(p) is not READERS["jsonl"]}
     if len(settings.kinds) > 1:
         raise TinyLLMError(f"{flag} {spec} mixes conversations and plain text; train on one kind (a chat "
                            f"model learns only its replies), or set --data_format")
@@ -1593,11 +1639,15 @@ class ReadSettings:
 
 @dataclass(frozen=True)
 class Reader:
-    """A kind of corpus file: the name endings a directory listing picks up, and a function that
+    """A kind of corpus file: the name endings a directory listing picks up, a function that
     yields a file's text in blocks, documents separated by <|endoftext|> (each file is a
-    document of its own, further split at the markers in it)."""
+    document of its own, further split at the markers in it), and what its documents are:
+    "text", or "records" (JSON Lines: text or conversations, as each record's fields say, noted
+    in ReadSettings.kinds). `home`: the sibling module that implements `blocks`."""
     suffixes: tuple[str, ...]
-    blocks: Callable[[Path, ReadSettings], Iterator[str]]
+    blocks: Callable[[Path, ReadSettings], Iterator[str]] | None
+    yields: str = "text"
+    home: str = ""
 
 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # read through a decompressor, streamed
@@ -1659,135 +1709,15 @@ def read_blocks(path: Path, settings: ReadSettings | None = None) -> Iterator[st
         offset += len(raw)
 
 
-def jsonl_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
-    """JSON Lines: one document per line, its text the string under --text_field, or a
-    conversation (--data_format) rendered through the chat template. A line that is not JSON,
-    not an object, has no string there or is a malformed conversation is skipped and counted
-    (blank lines are not records); a file with no usable line is refused."""
-    skipped, total, first, reasons = 0, 0, [], {}
-
-    def texts() -> Iterator[str]:
-        nonlocal skipped, total
-        for number, line in numbered_lines(path, settings):
-            total += 1
-            text, why = jsonl_record(line, settings)
-            if text is not None:
-                yield text
-                continue
-            skipped += 1
-            reasons[why] = True
-            if len(first) < 3:
-                first.append(number)
-
-    yield from joined_documents(texts())
-    if skipped:
-        lines = ", ".join(f"{n:,}" for n in first) + (", ..." if skipped > len(first) else "")
-        settings.skipped[str(path)] = (f"skipped {skipped:,} of {total:,} lines of {path} "
-                                       f"({', '.join(reasons)}): lines {lines}")
-    if skipped == total and total:
-        fix = "fix the conversations or name their layout with --data_format" if "conversations" in \
-            settings.kinds else "point --text_field at the field that holds the text"
-        raise TinyLLMError(f"{settings.flag} {path} has no usable line: all {total:,} are "
-                           f"{', '.join(reasons)}; {fix}")
-
-
-def numbered_lines(path: Path, settings: ReadSettings) -> Iterator[tuple[int, str]]:
-    """The file's non-blank lines with their physical line numbers (from 1), read in blocks; a
-    byte-order mark before the first is dropped."""
-    carry, number = "", 0
-    for block in read_blocks(path, settings):
-        lines = (carry + block).split("\n")
-        carry = lines.pop()
-        for line in lines:
-            number += 1
-            line = line.lstrip("\ufeff") if number == 1 else line
-            if line.strip():
-                yield number, line
-    carry = carry.lstrip("\ufeff") if number == 0 else carry
-    if carry.strip():
-        yield number + 1, carry
-
-
-def jsonl_record(line: str, settings: ReadSettings) -> tuple[str | None, str]:
-    """A JSON Lines record's document (its text, or its conversation rendered and fenced), or
-    None and why it is skipped. Notes in `settings.kinds` which kind it was."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None, "not JSON"
-    if not isinstance(record, dict):
-        return None, "not an object"
-    layout = record_layout(record, settings.data_format)
-    if layout == "text":
-        settings.kinds.add("text")
-        text = record.get(settings.text_field)
-        return (text, "") if isinstance(text, str) else (None, f'no "{settings.text_field}"')
-    settings.kinds.add("conversations")
-    try:
-        return fenced_chat(settings.template or CHATML, chat_messages(record, layout), settings.specials), ""
-    except ValueError as e:
-        return None, str(e)
-
-
-def parquet_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
-    """Parquet: one document per row, its text the --text_field column, read one row group at
-    a time in batches, so that a large shard never sits in memory. Rows without a string there
-    are skipped and counted."""
-    pq = require("pyarrow.parquet", f"reading {path.name}", "pyarrow")
-    try:
-        shard = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError and others for a damaged file
-        raise TinyLLMError(f"{settings.flag} {path} is not a readable Parquet file ({first_line(e)}); "
-                           f"download or write it again") from None
-    columns = shard.schema_arrow.names
-    if settings.text_field not in columns:
-        raise TinyLLMError(f"{settings.flag} {path} has no column \"{settings.text_field}\"; its columns "
-                           f"are {', '.join(columns)}: point --text_field at the one that holds the text")
-    skipped = total = 0
-
-    def rows() -> Iterator[str]:
-        nonlocal skipped, total
-        for group in range(shard.num_row_groups):
-            for batch in shard.iter_batches(batch_size=4096, row_groups=[group],
-                                            columns=[settings.text_field]):
-                for value in batch.column(0).to_pylist():
-                    total += 1
-                    if isinstance(value, str):
-                        yield value
-                    else:
-                        skipped += 1
-
-    yield from joined_documents(rows())
-    if skipped:
-        settings.skipped[str(path)] = (f"skipped {skipped:,} of {total:,} rows of {path} (no string in "
-                                       f"\"{settings.text_field}\")")
-    if skipped == total and total:
-        raise TinyLLMError(f"{settings.flag} {path} has no row with a string in \"{settings.text_field}\"; "
-                           f"point --text_field at the column that holds the text")
-
-
-def joined_documents(texts: Iterator[str]) -> Iterator[str]:
-    """Documents as blocks of about READ_SIZE characters, with <|endoftext|> between them."""
-    parts, size, first = [], 0, True
-    for text in texts:
-        parts.append(text if first else EOT + text)
-        first, size = False, size + len(text)
-        if size >= READ_SIZE:
-            yield "".join(parts)
-            parts, size = [], 0
-    if parts:
-        yield "".join(parts)
-
-
 def compressed(*suffixes: str) -> tuple[str, ...]:
     return tuple(s + c for s in suffixes for c in ("", *COMPRESSIONS))
 
 
-READERS: dict[str, Reader] = {
+READERS = Registry("a corpus file", {
     "text": Reader(compressed(".txt", ".md"), read_blocks),
-    "jsonl": Reader(compressed(".jsonl"), jsonl_blocks),
-    "parquet": Reader((".parquet",), parquet_blocks),
-}
+    "jsonl": Reader(compressed(".jsonl"), None, "records", "tinyllm_data"),
+    "parquet": Reader((".parquet",), None, "text", "tinyllm_data"),
+})
 
 
 def without_format_suffix(path: Path) -> str:
@@ -1805,11 +1735,21 @@ def reader_for(path: Path) -> Reader | None:
     return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
+def reader_of(path: Path, flag: str) -> Reader:
+    """The reader of a corpus file (plain text where no reader claims its ending), its sibling
+    module imported first when it has one; TinyLLMError naming the file when that is missing."""
+    reader = reader_for(path) or READERS["text"]
+    if reader.home:
+        sibling(reader.home, f"{flag} {path}")
+        reader = reader_for(path)
+    return reader
+
+
 def blocks_of(path: Path, settings: ReadSettings | None = None) -> Iterator[str]:
     """A corpus file's text blocks, read by the reader of its kind (a file named directly whose
     ending no reader claims is read as plain text), normalized unless --raw_text."""
     settings = settings or ReadSettings()
-    blocks = (reader_for(path) or READERS["text"]).blocks(path, settings)
+    blocks = reader_of(path, settings.flag).blocks(path, settings)
     return blocks if settings.raw_text else normalized(blocks)
 
 
@@ -1840,63 +1780,18 @@ def read_text_file(path: str, settings: ReadSettings | None = None) -> str:
     return text
 
 
-# ---- Conversations: chat layouts of JSON Lines, rendered through a chat template ------------
+# ---- Conversations: replies fenced in the rendered text, learned through a mask ------------
 
 # A conversation is rendered to text with its template, and the spans the model learns (each
 # assistant reply with its end-of-turn marker) are fenced by these two private-use characters;
 # the token writer drops them and writes a loss mask beside the tokens.
 REPLY_START, REPLY_END = "\ue000", "\ue001"
+
+
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
           "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-ROLES = {"system": "system", "user": "user", "assistant": "assistant",  # ShareGPT's names too
-         "human": "user", "gpt": "assistant"}
 CHAT_LAYOUTS = ("messages", "sharegpt", "alpaca")
-
-
-def record_layout(record: dict[str, Any], data_format: str) -> str:
-    """--data_format, or with auto the layout a record's fields show: messages (OpenAI),
-    conversations (ShareGPT), instruction/output (Alpaca), else plain text."""
-    if data_format != "auto":
-        return data_format
-    if "messages" in record:
-        return "messages"
-    if "conversations" in record:
-        return "sharegpt"
-    return "alpaca" if "instruction" in record and "output" in record else "text"
-
-
-def chat_messages(record: dict[str, Any], layout: str) -> list[dict[str, str]]:
-    """A record as [{"role", "content"}], or ValueError naming what is wrong with it: an unknown
-    role, no messages, a system message after the start, turns that do not alternate user and
-    assistant, no assistant reply to learn."""
-    if layout == "alpaca":
-        parts = [record.get(k, "") for k in ("instruction", "input", "output")]
-        if not all(isinstance(p, str) for p in parts) or not parts[0] or not parts[2]:
-            raise ValueError("no instruction and output strings")
-        user = parts[0] + (f"\n\n{parts[1]}" if parts[1] else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": parts[2]}]
-    key, role_key, text_key = ("messages", "role", "content") if layout == "messages" else \
-        ("conversations", "from", "value")
-    turns = record.get(key)
-    if not isinstance(turns, list) or not turns:
-        raise ValueError("no messages")
-    messages = []
-    for turn in turns:
-        if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str):
-            raise ValueError("a message without text")
-        if turn.get(role_key) not in ROLES:
-            raise ValueError(f"unknown role {str(turn.get(role_key))[:20]!r}")
-        messages.append({"role": ROLES[turn[role_key]], "content": turn[text_key]})
-    roles = [m["role"] for m in messages]
-    body = roles[1:] if roles[0] == "system" else roles
-    if "system" in body:
-        raise ValueError("a system message after the start")
-    if any(role != ("user", "assistant")[i % 2] for i, role in enumerate(body)):
-        raise ValueError("turns that do not alternate user, assistant")
-    if "assistant" not in body:
-        raise ValueError("no assistant reply")
-    return messages
 
 
 def template_text(value: str) -> str:
@@ -1912,77 +1807,35 @@ def template_text(value: str) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=8)
-def compiled_template(source: str) -> Any:
-    """A chat template compiled as transformers compiles it: jinja2's sandbox, blocks trimmed."""
-    jinja2 = require("jinja2", "a chat template")
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(f"the chat template refused the conversation: {message}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise TinyLLMError(f"the chat template cannot be compiled ({first_line(e)}); fix or remove "
-                           f"it") from None
+def chat_template_of(cfg: Config, tok: TextTokenizer) -> str:
+    """The template a model's conversations are rendered with: its own, or ChatML where its
+    tokenizer has ChatML's markers; empty for a model that is no chat model."""
+    return cfg.chat_template or (CHATML if CHATML_TOKENS[0] in tok.vocab_special else "")
 
 
-def render_chat(template: str, messages: list[dict[str, str]], generation_prompt: bool = False,
-                specials: dict[str, str] | None = None) -> str:
-    """The conversation as the model sees it (with the assistant header to answer after, when
-    `generation_prompt`); ValueError when the template fails on it."""
-    try:
-        return compiled_template(template).render(messages=messages, add_generation_prompt=generation_prompt,
-                                                  **(specials or {}))
-    except ValueError:
-        raise
-    except Exception as e:  # jinja2's errors, or what the template's own expressions raise
-        raise ValueError(f"the chat template fails ({first_line(e)})") from None
+def reply_runs(tok: TextTokenizer, text: str, in_reply: bool) -> tuple[list[tuple[str, bool]], bool]:
+    """Fenced conversation text as (text, inside a reply) runs, special tokens each a run of its
+    own, and whether it ends inside a reply (a reply may go on in the next piece)."""
+    runs = []
+    for part in re.split(f"([{REPLY_START}{REPLY_END}])", text):
+        if part in (REPLY_START, REPLY_END):
+            in_reply = part == REPLY_START
+        elif part:
+            pieces = tok.special.split(part) if tok.special else [part]
+            found = tok.special.findall(part) if tok.special else []
+            for i, plain in enumerate(pieces):
+                runs += [(plain, in_reply)] if plain else []
+                runs += [(found[i], in_reply)] if i < len(found) else []
+    return runs, in_reply
 
 
-CONTROL = re.compile("|".join(map(re.escape, (REPLY_START, REPLY_END, *END_OF_TEXT, *CHATML_TOKENS,
-                                               "<|eot_id|>", "<end_of_turn>", "<|begin_of_text|>",
-                                               "<|start_header_id|>", "<|end_header_id|>"))))
-
-
-def plain_content(text: str) -> str:
-    """A message's text without the control markers of templates and documents: typed into a
-    message they would become real turn boundaries (a user could forge an assistant or system
-    turn) or split the conversation in two."""
-    return CONTROL.sub("", text)
-
-
-def fenced_chat(template: str, messages: list[dict[str, str]], specials: dict[str, str]) -> str:
-    """The rendered conversation with each assistant reply (and its end-of-turn marker, not the
-    whitespace after it) between REPLY_START and REPLY_END. A reply's span runs from where the
-    conversation before it, rendered with the generation prompt, ends, to where the
-    conversation up to it ends; a template that renders a conversation's start differently
-    from the whole cannot be fenced and is refused."""
-    messages = [{**m, "content": plain_content(m["content"])} for m in messages]
-    whole = render_chat(template, messages, specials=specials)
-    out, pos = [], 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render_chat(template, messages[:i], True, specials)
-        upto = render_chat(template, messages[:i + 1], specials=specials)
-        if not whole.startswith(upto) or not upto.startswith(before):
-            raise ValueError("a template that renders the start of a conversation differently")
-        end = len(upto.rstrip())
-        out += [whole[pos:len(before)], REPLY_START, whole[len(before):end], REPLY_END]
-        pos = end
-    return "".join(out) + whole[pos:]
-
-
-# ---- Streaming tokenization: documents -> pieces -> tokenizer and token files ----------------
+# ---- Streaming tokenization: documents -> pieces -> tokenizer and token files --------------
 
 # Places where byte-level pre-tokenization of the two parts equals that of the whole: after a
 # newline, or before a space that starts a word, with no other whitespace around.
 SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+
+
 NO_CUT_LIMIT = 1 << 18  # characters without a safe cut after which a piece is cut anyway
 
 
@@ -2227,22 +2080,6 @@ class TokenWriter:
             p.unlink(missing_ok=True)
 
 
-def reply_runs(tok: TextTokenizer, text: str, in_reply: bool) -> tuple[list[tuple[str, bool]], bool]:
-    """Fenced conversation text as (text, inside a reply) runs, special tokens each a run of its
-    own, and whether it ends inside a reply (a reply may go on in the next piece)."""
-    runs = []
-    for part in re.split(f"([{REPLY_START}{REPLY_END}])", text):
-        if part in (REPLY_START, REPLY_END):
-            in_reply = part == REPLY_START
-        elif part:
-            pieces = tok.special.split(part) if tok.special else [part]
-            found = tok.special.findall(part) if tok.special else []
-            for i, plain in enumerate(pieces):
-                runs += [(plain, in_reply)] if plain else []
-                runs += [(found[i], in_reply)] if i < len(found) else []
-    return runs, in_reply
-
-
 def is_val_document(key: str, val_fraction: float) -> bool:
     """Deterministic, order-independent document split: a hash of the document's key."""
     return int(sha256_hex(key)[:8], 16) / 2**32 < val_fraction
@@ -2313,459 +2150,6 @@ def encode_text(tok: TextTokenizer, text: str, name: str) -> np.ndarray:
     check_known_chars(tok, text, name)
     ids = [i for piece in tok.encode_batch(text_chunks(text)) for i in piece]
     return np.asarray(ids, dtype=token_dtype(tok.vocab_size))
-
-
-# ----------------------------------------------------------------------------------------------
-# Model: one GPT class; norms, MLPs and position encodings come from registries; the KV cache beside attention
-# ----------------------------------------------------------------------------------------------
-
-NORMS.update({
-    "layernorm": lambda dim, cfg: nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias),
-    "rmsnorm": lambda dim, cfg: nn.RMSNorm(dim, eps=cfg.norm_eps),
-})
-
-
-def mlp_hidden_size(cfg: Config) -> int:
-    if cfg.mlp_hidden:
-        return cfg.mlp_hidden
-    if cfg.mlp in ("gelu", "gelu_tanh"):
-        return 4 * cfg.n_embd
-    return 32 * math.ceil(8 * cfg.n_embd / 3 / 32)  # same parameters as a 4x gelu MLP, rounded
-
-
-class GeluMLP(nn.Module):
-    approximate = "none"  # exact erf GELU
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, mlp_hidden_size(cfg), bias=cfg.bias)
-        self.out_proj = nn.Linear(mlp_hidden_size(cfg), cfg.n_embd, bias=cfg.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(F.gelu(self.fc(x), approximate=self.approximate))
-
-
-class TanhGeluMLP(GeluMLP):
-    """GELU by its tanh approximation: what GPT-2 was trained with (transformers' gelu_new)."""
-    approximate = "tanh"
-
-
-class SwiGLUMLP(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        hidden = mlp_hidden_size(cfg)
-        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.out_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(F.silu(self.gate(x)) * self.up(x))
-
-
-MLPS.update({"gelu": GeluMLP, "gelu_tanh": TanhGeluMLP, "swiglu": SwiGLUMLP})
-
-
-class LearnedPositions(nn.Module):
-    """Absolute position embeddings added to the token embeddings (GPT-2)."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-
-    def embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        return x + self.wpe(pos if pos is not None else torch.arange(x.size(1), device=x.device))
-
-    def rotate(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        return x
-
-
-class RotaryPositions(nn.Module):
-    """Rotary embeddings in the rotate-half layout (the two halves of each head pair up), the
-    layout HuggingFace Llama uses, so exported q/k weights need no permutation."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        head_dim = head_size(cfg)
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        angles = torch.outer(torch.arange(cfg.block_size).float(), inv_freq)  # (T, D/2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        return x
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RotaryPositions:
-        """Move with the model but stay float32: angles in bf16 would blur positions."""
-        super()._apply(fn, recurse)
-        self.cos, self.sin = self.cos.float(), self.sin.float()
-        return self
-
-    def rotate(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, T, H, D) at positions pos (B, T), or 0..T-1 when pos is None."""
-        T, half = x.size(1), x.size(-1) // 2
-        cos = (self.cos[pos] if pos is not None else self.cos[:T]).unsqueeze(-2)  # (B or 1, T, 1, D/2)
-        sin = (self.sin[pos] if pos is not None else self.sin[:T]).unsqueeze(-2)
-        x32 = x.float()
-        x1, x2 = x32[..., :half], x32[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
-
-
-POSITIONS.update({"learned": LearnedPositions, "rope": RotaryPositions})
-
-
-def attention_mask(T: int, window: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean (T, T) mask of T queries against themselves, True = may attend; None when plain
-    causal attention (is_causal) is exact."""
-    if window == 0:
-        return None
-    q = torch.arange(T, device=device).unsqueeze(1)
-    k = torch.arange(T, device=device).unsqueeze(0)
-    return (k <= q) & (k > q - window)  # the window counts the current token
-
-
-class KVCache:
-    """Preallocated keys and values of every layer for the n_kv_head heads. `pos`, where the
-    next tokens go, is kept twice: an int for the host and a tensor for the model, which reads
-    only the tensor, so that a compiled decode step sees the same shapes and no Python number
-    change as the position advances (it would recompile for every new one). The tensor holds a
-    position per row: rows of a served batch are at different places in their own texts.
-    Attention reads every slot, and a mask hides the slots not written yet."""
-
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (batch, n_kv_head, length, head_dim)
-        # a tensor per layer: an update in place then touches its own layer only, also compiled
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.slots = torch.arange(length, device=device)
-        self.pos, self.pos_t = 0, torch.zeros(batch, dtype=torch.long, device=device)
-        # where update() writes: (row, head) index grids that broadcast against positions (B, 1, T)
-        self.row_ids = torch.arange(batch, device=device).view(batch, 1, 1)
-        self.head_ids = torch.arange(n_kv_head, device=device).view(1, n_kv_head, 1)
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].size(2)
-
-    @property
-    def batch(self) -> int:
-        return self.k[0].size(0)
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        """Rows start..stop-1 as a cache of their own that shares this one's memory: what it
-        writes, and where it moves their positions, lands here."""
-        view = copy.copy(self)
-        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
-        view.pos_t, view.row_ids = self.pos_t[start:stop], self.row_ids[:stop - start]
-        return view
-
-    def seek(self, pos: int) -> None:
-        """Go to `pos`: what follows is written from there (and what was there is forgotten)."""
-        self.pos = pos
-        self.pos_t.fill_(pos)
-
-    def advance(self, T: int) -> None:
-        self.pos += T
-        self.pos_t += T
-
-    def positions(self, T: int) -> torch.Tensor:
-        """(B, T) positions of the next T tokens of each row."""
-        return self.pos_t.unsqueeze(1) + self.slots[:T]
-
-    def mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
-        """(B, 1, T, capacity) boolean mask, True = may attend, for queries at pos (B, T)."""
-        pos = pos.unsqueeze(-1)  # (B, T, 1) against the slots (capacity,)
-        allowed = self.slots <= pos
-        if window:
-            allowed &= self.slots > pos - window  # the window counts the current token
-        return allowed.unsqueeze(1)  # the same for every head
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, D) at positions pos (B, T); return every slot of the layer."""
-        # row b's tokens at its own positions. An indexed write, not scatter_: the compiler
-        # writes that in place, where it copied the whole layer twice for a scatter_.
-        where = (self.row_ids, self.head_ids, pos.unsqueeze(1))  # broadcast to (B, H_kv, T)
-        self.k[layer].index_put_(where, k.to(self.k[layer].dtype))
-        self.v[layer].index_put_(where, v.to(self.v[layer].dtype))
-        return self.k[layer], self.v[layer]
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head, grouped-query and multi-query attention in one path: query head h reads
-    key/value head h // (n_head / n_kv_head)."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
-        self.head_dim = head_size(cfg)
-        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
-                             bias=cfg.bias)
-        self.out_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = NORMS[cfg.norm](self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
-        self.k_norm = NORMS[cfg.norm](self.head_dim, cfg) if cfg.qk_norm else nn.Identity()
-        self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, positions: nn.Module, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int, pos: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
-        q = positions.rotate(self.q_norm(q.view(B, T, H, D)), pos)
-        k = positions.rotate(self.k_norm(k.view(B, T, H_kv, D)), pos)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, k, v, pos)  # (B, H_kv, capacity, D), in the cache's dtype
-            q = q.to(k.dtype)
-        if cache is not None and T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
-            y = attend_one_query(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None,
-                dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != H_kv)
-        y = y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype)  # (B, T, H*D); H*D = C unless head_dim is set
-        return self.resid_dropout(self.out_proj(y))
-
-
-def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row over the cache, written out for the compiler: q (B, H, 1, D),
-    k and v (B, H_kv, capacity, D), mask (B, 1, 1, capacity) -> (B, H, 1, D). The compiled decode
-    step fuses it into one loop over the cache; SDPA is a separate call there, and for one query
-    its fixed cost is larger than the work. Eager decoding keeps SDPA, and so do GPUs (where the
-    cache is in half precision, which SDPA accumulates in fp32 and this would not)."""
-    B, H, _, D = q.shape
-    H_kv = k.size(1)
-    q = q.view(B, H_kv, H // H_kv, 1, D)  # the query heads that share each key/value head
-    scores = (q * k.unsqueeze(2)).sum(-1) / math.sqrt(D)  # (B, H_kv, H/H_kv, capacity)
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(B, H, 1, D)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.parallel = cfg.parallel_block
-        self.norm_1 = NORMS[cfg.norm](cfg.n_embd, cfg)
-        self.attn = CausalSelfAttention(cfg)
-        self.norm_2 = nn.Identity() if cfg.parallel_block else NORMS[cfg.norm](cfg.n_embd, cfg)
-        self.mlp = MLPS[cfg.mlp](cfg)
-
-    def forward(self, x: torch.Tensor, positions: nn.Module, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int, pos: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.norm_1(x)
-        x = x + self.attn(h, positions, mask, cache, layer, pos)
-        # A parallel block feeds the MLP the same normalized input as attention.
-        return x + self.mlp(h if self.parallel else self.norm_2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, cfg: Config, vocab_size: int):
-        super().__init__()
-        self.cfg, self.vocab_size = cfg, vocab_size
-        self.wte = nn.Embedding(vocab_size, cfg.n_embd)
-        self.positions = POSITIONS[cfg.pos_encoding](cfg)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = NORMS[cfg.norm](cfg.n_embd, cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
-        if cfg.tie_weights:
-            self.lm_head.weight = self.wte.weight
-        self.grad_checkpointing = False  # a runtime choice, not part of the architecture
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("out_proj.weight"):  # residual projections: keep the stream's variance
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
-
-    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        attn = self.blocks[0].attn
-        return KVCache(self.cfg.n_layer, batch, attn.n_kv_head, self.cfg.block_size, attn.head_dim,
-                       device, dtype)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False,
-                label_smoothing: float = 0.0, z_loss: float = 0.0
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T or 1, V) and the loss vs targets: plain mean
-        cross-entropy unless label smoothing or z-loss are asked for (training only). With a
-        cache, idx follows what it holds, and it advances past idx."""
-        x = self.trunk(idx, cache)
-        if cache is not None:
-            cache.advance(idx.size(1))
-        x = self.norm_f(x)
-        if targets is None:
-            return self.lm_head(x[:, -1:] if last_only else x), None
-        logits = self.lm_head(x).float()  # (B, T, V); the loss in fp32 even under autocast
-        # the mean over the targets that count (IGNORE marks the rest): a batch with none gives 0
-        learned = (targets != IGNORE).float()
-        count = learned.sum().clamp(min=1)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=label_smoothing,
-                               ignore_index=IGNORE, reduction="sum") / count
-        if z_loss:
-            loss = loss + z_loss * (torch.logsumexp(logits, dim=-1).pow(2) * learned).sum() / count
-        return logits, loss
-
-    def trunk(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """idx (B, T) -> the last block's output (B, T, C); reads the cache's position, never moves it."""
-        T = idx.size(1)
-        pos = cache.positions(T) if cache is not None else None
-        x = self.drop(self.positions.embed(self.wte(idx), pos))  # (B, T, C)
-        mask = cache.mask(pos, self.cfg.sliding_window) if cache is not None \
-            else attention_mask(T, self.cfg.sliding_window, idx.device)
-        for layer, block in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, self.positions, mask, cache, layer, pos,
-                                                      use_reentrant=False)
-            else:
-                x = block(x, self.positions, mask, cache, layer, pos)
-        return x
-
-    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """float32 logits (B, V) after idx (B, T) at the cache's position, which stays: the decode
-        step that generation compiles (the caller advances the cache)."""
-        return self.lm_head(self.norm_f(self.trunk(idx, cache)[:, -1])).float()
-
-
-# ---- LoRA: low-rank adapters on a frozen model (--lora_rank) ---------------------------------
-
-class LoRALinear(nn.Linear):
-    """A frozen linear layer plus a trainable low-rank update: x W^T + b + (alpha / r) dropout(x)
-    A^T B^T. It holds the base layer's own tensors (nothing copied) under their own names, so a
-    merged model is a plain one. B starts at zero: the first step starts from the base model."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
-        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a weight of its own
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.requires_grad_(False)
-        like = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialization
-        self.scale = alpha / rank
-        self.lora_dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + self.scale * update
-
-    def merged(self) -> nn.Linear:
-        """A plain layer computing W + (alpha / r) B A (and b)."""
-        with torch.device("meta"):
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            linear.weight = nn.Parameter(self.weight + self.scale * (self.lora_B @ self.lora_A))
-            if self.bias is not None:
-                linear.bias = nn.Parameter(self.bias.detach().clone())
-        return linear
-
-
-LORA_TARGETS = {"attn": ("attn.qkv", "attn.out_proj"),  # --lora_targets: names of block layers
-                "mlp": ("mlp.fc", "mlp.gate", "mlp.up", "mlp.out_proj")}
-
-
-def lora_target_set(targets: str) -> set[str]:
-    """--lora_targets as a set: 'mlp, attn' is 'attn,mlp'."""
-    return {t.strip() for t in targets.split(",")}
-
-
-def add_lora(model: GPT, cfg: Config) -> GPT:
-    """Freeze every weight and put adapters on the --lora_targets layers of every block; the
-    embedding and output head (tied or not) stay as they are."""
-    model.requires_grad_(False)
-    wanted = {name for target in lora_target_set(cfg.lora_targets) for name in LORA_TARGETS[target]}
-    for name, module in list(model.named_modules()):
-        parent, _, attr = name.rpartition(".")
-        if isinstance(module, nn.Linear) and name.startswith("blocks.") and name.split(".", 2)[2] in wanted:
-            setattr(model.get_submodule(parent), attr,
-                    LoRALinear(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
-    return model
-
-
-def merge_lora(model: GPT) -> GPT:
-    """Fold every adapter into its layer, in place: what sampling, evaluation and export use."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, module.merged())
-    return model
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
-
-
-def saved_weights(model: GPT) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of the model: every weight, or with LoRA the adapters only (the
-    base is referenced by --init_from and its fingerprint)."""
-    state = model.state_dict()
-    return {k: v for k, v in state.items() if ".lora_" in k} if has_lora(model) else state
-
-
-def load_weights(model: GPT, state: dict[str, torch.Tensor]) -> None:
-    """The inverse of saved_weights."""
-    expected = saved_weights(model).keys()
-    if has_lora(model) and state.keys() != expected:
-        raise TinyLLMError(f"the checkpoint's adapters ({len(state)} tensors) do not fit this model's "
-                           f"{len(expected)}; use the --lora_rank and --lora_targets it was trained with")
-    try:
-        model.load_state_dict(state, strict=not has_lora(model))
-    except RuntimeError as e:
-        raise TinyLLMError(f"the checkpoint's weights do not fit the model its config describes "
-                           f"({first_line(e)}); the checkpoint is damaged or was edited") from None
-
-
-# ---- Int8 weights for decoding (--quantize int8) ---------------------------------------------
-
-class Int8Linear(nn.Module):
-    """A linear layer with int8 weights for decoding: each output row is int8 values times one
-    scale, max |w| / 127 of the row (symmetric and weight-only: activations keep their dtype).
-    On CPU, torch's int8-weight matmul reads the int8 values directly; elsewhere, and for shapes
-    that kernel gets wrong (it returns NaN or crashes unless the input width is a multiple of 16,
-    checked on torch 2.13), the weights are widened for each call: a quarter of the memory but
-    no faster."""
-
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        self.register_buffer("weight", torch.round(w / scale.unsqueeze(1)).to(torch.int8))  # (out, in)
-        self.register_buffer("scale", scale.to(dtype))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
-        self.packed_kernel = linear.in_features % 16 == 0 and linear.out_features >= 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale.to(x.dtype)
-        if self.packed_kernel and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, scale)
-            y = y.view(*x.shape[:-1], -1)  # (..., out)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * scale
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-
-def quantize_int8(model: GPT) -> GPT:
-    """Every linear layer (the output head included) as an Int8Linear in the model's dtype, in
-    place. The embedding stays: decoding reads one row of it per token."""
-    dtype = model.wte.weight.dtype
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, Int8Linear(module, dtype))
-    return model
-
-
-QUANTIZERS.update({"none": lambda model: model, "int8": quantize_int8})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2887,99 +2271,43 @@ def compiled_step() -> Callable[[GPT, torch.Tensor, KVCache], torch.Tensor]:
     return torch.compile(GPT.step, fullgraph=True, dynamic=False)
 
 
-class FlatStep(nn.Module):
-    """GPT.step over plain tensors (the token, the positions, every layer's keys then values), the
-    form torch.export takes; `like` gives the cache's constant parts (slots, index grids)."""
-
-    def __init__(self, model: GPT, like: KVCache):
-        super().__init__()
-        self.model, self.like = model, like
-
-    def forward(self, idx: torch.Tensor, pos_t: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
-        cache = copy.copy(self.like)
-        cache.k, cache.v, cache.pos_t = list(kv[:len(kv) // 2]), list(kv[len(kv) // 2:]), pos_t
-        return self.model.step(idx, cache)
-
-
-class FrozenStep:
-    """The decode step compiled ahead of time with the model's weights built in (AOTInductor, on
-    CPU), one library per batch size: the weights become constants that the compiler lays out
-    for its own matrix kernels (AMX or AVX-512 where the CPU has them; torch's own bf16 matmul of
-    one row is far slower), and a call runs no Python and checks no guards. For a model that
-    keeps its weights for the rest of the process: --generate_only, --chat, --serve, --benchmark.
-    Training's samples use the shared graph of compiled_step, since their weights change."""
-    made = 0  # libraries compiled in this process
-
-    def __init__(self, model: GPT):
-        self.model = weakref.ref(model)  # FROZEN_STEPS keeps this while the model lives, no longer
-        self.runners: dict[tuple[int, int, torch.dtype], Callable[..., torch.Tensor]] = {}
-
-    def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.prepare(cache)((idx, cache.pos_t, *cache.k, *cache.v))
-
-    def prepare(self, cache: KVCache) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
-        """The library for the cache's batch size, compiled now if it is new."""
-        key = (cache.batch, cache.capacity, cache.k[0].dtype)
-        if key not in self.runners:
-            idx = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.pos_t.device)
-            self.runners[key] = self.compile((idx, cache.pos_t, *cache.k, *cache.v), cache)
-        return self.runners[key]
-
-    @torch.no_grad()
-    def compile(self, args: tuple[torch.Tensor, ...], cache: KVCache
-                ) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
-        import torch._inductor.config
-        print0(f"compiling the decode step for batch {cache.batch} with the weights built in "
-               f"(--compile_decode; AOTInductor, once per batch size)...", file=sys.stderr)
-        start = time.perf_counter()
-        tuned = {"max_autotune": True, "autotune_num_choices_displayed": 0,  # quietly
-                 "max_autotune_report_choices_stats": False}
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, from inside it
-            warnings.filterwarnings("ignore", "TypedStorage is deprecated")
-            try:
-                program = torch.export.export(FlatStep(self.model(), cache), args)
-                with torch._inductor.config.patch(tuned):
-                    library = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/a.pt2")
-                runner = torch._inductor.aoti_load_package(library)
-            except Exception as e:  # no C++ compiler, a full disk, an operation the exporter cannot take
-                raise TinyLLMError(f"--compile_decode could not compile the decode step ({first_line(e)}); "
-                                   f"run without --compile_decode") from None
-        FrozenStep.made += 1
-        print0(f"decode step compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        # the flat inputs straight to the library: the packaged call would first flatten and
-        # check them as a tree, for every token
-        loader = getattr(runner, "loader", None)
-        return (lambda flat: loader.run(list(flat))[0]) if loader else (lambda flat: runner(*flat))
-
-
-FROZEN_STEPS: weakref.WeakKeyDictionary[GPT, FrozenStep] = weakref.WeakKeyDictionary()
+# the decode step compiled with the weights built in, for a model whose weights stay: class.of(model)
+STEP_COMPILERS = Registry("--compile_decode", {"aot": Elsewhere("tinyllm_serve")})
 
 
 def decode_step(model: GPT, compiled: bool, frozen: bool = False
                 ) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
     """The one-token step: eager, compiled with the weights as inputs (shared by every model of the
-    same shapes), or, for a model whose weights stay (`frozen`) on CPU, compiled with them built in."""
+    same shapes), or, for a model whose weights stay (`frozen`) on CPU, compiled ahead of time
+    with them built in (STEP_COMPILERS; where that module is missing, torch.compile's instead)."""
     if not compiled:
         return model.step
     if frozen and model.wte.weight.device.type == "cpu":
-        if model not in FROZEN_STEPS:
-            FROZEN_STEPS[model] = FrozenStep(model)
-        return FROZEN_STEPS[model]
+        try:
+            return STEP_COMPILERS["aot"].of(model)
+        except TinyLLMError as e:
+            say_once(f"--compile_decode: compiling through torch.compile instead of ahead of time, since {e}")
     return functools.partial(compiled_step(), model)
 
 
+@functools.cache
+def say_once(line: str) -> None:
+    print0(line, file=sys.stderr)
+
+
 def prepare_step(step: Callable[[torch.Tensor, KVCache], torch.Tensor], cache: KVCache) -> None:
-    """Compile a frozen step for the cache's batch size now, so that no reply or sample stops
-    halfway to wait for it."""
-    if isinstance(step, FrozenStep):
-        step.prepare(cache)
+    """Compile an ahead-of-time step for the cache's batch size now, so that no reply or sample
+    stops halfway to wait for it."""
+    prepare = getattr(step, "prepare", None)
+    if prepare is not None:
+        prepare(cache)
 
 
 def compile_count() -> int:
     """Decode steps compiled in this process: torch.compile's graphs (dynamo's counter) and the
-    ahead-of-time libraries of FrozenStep."""
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"] + FrozenStep.made
+    ahead-of-time libraries."""
+    aot = dict.get(STEP_COMPILERS, "aot")
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"] + getattr(aot, "made", 0)
 
 
 def cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
@@ -3062,38 +2390,6 @@ class TextStreamer:
             self.printed = len(text)
 
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")  # ChatML's, Llama 3's, Gemma's
-
-
-def chat_template_of(cfg: Config, tok: TextTokenizer) -> str:
-    """The template a model's conversations are rendered with: its own, or ChatML where its
-    tokenizer has ChatML's markers; empty for a model that is no chat model."""
-    return cfg.chat_template or (CHATML if CHATML_TOKENS[0] in tok.vocab_special else "")
-
-
-def end_of_turn_id(tok: TextTokenizer) -> int | None:
-    """The token that ends an assistant reply: the template's end-of-turn marker where the
-    tokenizer has one, else end-of-text."""
-    return next((tok.vocab[t] for t in END_OF_TURN if t in tok.vocab), tok.eot_id)
-
-
-def reply_end_ids(tok: TextTokenizer) -> set[int]:
-    """Tokens after which an assistant reply is over: its end of turn, end-of-text, and the start
-    of a new turn (a model that opens the next message has finished its own)."""
-    ends = {end_of_turn_id(tok), tok.eot_id, tok.vocab.get(CHATML_TOKENS[0])}
-    return {i for i in ends if i is not None}
-
-
-def chat_prompt(tok: TextTokenizer, template: str, messages: list[dict[str, str]]) -> list[int]:
-    """The conversation so far, rendered up to the assistant header the reply follows."""
-    try:
-        text = render_chat(template or CHATML, messages, generation_prompt=True)
-    except ValueError as e:
-        raise TinyLLMError(f"{e}; fix the template (--chat_template) or the message") from None
-    check_known_chars(tok, text, "the conversation")
-    return tok.encode(text)
-
-
 def encode_prompt(tok: TextTokenizer, prompt: str, start_ids: list[int] | None = None) -> list[int]:
     """The prompt's tokens; an empty prompt starts from start_ids (see start_ids_for), or for
     checkpoints older than those, from the tokenizer's default."""
@@ -3161,8 +2457,7 @@ def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.dev
 # Training parts: schedules, optimizers, EMA, measuring, checkpoints, the run
 # ----------------------------------------------------------------------------------------------
 
-
-# ---- Schedules and the context curriculum ----------------------------------------------------
+# ---- Schedules and the context curriculum --------------------------------------------------
 
 SCHEDULES.update({
     # progress in [0, 1] after warmup, decay_fraction -> share of the way from min_lr to the peak
@@ -3210,7 +2505,7 @@ def tokens_per_step(cfg: Config, world_size: int = 1) -> int:
     return cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * world_size
 
 
-# ---- Optimizers (OPTIMIZERS) and the EMA of the weights --------------------------------------
+# ---- Optimizers (OPTIMIZERS) and the EMA of the weights ------------------------------------
 
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023): step by the sign of an interpolation of momentum and gradient,
@@ -3313,7 +2608,7 @@ class EMA:
         self.updates = state["updates"]
 
 
-# ---- Measuring: FLOPs per token, device peaks, MFU, bits per byte, validation loss -----------
+# ---- Measuring: FLOPs per token, device peaks, MFU, bits per byte, validation loss ---------
 
 def perplexity(loss: float) -> float:
     """exp(loss), infinite past what a float holds (a model far from the data)."""
@@ -3440,10 +2735,13 @@ def estimate_loss(model: GPT, splits: dict[str, TokenSplit], cfg: Config, device
     return out
 
 
-# ---- Checkpoints (ckpt.pt; .safetensors exports load too) and the run directory --------------
+# ---- Checkpoints (ckpt.pt) and the run directory -------------------------------------------
 
 CKPT_FORMAT = 1
 SAFETENSORS_FORMAT = "tinyllm-1"
+
+
+CHECKPOINT_FILES = Registry("a checkpoint", {".safetensors": Elsewhere("tinyllm_hub")})  # besides ckpt.pt
 
 
 def find_checkpoint(cfg: Config) -> Path:
@@ -3455,15 +2753,15 @@ def find_checkpoint(cfg: Config) -> Path:
 
 
 def checkpoint_to_use(cfg: Config, mode: str) -> Path | None:
-    """What the mode starts from: out_dir/ckpt.pt to resume training; for generate, eval and
-    export --ckpt, else out_dir's best, else its latest; None for a new run, benchmark, plot."""
+    """What the mode starts from: out_dir/ckpt.pt to resume training; for a mode that loads one
+    (Mode.loads) --ckpt, else out_dir's best, else its latest; None for a new run and the rest."""
     if mode == "train" and cfg.resume:
         path = Path(cfg.out_dir) / "ckpt.pt"
         if not path.is_file():
             raise TinyLLMError(f"--resume: no checkpoint at {path}; train without --resume first, or "
                                f"point --out_dir at the run to continue")
         return path
-    return find_checkpoint(cfg) if mode in ("generate", "chat", "serve", "eval", "export") else None
+    return find_checkpoint(cfg) if dict.get(MODES, mode).loads else None
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -3472,7 +2770,7 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     tensors are read from the file only when used (--init_from needs the weights, not the
     optimizer state)."""
     if path.suffix == ".safetensors" and path.is_file():
-        return load_safetensors(path)
+        return CHECKPOINT_FILES[".safetensors"](path)
     if not path.is_file():
         raise TinyLLMError(f"no checkpoint at {path}; train first (or give --ckpt PATH / the right "
                            f"--out_dir)")
@@ -3492,33 +2790,6 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
         raise TinyLLMError(f"{path} is not a tinyllm checkpoint (format {CKPT_FORMAT}); use a "
                            f"checkpoint written by train_tinyllm.py")
     return ckpt
-
-
-def load_safetensors(path: Path) -> dict[str, Any]:
-    """export_safetensors' file in the shape of a checkpoint (config, vocab_size, tokenizer,
-    model, step), so that --generate_only and --eval_only take either. A tied head is restored
-    as wte.weight under both names."""
-    require("safetensors", "reading a .safetensors file")
-    from safetensors import SafetensorError, safe_open
-    if not Path(path).is_file():
-        raise TinyLLMError(f"no file at {path}; give the path of a .safetensors file written by "
-                           f"export_safetensors")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except (SafetensorError, OSError) as e:
-        raise TinyLLMError(f"{path} cannot be read as safetensors ({e}); it is corrupt or truncated: "
-                           f"export it again") from None
-    if meta.get("tinyllm") != SAFETENSORS_FORMAT:
-        raise TinyLLMError(f"{path} is not a tinyllm safetensors export (no '{SAFETENSORS_FORMAT}' "
-                           f"metadata); use a file written by export_safetensors")
-    cfg = json.loads(meta["config"])
-    if cfg.get("tie_weights"):
-        state["lm_head.weight"] = state["wte.weight"]
-    return {"format": CKPT_FORMAT, "config": cfg, "vocab_size": int(meta["vocab_size"]),
-            "tokenizer": meta["tokenizer"], "model": state, "step": int(meta.get("step", "-1")),
-            "start_ids": json.loads(meta.get("start_ids", "null"))}
 
 
 def holds_code(e: Exception, path: Path) -> bool:
@@ -3583,7 +2854,58 @@ def check_compatible(cfg: Config, explicit: dict[str, Any], ckpt: dict[str, Any]
                            f"drop the flag to keep the checkpoint's, or train anew in another --out_dir")
 
 
-# ---- Starting from a pretrained model (--init_from): HF model directories and our own files --
+def check_out_dir(out_dir: str) -> Path:
+    """--out_dir as a path, refused up front when a file stands in its place."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TinyLLMError(f"--out_dir {out_dir} is an existing file; pick a directory path")
+    return out
+
+
+def prepare_out_dir(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TinyLLMError(f"--out_dir {out} cannot be created ({e.strerror}); pick a writable "
+                           f"path") from None
+    return out
+
+
+def lock_out_dir(out: Path) -> Any:
+    """Hold an exclusive lock on out_dir/.lock for the whole run, so that two runs never write
+    the same checkpoints. The OS drops the lock when the process dies, even by kill -9."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; runs are not guarded there
+        return None
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise TinyLLMError(f"--out_dir {out} is in use by another run (pid {owner}); wait for it to "
+                           f"finish or pick another --out_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    for stale in out.glob(".*.tmp*"):  # left by a run killed mid-write (kill -9, power loss)
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+    return handle
+
+
+def refuse_existing_run(cfg: Config) -> None:
+    """A new run never silently replaces the checkpoints of an earlier one."""
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    if ckpt.is_file() and not cfg.overwrite and is_rank0():
+        raise TinyLLMError(f"--out_dir {cfg.out_dir} already holds a run ({ckpt}); add --resume to "
+                           f"continue it, --overwrite to start over, or pick another --out_dir")
+
+
+# ---- Starting from a pretrained model (--init_from): a tinyllm file, or a transformers one -------
 
 @dataclass
 class Source:
@@ -3606,167 +2928,15 @@ class Source:
     chat_template: str = ""  # from tokenizer_config.json: an Instruct model's own format
 
 
-@dataclass(frozen=True)
-class HFFamily:
-    """How one transformers model_type maps onto our model: its config.json as our fields (and
-    the context), and the names of its tensors for each of our parameters."""
-    settings: Callable[[dict[str, Any], str], tuple[dict[str, Any], int]]
-    tensors: Callable[[Config, set[str]], dict[str, list[str]]]
-    transposed: Callable[[str], bool] = lambda name: False
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class TensorFiles:
-    """The tensors of a HF model directory by name, each read when asked for: safetensors (one
-    file, or the shards its index maps each tensor to) through plain file reads, so that no
-    mapped page of a multi-gigabyte file counts as resident memory; else pytorch_model.bin (or
-    its shards), loaded with weights_only=True, memory-mapped."""
-
-    def __init__(self, folder: Path):
-        self.entries: dict[str, tuple[Path, int, torch.dtype, list[int]] | torch.Tensor] = {}
-        self.files: list[Path] = []
-        kinds = (("model.safetensors", "model.safetensors.index.json", self.add_safetensors),
-                 ("pytorch_model.bin", "pytorch_model.bin.index.json", self.add_bin))
-        for single, index, add in kinds:
-            if (folder / single).is_file():
-                self.files = [folder / single]
-                add(folder / single, None)
-                return
-            if (folder / index).is_file():
-                shards = shard_map(folder, index)
-                self.files = [folder / shard for shard in sorted(set(shards.values()))]
-                for path in self.files:
-                    add(path, {name for name, shard in shards.items() if shard == path.name})
-                return
-        raise TinyLLMError(f"--init_from {folder}: no model.safetensors, model.safetensors.index.json or "
-                           f"pytorch_model.bin in it; download the whole model directory")
-
-    def keep(self, path: Path, found: dict[str, Any], wanted: set[str] | None) -> None:
-        """A file's tensors: all of them, or with an index exactly those it maps to this file."""
-        if wanted is not None and wanted - found.keys():
-            raise TinyLLMError(f"--init_from: {path} lacks {sorted(wanted - found.keys())[0]}, which the "
-                               f"index puts there; download the shards again")
-        self.entries.update({k: v for k, v in found.items() if wanted is None or k in wanted})
-
-    def add_safetensors(self, path: Path, wanted: set[str] | None) -> None:
-        lfs_pointer(path)
-        try:
-            self.keep(path, safetensors_header(path), wanted)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise TinyLLMError(f"--init_from: {path} cannot be read as safetensors ({first_line(e)}); "
-                               f"it is corrupt, truncated or of a kind we do not read: download it "
-                               f"again") from None
-
-    def add_bin(self, path: Path, wanted: set[str] | None) -> None:
-        lfs_pointer(path)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError as e:  # a file from before torch's zip format cannot be mapped
-                    if "mmap" not in str(e):
-                        raise
-                    state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            if holds_code(e, path):
-                raise TinyLLMError(f"--init_from: {path} was refused: it holds Python code, which we never "
-                                   f"run; use the model's .safetensors files") from None
-            raise TinyLLMError(f"--init_from: {path} cannot be read ({first_line(e)}); it is corrupt or "
-                               f"truncated: download it again") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise TinyLLMError(f"--init_from: {path} holds no plain state dict of tensors; use the model's "
-                               f".safetensors files")
-        self.keep(path, state, wanted)
-
-    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        entry = self.entries[name]
-        if isinstance(entry, torch.Tensor):
-            return tuple(entry.shape), entry.dtype
-        return tuple(entry[3]), entry[2]
-
-    def read(self, name: str) -> torch.Tensor:
-        entry = self.entries[name]
-        if isinstance(entry, torch.Tensor):
-            return entry
-        path, offset, dtype, shape = entry
-        tensor = torch.empty(shape, dtype=dtype)
-        view = tensor.reshape(-1).view(torch.uint8).numpy()
-        with open(path, "rb") as f:
-            f.seek(offset)
-            if f.readinto(view) != view.nbytes:
-                raise TinyLLMError(f"--init_from: {path} is truncated at {name}; download it again")
-        return tensor
-
-
-def shard_map(folder: Path, index: str) -> dict[str, str]:
-    """An index's weight_map: tensor name -> shard file, every shard a file in `folder`."""
-    weight_map = read_json(folder / index).get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise TinyLLMError(f"--init_from: {folder / index} has no weight_map of shard names; download it "
-                           f"again")
-    for shard in set(weight_map.values()):
-        if Path(shard).name != shard:
-            raise TinyLLMError(f"--init_from: {folder / index} maps tensors to {shard}, outside the model "
-                               f"directory; use the index the model came with")
-        if not (folder / shard).is_file():
-            raise TinyLLMError(f"--init_from {folder}: {index} lists {shard}, which is missing; download "
-                               f"every shard")
-    return weight_map
-
-
-def safetensors_header(path: Path) -> dict[str, tuple[Path, int, torch.dtype, list[int]]]:
-    """Where each tensor of a .safetensors file lies, checked: every span inside the file, of
-    exactly its shape's size, none overlapping another (the format's own rules)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        start = 8 + int.from_bytes(f.read(8), "little")
-        if start > size:
-            raise ValueError("its header is longer than the file")
-        header = json.loads(f.read(start - 8))
-    entries, spans = {}, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise TinyLLMError(f"--init_from: {path} stores {name} as {info['dtype']}, which we do not "
-                               f"read; use the model's bf16, fp16 or fp32 weights")
-        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        if not all(isinstance(n, int) and n >= 0 for n in [*shape, begin, end]):
-            raise ValueError(f"{name} has a negative or non-integer shape or offset")
-        if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:
-            raise ValueError(f"{name} takes bytes {begin}-{end}, which do not hold its shape {shape} "
-                             f"inside the file")
-        entries[name] = (path, start + begin, dtype, shape)
-        spans.append((begin, end, name))
-    spans.sort()
-    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
-        if begin < end:
-            raise ValueError(f"{name} and {other} share bytes")
-    return entries
-
-
-def lfs_pointer(path: Path) -> None:
-    """Refuse the small text file git leaves where a large file goes when git-lfs is missing."""
-    with open(path, "rb") as f:
-        if f.read(24) == b"version https://git-lfs.":
-            raise TinyLLMError(f"--init_from: {path} is a Git LFS pointer, not the weights; run git lfs pull "
-                               f"in that clone, or download with huggingface-cli")
-
-
 def load_source(path: Path) -> Source:
-    """A HF model directory (config.json, weights, tokenizer.json) or a tinyllm checkpoint or
-    safetensors export, as a Source; only headers are read here."""
+    """A tinyllm checkpoint or safetensors export, or a HF model directory (config.json, weights,
+    tokenizer.json; SOURCES["transformers"]), as a Source; only headers are read here."""
     if not path.exists():
         raise TinyLLMError(f"--init_from {path} does not exist; give a model directory or a tinyllm "
                            f"checkpoint")
     if path.is_file():
         try:
-            return tinyllm_source(path)
+            return SOURCES["tinyllm"](path)
         except TinyLLMError:
             if (path.parent / "config.json").is_file():
                 raise TinyLLMError(f"--init_from {path} is one file of a model directory; give the "
@@ -3775,35 +2945,7 @@ def load_source(path: Path) -> Source:
     if not (path / "config.json").is_file():
         raise TinyLLMError(f"--init_from {path}: neither a tinyllm checkpoint (.pt) or export "
                            f"(.safetensors) nor a HF model directory with a config.json")
-    hf = read_json(path / "config.json")
-    family = HF_FAMILIES.get(hf.get("model_type", ""))
-    if family is None:
-        raise TinyLLMError(f"--init_from {path}: config.json has model_type = {hf.get('model_type')!r}, "
-                           f"which tinyllm cannot compute; it imports {', '.join(HF_FAMILIES)}")
-    tok = source_tokenizer(path)
-    try:
-        settings, context = family.settings(hf, str(path))
-        vocab_size = int(hf["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise TinyLLMError(f"--init_from {path}: config.json lacks or garbles {first_line(e)}, which a "
-                           f"{hf['model_type']} config has; download it again") from None
-    if tok.vocab_size > vocab_size:
-        raise TinyLLMError(f"--init_from {path}: tokenizer.json has {tok.vocab_size} tokens but the model "
-                           f"only {vocab_size} rows of embeddings; the files do not belong together")
-    if json.loads(tok.to_str())["model"]["type"] == "BPE":  # recorded in our configs and checkpoints
-        settings |= {"tokenizer": "bpe", "bpe_vocab_size": tok.vocab_size}
-    files = TensorFiles(path)
-    cfg = Config(**settings)
-    names = set(files.entries)
-    return Source(path=path, family=hf["model_type"], config=settings, context=context,
-                  vocab_size=vocab_size, tokenizer=tok.to_str(), tensors=family.tensors(cfg, names),
-                  read=files.read, spec=files.spec, names=names,
-                  transposed=frozenset(n for n in names if family.transposed(n)),
-                  ignored=frozenset(n for n in names if n.endswith((".attn.bias", ".attn.masked_bias",
-                                                                    "rotary_emb.inv_freq"))
-                                    or (n == "lm_head.weight" and cfg.tie_weights)),
-                  fingerprint=content_fingerprint([path / "config.json", *files.files]),
-                  chat_template=source_chat_template(path))
+    return SOURCES["transformers"](path)
 
 
 def content_fingerprint(files: list[Path]) -> str:
@@ -3814,48 +2956,6 @@ def content_fingerprint(files: list[Path]) -> str:
         size = p.stat().st_size
         parts += [str(size), *head_and_tail(p, size)]
     return sha256_hex(*parts)
-
-
-def source_chat_template(path: Path) -> str:
-    """The chat template in a model directory's tokenizer_config.json (the default one of a
-    list), with the values it reads of bos_token and eos_token set at its top, so that it
-    renders alone as transformers renders it with the tokenizer."""
-    config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-    template = config.get("chat_template") or ""
-    if isinstance(template, list):
-        template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
-    if not isinstance(template, str):
-        return ""
-    for name in ("bos_token", "eos_token"):
-        value = config.get(name)
-        value = value.get("content") if isinstance(value, dict) else value
-        if name in template and isinstance(value, str):
-            template = "{%- set " + name + " = " + json.dumps(value) + " %}" + template
-    return template
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a downloaded model's file, or one line that names the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TinyLLMError(f"--init_from: {path} cannot be read as JSON ({first_line(e)}); download it "
-                           f"again") from None
-    if not isinstance(value, dict):
-        raise TinyLLMError(f"--init_from: {path} holds no JSON object; download it again")
-    return value
-
-
-def source_tokenizer(path: Path) -> TextTokenizer:
-    if not (path / "tokenizer.json").is_file():
-        fix = ("convert it once with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
-               if (path / "tokenizer.model").is_file() else "download the model's tokenizer files too")
-        raise TinyLLMError(f"--init_from {path}: no tokenizer.json; {fix}")
-    try:
-        return TextTokenizer.from_str((path / "tokenizer.json").read_text(encoding="utf-8"))
-    except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
-        raise TinyLLMError(f"--init_from: {path / 'tokenizer.json'} cannot be read as a tokenizer "
-                           f"({first_line(e)}); download it again") from None
 
 
 def tinyllm_source(path: Path) -> Source:
@@ -3878,6 +2978,10 @@ def tinyllm_source(path: Path) -> Source:
                   fingerprint=content_fingerprint([path]))
 
 
+SOURCES = Registry("--init_from", {"tinyllm": tinyllm_source,  # a file of ours; a HF model directory:
+                                    "transformers": Elsewhere("tinyllm_hub")})
+
+
 def lora_base(ckpt: dict[str, Any], path: Path, base: str) -> Source:
     """The base model a LoRA checkpoint's adapters were trained on: where the checkpoint says,
     or where --init_from says it has moved; refused when it is gone or its files differ (the
@@ -3894,10 +2998,6 @@ def lora_base(ckpt: dict[str, Any], path: Path, base: str) -> Source:
     return source
 
 
-def hf_refusal(path: str, key: str, value: Any, why: str) -> TinyLLMError:
-    return TinyLLMError(f"--init_from {path}: config.json has {key} = {value!r}, which {why}")
-
-
 def arch_fields(**fields: Any) -> dict[str, Any]:
     """Every architecture field: the defaults, then `fields`, written the way our own configs
     write them (0 for automatic sizes), so that an import, an export and a re-import agree."""
@@ -3909,97 +3009,6 @@ def arch_fields(**fields: Any) -> dict[str, Any]:
     if out["mlp_hidden"] == mlp_hidden_size(Config(**{**out, "mlp_hidden": 0})):
         out["mlp_hidden"] = 0
     return out
-
-
-GPT2_MLPS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-
-
-def gpt2_settings(hf: dict[str, Any], path: str) -> tuple[dict[str, Any], int]:
-    act = hf.get("activation_function", "gelu_new")
-    if act not in GPT2_MLPS:
-        raise hf_refusal(path, "activation_function", act, f"our MLPs do not compute (we have "
-                         f"{', '.join(GPT2_MLPS)})")
-    for key, ours in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                      ("add_cross_attention", False)):
-        if hf.get(key, ours) != ours:
-            raise hf_refusal(path, key, hf[key], f"our attention does not do (it needs {ours})")
-    return arch_fields(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], norm="layernorm",
-                       norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp=GPT2_MLPS[act],
-                       mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"], pos_encoding="learned",
-                       bias=True, tie_weights=hf.get("tie_word_embeddings", True)), hf["n_positions"]
-
-
-def gpt2_tensors(cfg: Config, names: set[str]) -> dict[str, list[str]]:
-    p = "transformer." if "transformer.wte.weight" in names else ""  # older files lack the prefix
-    t = {"wte.weight": [p + "wte.weight"], "positions.wpe.weight": [p + "wpe.weight"],
-         "norm_f.weight": [p + "ln_f.weight"], "norm_f.bias": [p + "ln_f.bias"]}
-    for i in range(cfg.n_layer):
-        theirs, ours = f"{p}h.{i}.", f"blocks.{i}."
-        for a, b in (("norm_1", "ln_1"), ("norm_2", "ln_2"), ("attn.qkv", "attn.c_attn"), ("attn.out_proj",
-                     "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.out_proj", "mlp.c_proj")):
-            t |= {f"{ours}{a}.weight": [f"{theirs}{b}.weight"], f"{ours}{a}.bias": [f"{theirs}{b}.bias"]}
-    if not cfg.tie_weights:
-        t["lm_head.weight"] = ["lm_head.weight"]
-    return t
-
-
-def llama_settings(hf: dict[str, Any], path: str, qwen3: bool = False) -> tuple[dict[str, Any], int]:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise hf_refusal(path, "hidden_act", hf["hidden_act"], "our SwiGLU MLP does not compute (it "
-                         "needs silu)")
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = hf.get(key) or {}
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise hf_refusal(path, key, rope, f"changes the rotary frequencies ({kind}) in a way we do "
-                             f"not implement")
-    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
-    if bias != mlp_bias or (qwen3 and bias):
-        key, value = ("attention_bias", bias) if bias else ("mlp_bias", mlp_bias)
-        raise hf_refusal(path, key, value, "puts biases on some projections only; our --bias is all "
-                         "or none")
-    windows = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
-    if hf.get("use_sliding_window") or windows:
-        key = "use_sliding_window" if hf.get("use_sliding_window") else "layer_types"
-        raise hf_refusal(path, key, hf[key], "gives layers sliding windows of their own; ours is one "
-                         "window for every layer")
-    heads = hf["num_attention_heads"]
-    return arch_fields(n_layer=hf["num_hidden_layers"], n_head=heads,
-                       n_kv_head=hf.get("num_key_value_heads") or heads,
-                       n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-                       norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
-                       mlp_hidden=hf["intermediate_size"], pos_encoding="rope", rope_theta=float(theta),
-                       bias=bias, qk_norm=qwen3,
-                       tie_weights=hf.get("tie_word_embeddings", False)), hf["max_position_embeddings"]
-
-
-def llama_tensors(cfg: Config, names: set[str] | None = None) -> dict[str, list[str]]:
-    """Our parameters under LlamaForCausalLM's and Qwen3ForCausalLM's names (q, k and v stacked
-    into our qkv). Both rotate halves of each head, as we do: no permutation of q and k."""
-    t = {"wte.weight": ["model.embed_tokens.weight"], "norm_f.weight": ["model.norm.weight"]}
-    for i in range(cfg.n_layer):
-        theirs, ours = f"model.layers.{i}.", f"blocks.{i}."
-        pairs = [("attn.qkv", [f"self_attn.{x}_proj" for x in "qkv"]),
-                 ("attn.out_proj", ["self_attn.o_proj"]), ("mlp.gate", ["mlp.gate_proj"]),
-                 ("mlp.up", ["mlp.up_proj"]), ("mlp.out_proj", ["mlp.down_proj"])]
-        for kind in ("weight", "bias") if cfg.bias else ("weight",):
-            t |= {f"{ours}{a}.{kind}": [f"{theirs}{b}.{kind}" for b in bs] for a, bs in pairs}
-        t |= {f"{ours}norm_1.weight": [f"{theirs}input_layernorm.weight"],
-              f"{ours}norm_2.weight": [f"{theirs}post_attention_layernorm.weight"]}
-        if cfg.qk_norm:
-            t |= {f"{ours}attn.{x}_norm.weight": [f"{theirs}self_attn.{x}_norm.weight"] for x in "qk"}
-    if not cfg.tie_weights:
-        t["lm_head.weight"] = ["lm_head.weight"]
-    return t
-
-
-HF_FAMILIES.update({
-    "gpt2": HFFamily(gpt2_settings, gpt2_tensors,
-                     transposed=lambda n: n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))),
-    "llama": HFFamily(llama_settings, llama_tensors),
-    "qwen3": HFFamily(lambda hf, path: llama_settings(hf, path, qwen3=True), llama_tensors),
-})
 
 
 def source_defaults(source: Source) -> dict[str, Any]:
@@ -4102,59 +3111,7 @@ def model_from_source(cfg: Config, source: Source, device: torch.device, vocab_s
     return model
 
 
-def check_out_dir(out_dir: str) -> Path:
-    """--out_dir as a path, refused up front when a file stands in its place."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise TinyLLMError(f"--out_dir {out_dir} is an existing file; pick a directory path")
-    return out
-
-
-def prepare_out_dir(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TinyLLMError(f"--out_dir {out} cannot be created ({e.strerror}); pick a writable "
-                           f"path") from None
-    return out
-
-
-def lock_out_dir(out: Path) -> Any:
-    """Hold an exclusive lock on out_dir/.lock for the whole run, so that two runs never write
-    the same checkpoints. The OS drops the lock when the process dies, even by kill -9."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; runs are not guarded there
-        return None
-    handle = open(out / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise TinyLLMError(f"--out_dir {out} is in use by another run (pid {owner}); wait for it to "
-                           f"finish or pick another --out_dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    for stale in out.glob(".*.tmp*"):  # left by a run killed mid-write (kill -9, power loss)
-        if stale.is_file():
-            stale.unlink(missing_ok=True)
-    return handle
-
-
-def refuse_existing_run(cfg: Config) -> None:
-    """A new run never silently replaces the checkpoints of an earlier one."""
-    ckpt = Path(cfg.out_dir) / "ckpt.pt"
-    if ckpt.is_file() and not cfg.overwrite and is_rank0():
-        raise TinyLLMError(f"--out_dir {cfg.out_dir} already holds a run ({ckpt}); add --resume to "
-                           f"continue it, --overwrite to start over, or pick another --out_dir")
-
-
-# ---- The run: progress, metrics, state, and the builder that training and --benchmark share --
-
+# ---- The run: progress, metrics, state, and the builder that training and --benchmark share ----
 
 class Progress:
     """A live tqdm bar (step, loss, lr, tokens/s, MFU, ETA) when stdout is a terminal on rank 0;
@@ -4702,8 +3659,8 @@ def report_done(run: Run) -> None:
 
 # ==============================================================================================
 # You can stop reading here: everything above trains a model, and none of it calls what follows.
-# Below are the tools built on it (generate, evaluate, benchmark, plot), export, and main(),
-# which resolves an invocation once and hands it to its mode.
+# Below are the modes that use a trained model (generate, evaluate, benchmark, plot), the
+# invocation that turns flags into one checked Config, and main(), which runs its mode.
 # ==============================================================================================
 
 
@@ -4752,156 +3709,6 @@ def generate_from_checkpoint(r: Resolved) -> None:
     print0(f"loaded {use.path} (step {use.step}, {use.model.num_params() / 1e6:.2f}M parameters)",
            file=sys.stderr)
     print_samples(use.model, use.tok, use.cfg, use.device, start_ids=use.start_ids, frozen=True)
-
-
-@contextlib.contextmanager
-def ctrl_c_stops() -> Iterator[threading.Event]:
-    """While inside, Ctrl-C sets the event it yields instead of raising KeyboardInterrupt (in
-    the main thread; elsewhere nothing changes)."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    try:
-        yield stop
-    finally:  # a handler not set from Python reads as None: Python's own then
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-
-class ChatSession:
-    """One conversation with a model, its KV cache kept across turns: each turn feeds only the
-    tokens the cache has not seen (the rendered conversation only grows, so they are what the
-    new message added). When the conversation outgrows the context, the oldest turns go (the
-    system prompt stays) and the cache starts over."""
-
-    def __init__(self, use: Loaded, system: str = ""):
-        self.use, self.tok = use, use.tok
-        self.model = sampling_copy(use.model, use.cfg, use.device)
-        self.step = decode_step(self.model, use.cfg.compile_decode, frozen=True)
-        self.template = use.cfg.chat_template or CHATML
-        self.ends = reply_end_ids(use.tok)
-        self.system = system
-        self.reset()
-        prepare_step(self.step, self.cache)
-
-    def reset(self) -> None:
-        self.messages = [{"role": "system", "content": plain_content(self.system)}] if self.system else []
-        self.cache = self.model.new_cache(1, self.use.device, cache_dtype(self.model.wte.weight.dtype,
-                                                                           self.use.device))
-        self.ids: list[int] = []  # what the cache holds, in order
-
-    def prompt(self, text: str, room: int) -> tuple[list[int], int]:
-        """The conversation with `text` as the next user turn, rendered up to the reply, within
-        `room` tokens: the oldest turns are dropped until it fits. Returns it and how many
-        turns went; the conversation changes only when it is returned."""
-        messages = [*self.messages, {"role": "user", "content": plain_content(text)}]
-        dropped = 0
-        while True:
-            ids = chat_prompt(self.tok, self.template, messages)
-            first = 1 if messages[0]["role"] == "system" else 0
-            if len(ids) <= room or len(messages) - first <= 1:
-                break
-            del messages[first:first + 2]  # the oldest user turn and its reply
-            dropped += 1
-        if len(ids) < self.cache.capacity:
-            self.messages = messages
-        return ids, dropped
-
-    @torch.inference_mode()
-    def reply(self, text: str, settings: SampleSettings, generator: torch.Generator,
-              on_token: Callable[[torch.Tensor], None] | None = None) -> tuple[str, int]:
-        """Answer `text`; returns the reply and how many old turns were dropped to make room.
-        Ctrl-C ends the reply early (what was generated stays in the conversation)."""
-        capacity = self.cache.capacity
-        ids, dropped = self.prompt(text, capacity - min(settings.max_new_tokens, capacity // 2))
-        if len(ids) >= capacity:
-            raise TinyLLMError(f"that message takes {len(ids)} tokens with the conversation's start, more "
-                               f"than the context of {capacity}; send a shorter one, or /reset")
-        same = (i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b)
-        common = next(same, min(len(self.ids), len(ids)))  # tokens the cache already holds
-        common = min(common, len(ids) - 1)  # at least one new token gives the next logits
-        self.cache.seek(common)
-        self.ids = ids[:common]
-        reply: list[int] = []
-        with ctrl_c_stops() as stop:  # a flag, not an exception: it never lands inside native code
-            logits = self.feed(ids[common:])
-            history = torch.zeros((1, 0), dtype=torch.long, device=self.use.device)
-            for _ in range(min(settings.max_new_tokens, capacity - len(ids))):
-                if settings.repetition_penalty != 1.0:  # the only reader of the tokens so far
-                    history = torch.tensor([ids + reply], device=self.use.device)
-                nxt = choose_next(logits, history, settings, generator)  # (1, 1)
-                token = int(nxt)
-                if token in self.ends or stop.is_set():
-                    break
-                reply.append(token)
-                if on_token is not None:
-                    on_token(nxt)
-                if self.cache.pos >= capacity:
-                    break
-                logits = self.feed([token])
-        answer = self.tok.decode(reply)
-        self.messages.append({"role": "assistant", "content": answer})
-        return answer, dropped
-
-    def feed(self, new: list[int]) -> torch.Tensor:
-        """Run `new` tokens through the model after what the cache holds; the next logits."""
-        self.ids += new
-        return feed(self.model, torch.tensor([new], device=self.use.device), self.cache, self.step)
-
-
-def chat_in_terminal(r: Resolved) -> None:
-    """--chat: a conversation in the terminal, replies streamed; /reset, /system TEXT, /exit.
-    With stdin piped, each line is a message and only the replies are printed, one a line."""
-    if not r.cfg.kv_cache or r.cfg.max_new_tokens < 1:
-        raise TinyLLMError("--chat keeps a KV cache across turns and needs --max_new_tokens of at least "
-                           "1; drop --no-kv_cache, or raise --max_new_tokens")
-    use = load_for_use(r)
-    if not chat_template_of(use.cfg, use.tok):
-        raise TinyLLMError(f"{use.path} is no chat model: it was not trained on conversations and has no "
-                           f"chat template; train one (README: Make a chat model) or use --generate_only")
-    check_known_chars(use.tok, use.cfg.system, "--system")
-    session = ChatSession(use, use.cfg.system)
-    settings = SampleSettings.from_config(use.cfg)
-    generator = torch.Generator(device=use.device).manual_seed(use.cfg.seed)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"chatting with {use.path} (step {use.step}); /reset starts over, /system TEXT sets the "
-              f"system prompt, /exit or Ctrl-D leaves", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            break
-        command, _, rest = text.partition(" ")
-        if command in ("/reset", "/system"):
-            try:
-                check_known_chars(use.tok, rest, "/system")
-            except TinyLLMError as e:
-                print(e, file=sys.stderr)
-                continue
-            session.system = rest.strip() if command == "/system" else session.system
-            session.reset()
-            print("(a new conversation)", file=sys.stderr)
-            continue
-        if not text:
-            continue
-        if interactive:
-            print("model> ", end="", flush=True)
-        streamer = TextStreamer(use.tok) if interactive else None
-        try:
-            answer, dropped = session.reply(text, settings, generator, streamer)
-        except TinyLLMError as e:
-            answer, dropped = "", 0  # piped: an empty line keeps replies in step with messages
-            print(f"\n{e}" if interactive else e, file=sys.stderr)
-        # piped: one line a reply, its own line breaks written as \n
-        print("" if interactive else answer.replace("\\", "\\\\").replace("\n", "\\n"), flush=True)
-        if dropped:
-            print(f"(the conversation outgrew the context: its oldest {dropped} turn(s) were dropped)",
-                  file=sys.stderr)
 
 
 def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
@@ -5114,1626 +3921,328 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: HuggingFace transformers, safetensors, ONNX, TorchScript, tiktoken (EXPORTERS)
+# The invocation: flags and JSON configs into one checked Config, and the checkpoint it starts from
 # ----------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Exporter:
-    """A format of --export: the file it writes in the export directory ("" when the directory
-    itself is the export), and the writer, called as write(checkpoint, target) with the loaded
-    checkpoint (its model on the CPU in float32)."""
-    filename: str
-    write: Callable[[Loaded, Path], None]
-
-
-EXPORTERS.update({
-    "hf": Exporter("", lambda use, target: export_hf(use.model, use.tok, target)),
-    "safetensors": Exporter("model.safetensors", lambda use, target: export_safetensors(
-        use.model, use.tok, use.model.cfg, target, use.step, use.start_ids)),
-    "onnx": Exporter("model.onnx", lambda use, target: export_onnx(use.model, target)),
-    "torchscript": Exporter("model.pt", lambda use, target: export_torchscript(use.model, target)),
-    "tiktoken": Exporter("tokenizer.tiktoken", lambda use, target: export_tiktoken(use.tok, target)),
-    "gguf": Exporter("model.gguf", lambda use, target: export_gguf(use.model, use.tok, use.cfg, target,
-                                                                   use.cfg.gguf_type)),
-})
-
-
-EXPORT_MARK = ".tinyllm-export"  # in every export directory: a later export may replace it
-
-
-def export_checkpoint(r: Resolved) -> Path:
-    """--export FORMAT: the checkpoint (--ckpt, else out_dir's best, else latest) into
-    --export_dir (default out_dir/export-FORMAT). It is written into a staging folder inside
-    that directory, and its files are renamed into place only when all are written: a failure
-    (a full disk, a refusal) leaves no half export, and the previous one stays. Renames within
-    one directory need no space, and the directory itself is never replaced (a mount point or a
-    symlink stays what it is)."""
-    folder = Path(r.cfg.export_dir or Path(r.cfg.out_dir) / f"export-{r.cfg.export}")
-    base = r.source.path.resolve() if r.source else None  # a LoRA checkpoint's base
-    if base is not None and (base == folder.resolve() or folder.resolve() in base.parents):
-        raise TinyLLMError(f"--export_dir {folder} holds the base model of {r.ckpt_path}, which its adapters "
-                           f"need; exporting there would overwrite it: pick another --export_dir")
-    use = load_for_use(r)
-    fmt, exporter = use.cfg.export, EXPORTERS[use.cfg.export]
-    created = check_export_dir(folder, chosen=bool(use.cfg.export_dir))
-    staging = folder / f"{STAGING}{os.getpid()}"
-    use.model = use.model.cpu().float()
-    try:
-        staging.mkdir(parents=True)
-        exporter.write(use, staging / exporter.filename if exporter.filename else staging)
-        mark = {"format": fmt, "checkpoint": str(use.path), "step": use.step}
-        write_text_atomic(staging / EXPORT_MARK, json.dumps(mark) + "\n")
-        for item in sorted(staging.iterdir()):
-            os.replace(item, folder / item.name)
-    except TinyLLMError:
-        raise
-    except Exception as e:  # OSError, torch's RuntimeError, SafetensorError, protobuf's errors...
-        reason = write_failure(e, folder)
-        advice = "; free disk space or fix permissions" if isinstance(e, OSError) or "space" in reason else ""
-        target = folder / exporter.filename if exporter.filename else folder
-        raise TinyLLMError(f"--export {fmt}: could not write {target} ({reason}); nothing was changed "
-                           f"in {folder}{advice}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()  # a failed export leaves no empty directory it made
-    print0(f"exported {use.path} (step {use.step}) as {fmt}: "
-          f"{folder / exporter.filename if exporter.filename else folder}")
-    return folder
-
-
-STAGING = ".staging-"  # an export being written, inside its directory: .staging-PID
-
-
-def check_export_dir(folder: Path, chosen: bool) -> bool:
-    """Refuse, before any work, a file where the export directory should be, or a --export_dir
-    holding someone else's files (a previous export of ours holds EXPORT_MARK; the default
-    out_dir/export-FORMAT is ours). Removes what exports killed midway left, and returns whether
-    the directory is new."""
-    if folder.exists() and not folder.is_dir():
-        raise TinyLLMError(f"export directory {folder} is an existing file; pick a directory path")
-    if not folder.is_dir():
-        return True
-    for left in folder.glob(f"{STAGING}*"):
-        pid = left.name.removeprefix(STAGING)
-        if not (pid.isdigit() and process_alive(int(pid))):
-            shutil.rmtree(left, ignore_errors=True)
-    others = sorted(p.name for p in folder.iterdir() if not p.name.startswith(STAGING))
-    if chosen and others and not (folder / EXPORT_MARK).is_file():
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise TinyLLMError(f"--export_dir {folder} holds files that are not a tinyllm export ({shown}); "
-                           f"pick a new or empty directory, or move those files away")
-    return False
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, but is someone else's
-        return True
-    return True
-
-
-def make_export_dir(out_dir: Path) -> Path:
-    """out_dir, created; a file in its place is refused (mkdir would raise FileExistsError).
-    For the export functions called directly; --export writes through export_checkpoint."""
-    out_dir = Path(out_dir)
-    check_export_dir(out_dir, chosen=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
-def export_file(path: Path) -> Path:
-    """path, with its folder created; a directory in its place is refused."""
-    path = Path(path)
-    if path.is_dir():
-        raise TinyLLMError(f"export path {path} is a directory; give a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def hf_layout(cfg: Config, runtime: str = "transformers'", export: str = "a HuggingFace export") -> str:
-    """'gpt2', 'llama' or 'qwen3' (Llama with per-head q/k norms): the architecture of `runtime`
-    (transformers, llama.cpp) that computes exactly what this config computes, or TinyLLMError
-    naming the first setting that none can express (a model that loads but computes something
-    else would be worse than no export)."""
-    other = "export_safetensors/export_onnx keep every setting"
-    for flag, on, off in (("parallel_block", cfg.parallel_block, "without --parallel_block"),
-                          ("sliding_window", cfg.sliding_window, "with --sliding_window 0")):
-        if on:
-            given = f"--{flag}" if on is True else f"--{flag} {on}"
-            raise TinyLLMError(f"{given} has no switch in {runtime} GPT-2, Llama or Qwen3; "
-                               f"{other}, or train {off} for {export}")
-    parts = (cfg.norm, cfg.mlp, cfg.pos_encoding)
-    if parts in (("layernorm", "gelu", "learned"), ("layernorm", "gelu_tanh", "learned")):
-        if cfg.qk_norm or head_size(cfg) * cfg.n_head != cfg.n_embd:
-            flag = "--qk_norm" if cfg.qk_norm else f"--head_dim {cfg.head_dim}"
-            raise TinyLLMError(f"{flag} has no switch in {runtime} GPT-2; {other}, or train "
-                               f"without it for {export}")
-        return "gpt2"
-    if parts == ("rmsnorm", "swiglu", "rope"):
-        if cfg.qk_norm and cfg.bias:
-            raise TinyLLMError(f"--qk_norm with --bias: Qwen3, the layout with q/k norms, has no biases "
-                               f"in its MLP; {other}, or train without --bias for {export}")
-        return "qwen3" if cfg.qk_norm else "llama"
-    raise TinyLLMError(f"--norm {cfg.norm} --mlp {cfg.mlp} --pos_encoding {cfg.pos_encoding} is "
-                       f"neither GPT-2 (layernorm, gelu, learned) nor Llama or Qwen3 (rmsnorm, swiglu, "
-                       f"rope), the layouts {runtime} runs; {other}, or train with --arch gpt2 "
-                       f"or --arch llama for {export}")
-
-
-def weight_or_zeros(layer: nn.Module, name: str, size: int) -> torch.Tensor:
-    """A bias (or norm weight) that the layer may lack: zeros compute exactly what no bias does,
-    which lets a --no-bias model load into GPT-2, whose layers always have biases."""
-    value = getattr(layer, name, None)
-    return value.detach() if value is not None else torch.zeros(size, dtype=layer.weight.dtype)
-
-
-def split_qkv(attn: CausalSelfAttention) -> dict[str, torch.Tensor]:
-    """The fused qkv projection as separate q, k, v weights (out, in) and biases (out,) or None."""
-    H, H_kv, D = attn.n_head, attn.n_kv_head, attn.head_dim
-    sizes = [H * D, H_kv * D, H_kv * D]
-    out = dict(zip(("q", "k", "v"), attn.qkv.weight.detach().split(sizes, dim=0)))
-    biases = attn.qkv.bias.detach().split(sizes) if attn.qkv.bias is not None else (None,) * 3
-    out.update({f"{n}_bias": b for n, b in zip(("q", "k", "v"), biases)})
-    return out
-
-
-def repeat_kv_heads(w: torch.Tensor | None, n_head: int, n_kv_head: int) -> torch.Tensor | None:
-    """k or v rows (H_kv*D, ...) -> (H*D, ...): each key/value head copied to the query heads
-    that read it (query head h reads kv head h // group), so GQA/MQA runs as plain multi-head
-    attention in layouts that have no num_key_value_heads (GPT-2). Exact, at the cost of size."""
-    if w is None or n_head == n_kv_head:
-        return w
-    group = n_head // n_kv_head
-    return w.reshape(n_kv_head, -1, *w.shape[1:]).repeat_interleave(group, dim=0).flatten(0, 1)
-
-
-def hf_gpt2_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under GPT2LMHeadModel's names. GPT-2's Conv1D stores (in, out), the transpose
-    of nn.Linear's (out, in); its c_attn is fused q, k, v like our qkv."""
-    C, hidden = model.cfg.n_embd, mlp_hidden_size(model.cfg)
-    t = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.positions.wpe.weight,
-         "transformer.ln_f.weight": model.norm_f.weight,
-         "transformer.ln_f.bias": weight_or_zeros(model.norm_f, "bias", C)}
-    for i, block in enumerate(model.blocks):
-        p, attn, mlp = f"transformer.h.{i}.", block.attn, block.mlp
-        qkv = split_qkv(attn)
-        w = torch.cat([qkv["q"]] + [repeat_kv_heads(qkv[n], attn.n_head, attn.n_kv_head)
-                                    for n in ("k", "v")])  # (3C, C)
-        b = torch.zeros(3 * C, dtype=w.dtype) if qkv["q_bias"] is None else torch.cat(
-            [qkv["q_bias"]] + [repeat_kv_heads(qkv[n], attn.n_head, attn.n_kv_head)
-                               for n in ("k_bias", "v_bias")])  # (3C,)
-        t |= {p + "attn.c_attn.weight": w.t(), p + "attn.c_attn.bias": b}
-        for ours, theirs, size in ((block.norm_1, "ln_1", C), (block.norm_2, "ln_2", C)):
-            t |= {f"{p}{theirs}.weight": ours.weight,
-                  f"{p}{theirs}.bias": weight_or_zeros(ours, "bias", size)}
-        for ours, theirs, size in ((attn.out_proj, "attn.c_proj", C), (mlp.fc, "mlp.c_fc", hidden),
-                                   (mlp.out_proj, "mlp.c_proj", C)):
-            t |= {f"{p}{theirs}.weight": ours.weight.t(),
-                  f"{p}{theirs}.bias": weight_or_zeros(ours, "bias", size)}
-    if not model.cfg.tie_weights:
-        t["lm_head.weight"] = model.lm_head.weight
-    return t
-
-
-def hf_llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under LlamaForCausalLM's (and Qwen3's) names: the table --init_from reads them
-    by (llama_tensors), read the other way, with qkv cut back into q, k and v."""
-    params = dict(model.named_parameters())
-    attn = model.blocks[0].attn
-    qkv_rows = [attn.n_head * attn.head_dim] + 2 * [attn.n_kv_head * attn.head_dim]
-    return {theirs: part for ours, names in llama_tensors(model.cfg).items()
-            for theirs, part in zip(names, params[ours].detach().split(qkv_rows if len(names) == 3 else
-                                                                       len(params[ours])), strict=True)}
-
-
-def hf_config(model: GPT, tok: TextTokenizer, layout: str) -> dict[str, Any]:
-    """config.json for the layout, written by hand so that exporting needs no transformers; keys
-    that both transformers 4.x and 5.x read. Dropout carries over for fine-tuning."""
-    cfg = model.cfg
-    dtype = str(model.wte.weight.dtype).removeprefix("torch.")
-    common = {"vocab_size": model.vocab_size, "bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id,
-              "pad_token_id": None, "tie_word_embeddings": cfg.tie_weights, "initializer_range": 0.02,
-              "use_cache": True, "torch_dtype": dtype}
-    if layout == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
-                "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                "n_positions": cfg.block_size, "n_inner": mlp_hidden_size(cfg),
-                "activation_function": "gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",  # tanh or erf
-                "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
-                "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "scale_attn_weights": True,
-                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
-    names = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-    return {"architectures": [names[layout]], "model_type": layout, **common,
-            "hidden_size": cfg.n_embd, "intermediate_size": mlp_hidden_size(cfg),
-            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.n_kv_head or cfg.n_head, "head_dim": head_size(cfg),
-            "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
-            "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
-            "attention_dropout": cfg.dropout, "pretraining_tp": 1,
-            # rope_theta for transformers 4.x, rope_parameters for 5.x
-            "rope_theta": cfg.rope_theta, "rope_scaling": None,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            **({"use_sliding_window": False, "sliding_window": None} if layout == "qwen3" else {})}
-
-
-def runtime_end_id(cfg: Config, tok: TextTokenizer) -> int | None:
-    """The token an exported model's runtime stops at: the end of a turn for a chat model (one
-    with a template), else end-of-text."""
-    return end_of_turn_id(tok) if chat_template_of(cfg, tok) else tok.eot_id
-
-
-def hf_generation_config(cfg: Config, tok: TextTokenizer) -> dict[str, Any]:
-    """generation_config.json with this run's sampling settings, so that model.generate() samples
-    as --generate_only does: same processors in the same order (repetition penalty, temperature,
-    top-k, top-p). top_k is written even when 0 because transformers' default is 50."""
-    ends = sorted({i for i in (tok.eot_id, end_of_turn_id(tok)) if i is not None})  # a chat reply: its turn
-    out: dict[str, Any] = {"bos_token_id": tok.eot_id, "eos_token_id": ends[0] if len(ends) == 1 else ends,
-                           "max_new_tokens": cfg.max_new_tokens,
-                           "repetition_penalty": cfg.repetition_penalty}
-    if cfg.temperature < GREEDY_BELOW:  # greedy here: transformers would divide by it
-        return out | {"do_sample": False}
-    return out | {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k,
-                  "top_p": cfg.top_p}
-
-
-def hf_tokenizer_files(tok: TextTokenizer, cfg: Config) -> dict[str, str]:
-    """tokenizer.json as it is, plus the tokenizer_config.json and special_tokens_map.json that
-    AutoTokenizer reads: end-of-text is BOS and EOS (as in GPT-2); a char-level tokenizer has no
-    special tokens. Spaces are never 'cleaned up' on decode: decoding must give back the text.
-    A chat model's template goes along, so that apply_chat_template renders as --chat does."""
-    special = {"bos_token": tok.eot, "eos_token": tok.eot} if tok.eot is not None else {}
-    template = chat_template_of(cfg, tok)
-    if template:  # runtimes that stop at eos_token stop at the end of a turn
-        special["eos_token"] = tok.hf.id_to_token(runtime_end_id(cfg, tok))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
-              **special, **({"chat_template": template} if template else {})}
-    return {"tokenizer.json": tok.to_str(),
-            "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
-            "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
-
-
-def save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write through atomic_write. safetensors refuses tensors that share memory (tied weights,
-    slices of the fused qkv) and non-contiguous ones (transposes): every tensor is a fresh copy."""
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
-
-
-def check_tokenizer_fits(model: GPT, tok: TextTokenizer) -> None:
-    if model.vocab_size < tok.vocab_size:
-        raise TinyLLMError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
-                           f"{model.vocab_size}; export the tokenizer the model was trained with")
-
-
-def export_hf(model: GPT, tok: TextTokenizer, out_dir: Path) -> None:
-    """A directory that transformers loads with AutoModelForCausalLM/AutoTokenizer.from_pretrained:
-    GPT2LMHeadModel for layernorm+gelu+learned models, LlamaForCausalLM for rmsnorm+swiglu+rope
-    ones, computing the same logits (fp32). Tied embeddings are stored once (safetensors refuses
-    shared tensors) and tie_word_embeddings re-ties them on load."""
-    require("safetensors", "exporting to HuggingFace")
-    layout = hf_layout(model.cfg)
-    check_tokenizer_fits(model, tok)
-    out = make_export_dir(out_dir)
-    tensors = hf_gpt2_tensors(model) if layout == "gpt2" else hf_llama_tensors(model)
-    save_safetensors_file(tensors, out / "model.safetensors", {"format": "pt"})
-    files = {"config.json": hf_config(model, tok, layout),
-             "generation_config.json": hf_generation_config(model.cfg, tok)}
-    for name, value in files.items():
-        write_text_atomic(out / name, json.dumps(value, indent=2) + "\n")
-    for name, text in hf_tokenizer_files(tok, model.cfg).items():
-        write_text_atomic(out / name, text)
-
-
-def export_safetensors(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, step: int = -1,
-                       start_ids: list[int] | None = None) -> None:
-    """One .safetensors file that is a whole sampling checkpoint: the weights (no pickle, so
-    loading can never run code), and in the string-to-string metadata our config JSON, the
-    vocabulary size and the tokenizer JSON. A tied output head is stored once, as wte.weight."""
-    require("safetensors", "--export safetensors")
-    mismatched = [k for k in ARCH_KEYS if getattr(cfg, k) != getattr(model.cfg, k)]
-    if mismatched:
-        raise TinyLLMError(f"the config given to export_safetensors differs from the model's in "
-                           f"{', '.join(mismatched)}; pass the model's own config")
-    tensors = {k: v for k, v in model.state_dict().items()
-               if not (cfg.tie_weights and k == "lm_head.weight")}
-    plain = dataclasses.replace(cfg, lora_rank=0)  # the weights written are merged: no adapters
-    metadata = {"format": "pt", "tinyllm": SAFETENSORS_FORMAT, "config": json.dumps(asdict(plain)),
-                "vocab_size": str(model.vocab_size), "tokenizer": tok.to_str(), "step": str(step),
-                "start_ids": json.dumps(start_ids)}
-    save_safetensors_file(tensors, export_file(path), metadata)
-
-
-class LogitsOnly(nn.Module):
-    """GPT.forward as a pure function of the token ids, (B, T) -> (B, T, V) logits: the one
-    output that tracers and exporters want (no loss, no cache)."""
-
-    def __init__(self, model: GPT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model(idx)[0]
-
-
-def export_copy(model: GPT) -> LogitsOnly:
-    """A CPU fp32 eval copy to trace: exporting never disturbs the live model (its device, its
-    dtype, train mode), and the graph does not bake in dropout."""
-    return LogitsOnly(copy.deepcopy(model).float().cpu()).eval()
-
-
-def export_onnx(model: GPT, path: Path) -> None:
-    """ONNX graph of the forward pass: input_ids (batch, seq) int64 -> logits (batch, seq, vocab)
-    float32; batch is dynamic, seq too from 1 to block_size (past it there are no positions).
-    No KV cache: each call recomputes the whole sequence. torch's dynamo exporter (torch.export,
-    then onnxscript); the older TorchScript-based one cannot translate RMSNorm."""
-    require("onnxscript", "--export onnx", "onnx onnxscript")  # the dynamo exporter translates through it
-    if model.cfg.block_size < 2:
-        raise TinyLLMError("ONNX export needs --block_size of at least 2 (torch.export treats an "
-                           "example axis of size 1 as fixed)")
-    wrapper = export_copy(model)
-    example = torch.zeros(2, min(model.cfg.block_size, 8), dtype=torch.long)  # (B, T)
-    batch = torch.export.Dim("batch", min=1)
-    seq = torch.export.Dim("seq", min=1, max=model.cfg.block_size)
-    big = sum(p.numel() * 4 for p in wrapper.parameters()) >= 2**31  # protobuf's 2 GB limit
-    program = torch.onnx.export(wrapper, (example,), input_names=["input_ids"],
-                                output_names=["logits"], dynamo=True, external_data=big,
-                                dynamic_shapes={"idx": {0: batch, 1: seq}}, verbose=False)
-    path = export_file(path)
-    if big:  # the weights go to a side file named after the graph file: no temporary name
-        program.save(str(path), external_data=True)
-    else:
-        atomic_write(path, lambda p: program.save(str(p), external_data=False))
-
-
-def export_torchscript(model: GPT, path: Path) -> None:
-    """torch.jit.trace of the logits-only forward (LogitsOnly), loadable with torch.jit.load
-    and no tinyllm code. Traced at batch 2 x seq 8, it runs any batch and any seq from 1 to
-    block_size: the trace records sizes as graph ops and LogitsOnly has no Python branch on
-    them. No KV cache. torch deprecates torch.jit (use export_onnx, or torch.export, for new
-    work); its deprecation warnings are silenced here, any other tracer warning is shown."""
-    if model.cfg.block_size < 2:
-        raise TinyLLMError("TorchScript export needs --block_size of at least 2")
-    wrapper = export_copy(model)
-    example = torch.zeros(2, min(model.cfg.block_size, 8), dtype=torch.long)  # (B, T)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore", message="`torch.jit", category=DeprecationWarning)
-        traced = torch.jit.trace(wrapper, (example,), check_trace=False)
-        atomic_write(export_file(path), lambda p: torch.jit.save(traced, str(p)))
-
-
-def export_tiktoken(tok: TextTokenizer, path: Path) -> None:
-    """The byte-level BPE tokenizer for tiktoken: `path` holds the mergeable ranks in tiktoken's
-    own format (base64 of the token's bytes, space, rank; one a line), `path`.json the split
-    pattern, the special tokens and the ranks file's sha256. Load it with:
-
-        import json, tiktoken
-        from tiktoken.load import load_tiktoken_bpe
-        meta = json.load(open("tokenizer.tiktoken.json"))
-        enc = tiktoken.Encoding(
-            name=meta["name"], pat_str=meta["pat_str"], special_tokens=meta["special_tokens"],
-            mergeable_ranks=load_tiktoken_bpe("tokenizer.tiktoken", expected_hash=meta["sha256"]))
-        enc.encode("some text<|endoftext|>", allowed_special="all")
-
-    (expected_hash matters: load_tiktoken_bpe caches every path it reads, local ones too, in
-    $TIKTOKEN_CACHE_DIR or /tmp/data-gym-cache, and without a hash a re-exported file would be
-    read from the stale cache.) tiktoken merges by the rank of the merged bytes and first looks
-    a whole pre-token up in the ranks, where HF applies its merge list in order; the two agree
-    on tokenizers that train_bpe_tokenizer makes, see the tests."""
-    ranks, special = tiktoken_tables(tok)
-    import base64
-    lines = "".join(f"{base64.b64encode(b).decode('ascii')} {i}\n" for b, i in
-                    sorted(ranks.items(), key=lambda item: item[1]))
-    path = export_file(path)
-    atomic_write(path, lambda p: p.write_bytes(lines.encode("ascii")))
-    meta = {"name": path.name.split(".")[0] or "tinyllm", "pat_str": GPT2_SPLIT_PATTERN,
-            "special_tokens": special, "mergeable_ranks": path.name,
-            "sha256": hashlib.sha256(lines.encode("ascii")).hexdigest(),
-            "n_vocab": tok.vocab_size}
-    write_text_atomic(path.with_name(path.name + ".json"), json.dumps(meta, indent=2) + "\n")
-
-
-# ---- GGUF: one file for llama.cpp, Ollama and LM Studio ------------------------------------
-
-Q8_BLOCK = 32  # q8_0 quantizes blocks of 32 weights along a row, one scale each
-# Split patterns of the Llama 3 and Qwen2 pre-tokenizers, as their tokenizer.json files write them.
-LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-                        r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
-GGUF_SPLIT_PATTERNS = {LLAMA3_SPLIT_PATTERN: "llama-bpe", QWEN2_SPLIT_PATTERN: "qwen2"}  # llama.cpp's names
-SPM_SPACE = "\u2581"  # how llama.cpp's SentencePiece-style tokenizer spells a space
-
-
-def export_gguf(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, weights: str = "f16") -> None:
-    """One .gguf file that llama.cpp loads, and with it Ollama and LM Studio: the weights under
-    llama.cpp's names for the gpt2, llama or qwen3 architecture (hf_layout picks it), the
-    metadata its loader reads, the tokenizer (so that llama.cpp encodes text to our ids), the
-    chat template, and this run's sampling settings as defaults. An Ollama Modelfile is written
-    beside it. `weights`: f32, f16 (1-D tensors stay f32, as llama.cpp wants) or q8_0."""
-    gguf = require("gguf", "--export gguf")
-    if weights not in choices_of("gguf_type"):
-        raise TinyLLMError(f"--gguf_type {weights!r} is not one of {', '.join(choices_of('gguf_type'))}")
-    arch = hf_layout(model.cfg, "llama.cpp's", "a GGUF export")
-    check_tokenizer_fits(model, tok)
-    vocab = gguf_vocab(tok, model.vocab_size)
-    if vocab["model"] == "llama":
-        print0("gguf: llama.cpp stops with an error on a character outside a char-level vocabulary (as "
-               "--prompt refuses them here); Ollama and llama-server would drop the request")
-    if arch == "qwen3" and vocab["pre"] != "qwen2":
-        print0("gguf: Ollama runs qwen3 models on its own engine, which tokenizes as Qwen2 whatever the file "
-               "says; llama.cpp and LM Studio read this model's own tokenizer from the file")
-    if cfg.mlp == "gelu" and arch == "gpt2":
-        print0("gguf: llama.cpp's GPT-2 computes GELU by its tanh approximation; this model was trained "
-               "with the exact (erf) GELU, which differs by at most 5e-4 per activation")
-    tensors = gguf_tensors(model, arch)
-    kept = [n for n, t in tensors.items() if weights == "q8_0" and gguf_kind(t, weights, n) == "f16"]
-    if kept:
-        print0(f"gguf: q8_0 needs rows of a multiple of {Q8_BLOCK} weights; {len(kept)} tensors stay "
-               f"f16: {', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''}")
-
-    def write(target: Path) -> None:
-        writer = gguf.GGUFWriter(target, arch)
-        gguf_metadata(writer, model, arch, weights, vocab, tok, cfg)
-        bar = byte_bar(sum(t.numel() * 4 for t in tensors.values()), f"gguf {weights}")
-        for name, t in tensors.items():
-            data, kind = gguf_array(t, weights, name)
-            writer.add_tensor(name, data, raw_dtype=kind)
-            if bar is not None:
-                bar.update(t.numel() * 4)
-        if bar is not None:
-            bar.close()
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=bar is not None)
-        writer.close()
-    path = export_file(path)
-    atomic_write(path, write)
-    write_text_atomic(path.with_name("Modelfile"), ollama_modelfile(cfg, tok, path.name))
-
-
-def gguf_tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
-    """Our weights under llama.cpp's names, the gguf package's map from transformers' names
-    (hf_gpt2_tensors, hf_llama_tensors), in nn.Linear's (out, in) layout: GPT-2's Conv1D
-    transposes are undone. llama.cpp's `llama` rotates adjacent pairs of a head's dimensions, so
-    its q and k rows are reordered; `qwen3` rotates halves, as we do."""
-    import gguf
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.cfg.n_layer)
-    attn = model.blocks[0].attn
-    if arch == "gpt2":
-        hf = {k: v.t() if HF_FAMILIES["gpt2"].transposed(k) else v for k, v in hf_gpt2_tensors(model).items()}
-    else:
-        hf = hf_llama_tensors(model)
-    out = {}
-    for hf_name, t in hf.items():
-        if arch == "llama" and ".q_proj." in hf_name:
-            t = rotate_half_to_pairs(t, attn.n_head)
-        elif arch == "llama" and ".k_proj." in hf_name:
-            t = rotate_half_to_pairs(t, attn.n_kv_head)
-        out[names.get_name(hf_name, try_suffixes=(".weight", ".bias"))] = t.detach()
-    return out
-
-
-def rotate_half_to_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """q or k rows (H*D, ...), or their bias (H*D,), from rotate-half order (dimension i of a
-    head pairs with i + D/2) to adjacent pairs (2i with 2i+1): per head, the rows of the two
-    halves interleave."""
-    halves = w.reshape(n_head, 2, w.size(0) // n_head // 2, *w.shape[1:])  # (H, 2, D/2, ...)
-    return halves.transpose(1, 2).reshape(w.shape)
-
-
-def gguf_kind(t: torch.Tensor, weights: str, name: str) -> str:
-    """f32, f16 or q8_0: what one tensor is written as. Norms, biases and GPT-2's position table
-    stay f32 (llama.cpp's own converter keeps them so); q8_0 quantizes what has rows of a
-    multiple of 32 and leaves the rest f16."""
-    if weights == "f32" or t.dim() == 1 or name.startswith("position_embd"):
-        return "f32"
-    return "q8_0" if weights == "q8_0" and t.size(-1) % Q8_BLOCK == 0 else "f16"
-
-
-def gguf_array(t: torch.Tensor, weights: str, name: str) -> tuple[np.ndarray, Any]:
-    """(data, ggml type or None when numpy's dtype says it) of one tensor, as gguf_kind says."""
-    import gguf
-    data = t.float().cpu().numpy()
-    kind = gguf_kind(t, weights, name)
-    if kind == "q8_0":
-        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    return (data, None) if kind == "f32" else (data.astype(np.float16), None)
-
-
-def gguf_vocab(tok: TextTokenizer, n_vocab: int) -> dict[str, Any]:
-    """The tokenizer as llama.cpp reads it, or TinyLLMError naming why llama.cpp could not
-    encode as we do. Byte-level BPE is llama.cpp's `gpt2` model with the merges and the
-    pre-tokenizer (the regex that splits text before BPE) named; a char-level vocabulary is its
-    SentencePiece-style `llama` model without merges, which looks every character up whole. The
-    tokens go by id, padded to the model's rows with unused ones."""
-    spec, added = json.loads(tok.to_str()), tok.hf.get_added_tokens_decoder()
-    by_id = {i: t for t, i in tok.vocab.items()}
-    if sorted(by_id) != list(range(len(by_id))):
-        raise TinyLLMError("the tokenizer's ids have gaps, which a GGUF token list cannot hold; "
-                           "use --export hf")
-    if tok.eot_id is None:
-        raise TinyLLMError(f"the tokenizer has no end-of-text token ({', '.join(END_OF_TEXT)}), which "
-                           f"llama.cpp needs to end a generation; train with --tokenizer bpe or char")
-    tokens = [by_id[i] for i in range(len(by_id))]
-    if tok.kind == "char":
-        if SPM_SPACE in tok.vocab:
-            raise TinyLLMError(f"the char-level vocabulary has {SPM_SPACE!r}, the character llama.cpp's "
-                               f"char lookup spells a space with, so it could not tell them apart; "
-                               f"train with --tokenizer bpe for a GGUF export")
-        tokens = [SPM_SPACE if t == " " else t for t in tokens]
-        model, pre, merges = "llama", None, []
-    else:
-        model, pre = "gpt2", gguf_pre_tokenizer(spec)
-        check_whole_word_lookup(tok, spec, pre)
-        merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    padding = range(len(tokens), n_vocab)  # rows the model has beyond the tokenizer
-    names = tokens + [f"[PAD{i}]" for i in padding]
-    if len(set(names)) < len(names):
-        raise TinyLLMError("the tokenizer has two tokens with the same text (or one named like the padding "
-                           "rows, [PADn]); llama.cpp needs every token's text to be unique: use --export hf")
-    import gguf
-    kind = gguf.TokenType
-    types = [(kind.CONTROL if added[i].special else kind.USER_DEFINED) if i in added else kind.NORMAL
-             for i in range(len(tokens))]
-    return {"model": model, "pre": pre, "merges": merges, "tokens": names,
-            "types": types + [kind.UNUSED] * len(padding)}
-
-
-def gguf_pre_tokenizer(spec: dict[str, Any]) -> str:
-    """llama.cpp's name for the byte-level BPE pre-tokenizer of a tokenizer.json: GPT-2's (ours),
-    SmolLM's (digits split one by one first), Llama 3's or Qwen2's; TinyLLMError for another, or
-    for parts llama.cpp lacks."""
-    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-    fix = "llama.cpp's converter (convert_hf_to_gguf.py) may handle the --export hf directory"
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
-            or model.get("end_of_word_suffix"):
-        raise TinyLLMError(f"the tokenizer is not byte-level BPE (it is {model.get('type')}"
-                           f"{' with byte fallback' if model.get('byte_fallback') else ''}); {fix}")
-    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    first, last = (parts[0], parts[-1]) if parts else ({}, {})
-    regex = last.get("use_regex", True)  # the byte-level step also splits as GPT-2 does
-    name = None
-    if kinds[-1:] == ["ByteLevel"] and not last.get("add_prefix_space"):
-        if kinds == ["ByteLevel"] and regex:
-            name = "gpt-2"
-        elif kinds == ["Digits", "ByteLevel"] and first.get("individual_digits") and regex:
-            name = "smollm"
-        elif kinds == ["Split", "ByteLevel"] and not regex and not first.get("invert") \
-                and first.get("behavior") == "Isolated":
-            name = GGUF_SPLIT_PATTERNS.get(first.get("pattern", {}).get("Regex"))
-    if name is None:
-        raise TinyLLMError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}) is none of the "
-                           f"byte-level ones llama.cpp has (GPT-2's, SmolLM's, Llama 3's, Qwen2's); {fix}")
-    normalizer = spec.get("normalizer")
-    if normalizer and normalizer != {"type": "NFC"}:
-        raise TinyLLMError(f"the tokenizer normalizes text ({json.dumps(normalizer)[:80]}), which llama.cpp "
-                           f"does not; {fix}")
-    if normalizer:
-        print0("gguf: the tokenizer NFC-normalizes text and llama.cpp does not: text that is not in NFC "
-               "form may encode differently there")
-    return name
-
-
-def check_whole_word_lookup(tok: TextTokenizer, spec: dict[str, Any], pre: str) -> None:
-    """llama.cpp looks a pre-token up whole before merging (ignore_merges) for Llama 3's
-    pre-tokenizer only, and always merges for the others. Where the tokenizer.json does otherwise,
-    the two agree only if every token is what the merges make of its own text."""
-    ignores = bool(spec["model"].get("ignore_merges"))
-    if ignores == (pre == "llama-bpe"):
-        return
-    if ignores:
-        raise TinyLLMError("the tokenizer looks whole words up before merging (ignore_merges), which "
-                           "llama.cpp does only with Llama 3's pre-tokenizer; use --export hf")
-    odd = token_not_made_by_merges(tok)
-    if odd:
-        raise TinyLLMError(f"token {odd[0]} ({odd[1]!r}) is not what the tokenizer's merges make of its "
-                           f"text, and llama.cpp, which looks whole words up first here, would give it "
-                           f"where we do not; use --export hf")
-
-
-def gguf_metadata(writer: Any, model: GPT, arch: str, weights: str, vocab: dict[str, Any],
-                  tok: TextTokenizer, cfg: Config) -> None:
-    """The keys llama.cpp's loader reads for `arch`, the tokenizer, and the sampling defaults.
-    Generation ends at end-of-text, or for a chat model at the end of a turn (as --chat's)."""
-    import gguf
-    c, attn = model.cfg, model.blocks[0].attn
-    writer.add_name(Path(cfg.out_dir).name or "tinyllm")
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[weights])
-    if weights == "q8_0":
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(c.block_size)
-    writer.add_embedding_length(c.n_embd)
-    writer.add_block_count(c.n_layer)
-    writer.add_feed_forward_length(mlp_hidden_size(c))
-    writer.add_head_count(attn.n_head)
-    if arch == "gpt2":  # hf_gpt2_tensors repeats grouped key/value heads: plain multi-head
-        writer.add_head_count_kv(attn.n_head)
-        writer.add_layer_norm_eps(c.norm_eps)
-    else:
-        writer.add_head_count_kv(attn.n_kv_head)
-        writer.add_key_length(attn.head_dim)
-        writer.add_value_length(attn.head_dim)
-        writer.add_rope_dimension_count(attn.head_dim)
-        writer.add_rope_freq_base(c.rope_theta)
-        writer.add_layer_norm_rms_eps(c.norm_eps)
-        writer.add_vocab_size(model.vocab_size)
-    writer.add_tokenizer_model(vocab["model"])
-    if vocab["pre"]:
-        writer.add_tokenizer_pre(vocab["pre"])
-    writer.add_token_list(vocab["tokens"])
-    writer.add_token_types(vocab["types"])
-    if vocab["model"] == "llama":  # SentencePiece-style: no merges, so no scores to rank them by
-        writer.add_token_scores([0.0] * len(vocab["tokens"]))
-        writer.add_add_space_prefix(False)
-    else:
-        writer.add_token_merges(vocab["merges"])
-    template = chat_template_of(cfg, tok)
-    end = runtime_end_id(cfg, tok)
-    writer.add_bos_token_id(tok.eot_id)
-    writer.add_eos_token_id(end)
-    writer.add_add_bos_token(False)
-    writer.add_add_eos_token(False)
-    if template:
-        writer.add_eot_token_id(end)
-        writer.add_chat_template(template)
-    writer.add_sampling_sequence("penalties;temperature;top_k;top_p")  # our order (choose_next)
-    writer.add_sampling_temp(cfg.temperature)
-    writer.add_sampling_top_k(cfg.top_k)
-    writer.add_sampling_top_p(cfg.top_p)
-    writer.add_sampling_min_p(0.0)  # llama.cpp's default is 0.05; we have no min-p
-    writer.add_sampling_penalty_repeat(cfg.repetition_penalty)
-    writer.add_sampling_penalty_last_n(-1)  # the whole context, as --repetition_penalty counts
-
-
-OLLAMA_CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-                 "<|im_start|>assistant\n")  # CHATML as an Ollama (Go) template
-
-
-def ollama_modelfile(cfg: Config, tok: TextTokenizer, gguf_name: str) -> str:
-    """An Ollama Modelfile for the .gguf beside it: the prompt template (ChatML for our chat
-    models, the bare prompt for a plain language model), the stop tokens, the context length
-    and this run's sampling settings, each written out because Ollama's defaults differ (top_k
-    40, repeat_penalty 1.1 over the last 64 tokens)."""
-    template = chat_template_of(cfg, tok)
-    lines = ["# ollama create NAME -f Modelfile, then: ollama run NAME", f"FROM ./{gguf_name}"]
-    if not template:
-        lines.append('TEMPLATE """{{ .Prompt }}"""')
-    elif template == CHATML:
-        lines.append(f'TEMPLATE """{OLLAMA_CHATML}"""')
-    else:
-        print0("gguf: the Modelfile has no TEMPLATE: Ollama's templates are Go templates and this model's "
-               "chat template is not ChatML; Ollama uses the GGUF's chat template when it knows it, "
-               "else add a TEMPLATE line")
-    if '"""' in cfg.system:
-        print0('gguf: the Modelfile has no SYSTEM: Ollama cannot quote a system prompt that holds """')
-    elif cfg.system:
-        lines.append(f'SYSTEM """{cfg.system}"""')
-    stops = [tok.hf.id_to_token(i) for i in dict.fromkeys((runtime_end_id(cfg, tok), tok.eot_id))]
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
-    settings = {"num_ctx": cfg.block_size, "num_predict": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "top_k": cfg.top_k, "top_p": cfg.top_p, "min_p": 0, "repeat_penalty": cfg.repetition_penalty,
-                "repeat_last_n": -1}  # top_k 0 = off; -1 = the whole context
-    lines += [f"PARAMETER {k} {v}" for k, v in settings.items()]
-    return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------
-# Serving: an OpenAI-compatible HTTP API and a chat page (--serve)
-# ----------------------------------------------------------------------------------------------
-
-MAX_BODY = 1 << 20  # bytes of a request body; a longer one is refused (413) before it is read
-MAX_CHOICES = 16  # completions one request may ask for: n times its prompts
-MAX_STOPS = 4  # stop strings a request may give, as OpenAI allows
-MAX_STOP_CHARS = 256  # characters of one stop string: each is looked for after every token
-POLL_SECONDS = 0.25  # how often a waiting request checks that its client is still there
-
-
-class ApiError(Exception):
-    """A request the server refuses: an HTTP status and the message of OpenAI's error object."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Completion:
-    """One choice being generated: its prompt, how it is sampled, and the queue its text goes to
-    as (choice index, new text, finish reason or None, tokens generated so far). A choice that
-    cannot go on finishes as "error" (the text is why) or "shutdown"."""
-    index: int
-    prompt: list[int]
-    settings: SampleSettings  # max_new_tokens: what this choice may generate at most
-    generator: torch.Generator
-    stop_ids: tuple[int, ...]
-    stops: list[str]
-    events: queue.SimpleQueue[tuple[int, str, str | None, int]]
-    cancelled: threading.Event
-    text: GrowingText  # of ids
-    ids: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of the reply already sent
-
-
-class Engine:
-    """Decodes the choices of every client together. Each choice holds a row of one KV cache of
-    --serve_batch rows: it is prefilled into a free row, then every decode step advances all the
-    rows in use, each at its own position. Rows stay packed at the front (a finished row takes
-    the last one's place), so an eager step reads only the rows in use; a compiled one reads all
-    of them, to stay one graph. Choices beyond the rows wait in a queue, first come first served.
-    `run` decodes in the main thread under --serve (torch's CPU kernels, launched from another
-    thread, took 2.7 times as long per token here); the HTTP threads only queue work and read
-    events."""
-
-    def __init__(self, use: Loaded):
-        self.tok, self.device = use.tok, use.device
-        self.model = sampling_copy(use.model, use.cfg, use.device)
-        self.compiled = use.cfg.compile_decode
-        self.step = decode_step(self.model, self.compiled, frozen=True)
-        self.cache = self.model.new_cache(use.cfg.serve_batch, use.device,
-                                          cache_dtype(self.model.wte.weight.dtype, use.device))
-        prepare_step(self.step, self.cache)  # before the server listens, not in the first request
-        self.rows: list[Completion] = []
-        self.waiting: queue.Queue[Completion] = queue.Queue()
-        self.stopping = threading.Event()
-        self.lock = threading.Lock()  # between submit() and the end of run()
-        self.closed = False
-        self.thread: threading.Thread | None = None  # when run() is not in the main thread
-        self.failure: str | None = None
-
-    @property
-    def capacity(self) -> int:
-        return self.cache.capacity
-
-    def submit(self, choices: list[Completion]) -> None:
-        with self.lock:
-            if self.closed:
-                raise ApiError(503, f"the server cannot generate: {self.failure or 'it is shutting down'}",
-                               kind="server_error")
-            for c in choices:
-                self.waiting.put(c)
-
-    def start(self) -> None:
-        """Decode in a thread of its own (tests; --serve decodes in the main thread)."""
-        self.thread = threading.Thread(target=self.run, name="tinyllm-engine", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.thread is not None:
-            self.thread.join()
-
-    @torch.inference_mode()
-    def run(self, until: Callable[[], bool] = lambda: False) -> None:
-        """Decode until stop() or `until()`; then every choice still open is told why it ends."""
-        try:
-            while not self.stopping.is_set() and not until():
-                self.admit()
-                if self.rows:
-                    self.advance()
-        except Exception as e:  # the model failed (out of memory, a kernel): every client is told
-            self.failure = first_line(e)
-        reason = "error" if self.failure else "shutdown"
-        with self.lock:
-            self.closed = True
-            for c in self.rows:
-                c.events.put((c.index, self.failure or "", reason, len(c.ids)))
-            while not self.waiting.empty():
-                c = self.waiting.get_nowait()
-                c.events.put((c.index, self.failure or "", reason, 0))
-
-    def admit(self) -> None:
-        """Prefill waiting choices into the free rows; with nothing to decode, wait for one."""
-        while len(self.rows) < self.cache.batch:
-            try:
-                c = self.waiting.get(timeout=POLL_SECONDS) if not self.rows else self.waiting.get_nowait()
-            except queue.Empty:
-                return
-            if c.cancelled.is_set():
-                continue
-            row = self.cache.rows(len(self.rows), len(self.rows) + 1)
-            row.seek(0)
-            self.rows.append(c)
-            try:
-                logits = feed(self.model, torch.tensor([c.prompt], device=self.device), row)
-            except Exception as e:  # this prompt failed: the others go on
-                self.fail(len(self.rows) - 1, e)
-                continue
-            self.take_or_fail(len(self.rows) - 1, logits)
-
-    def advance(self) -> None:
-        """One decode step over the rows in use: each feeds its last token and samples its next."""
-        n = len(self.rows)
-        width = self.cache.batch if self.compiled else n
-        last = torch.tensor([[c.ids[-1]] for c in self.rows] + [[0]] * (width - n), device=self.device)
-        in_use = self.cache.rows(0, n)
-        logits = self.step(last, self.cache if width == self.cache.batch else in_use)
-        in_use.advance(1)
-        for i in reversed(range(n)):  # from the end: a finished row is replaced by the last one
-            self.take_or_fail(i, logits[i:i + 1])
-
-    def take_or_fail(self, i: int, logits: torch.Tensor) -> None:
-        try:
-            self.take(i, logits)
-        except Exception as e:  # one choice's sampling or decoding failed: the others go on
-            self.fail(i, e)
-
-    def fail(self, i: int, e: Exception) -> None:
-        c = self.rows[i]
-        print(f"error: a request failed ({first_line(e)}); the server goes on", file=sys.stderr, flush=True)
-        c.events.put((c.index, first_line(e), "error", len(c.ids)))
-        if self.rows[i] is c:  # unless dropping it was what failed
-            self.drop(i)
-
-    def take(self, i: int, logits: torch.Tensor) -> None:
-        """Row i's next token from its logits (1, V); send its text; free the row when it is done."""
-        c = self.rows[i]
-        if c.cancelled.is_set():  # the client left
-            self.drop(i)
-            return
-        history = torch.tensor([c.prompt + c.ids], device=self.device) \
-            if c.settings.repetition_penalty != 1.0 else torch.zeros((1, 0), dtype=torch.long)
-        token = int(choose_next(logits, history, c.settings, c.generator))
-        finish = None
-        if token in c.stop_ids:
-            finish = "stop"
-        else:
-            c.ids.append(token)
-            if len(c.ids) >= c.settings.max_new_tokens or len(c.prompt) + len(c.ids) >= self.capacity:
-                finish = "length"
-        if self.send(c, finish):
-            self.drop(i)
-
-    def send(self, c: Completion, finish: str | None) -> bool:
-        """Queue the text the choice has added since the last event; True when it is finished. Text
-        that may be the start of a stop string, or ends inside a UTF-8 character, waits."""
-        text = c.text.of(c.ids)
-        end = len(text)
-        for s in c.stops:
-            at = text.find(s, max(0, c.sent - len(s) + 1))
-            if at != -1 and at < end:
-                end, finish = at, "stop"
-        if finish is None:
-            if text.endswith("\ufffd"):
-                return False
-            held = 0  # the longest end of the text that may grow into a stop string
-            for s in c.stops:
-                longest = min(len(s) - 1, len(text))
-                held = next((k for k in range(longest, held, -1) if text.endswith(s[:k])), held)
-            end -= held
-        if end > c.sent or finish is not None:
-            c.events.put((c.index, text[c.sent:end], finish, len(c.ids)))
-            c.sent = max(c.sent, end)
-        return finish is not None
-
-    def drop(self, i: int) -> None:
-        """Free row i: the last row in use moves into it, so the rows in use stay packed."""
-        last = len(self.rows) - 1
-        if i != last:
-            for layer in self.cache.k + self.cache.v:
-                layer[i].copy_(layer[last])
-            self.cache.pos_t[i] = self.cache.pos_t[last]
-            self.rows[i] = self.rows[last]
-        self.cache.pos_t[last] = 0  # a free row stays at 0: a compiled step still writes it
-        self.rows.pop()
-
-
-# ---- Requests: OpenAI's fields, checked, to prompts and sampling settings ---------------------
-
-# fields accepted only at the value that changes nothing: this server has no logprobs, tools,
-# penalties other than repetition_penalty, or structured output
-NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
-           "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
-           "tools": ([],), "tool_choice": ("none",), "functions": ([],),
-           "response_format": ({"type": "text"},)}
-IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")  # no effect on the text
-SAMPLING_FIELDS = ("model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-                   "top_p", "top_k", "repetition_penalty", "n", "stop", "seed")
-
-
-def api_value(body: dict[str, Any], name: str, kind: type, default: Any,
-              ok: Callable[[Any], bool] | None = None, need: str = "") -> Any:
-    """body[name] (null or absent: default), refused (400) when not of `kind` or not `ok`."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if kind is float and type(value) is int:
-        value = float(value) if abs(value) < 1e300 else math.inf  # float() of a longer one raises
-    finite = type(value) is not float or math.isfinite(value)
-    if type(value) is not kind or not finite or (ok is not None and not ok(value)):
-        raise ApiError(400, f"'{name}' must be {need or kind.__name__}; got {json.dumps(value)[:80]}",
-                       param=name)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (through TinyLLMError) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise TinyLLMError(f"{message}; run with --help to see the options")
+
+
+def field_type(name: str) -> type:
+    return {"bool": bool, "int": int, "float": float, "str": str}[FIELDS[name].type]
+
+
+def choices_of(name: str) -> tuple[str, ...] | None:
+    """A field's allowed values, registries read when asked (so every entry counts), or None."""
+    spec = FIELDS[name].metadata["choices"]
+    if spec is None:
+        return None
+    return tuple(key for part in ([spec] if isinstance(spec, dict) else spec)
+                 for key in (part if isinstance(part, dict) else (part,)))
+
+
+def check_value(name: str, value: Any, where: str) -> Any:
+    """Type- and choice-check one setting from a JSON file; ints are accepted for floats."""
+    want = field_type(name)
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        example = {bool: "true or false", int: "a whole number like 4", float: "a number like 0.001",
+                   str: 'a string in "quotes"'}[want]
+        raise TinyLLMError(f"{where}: key '{name}' must be {want.__name__}, got {json.dumps(value)}; "
+                           f"write it as {example}")
+    choices = choices_of(name)
+    if choices and value not in choices:
+        raise TinyLLMError(f"{where}: key '{name}' must be one of {', '.join(choices)}, got "
+                           f"{json.dumps(value)}")
     return value
 
 
-def check_fields(body: dict[str, Any], own: tuple[str, ...]) -> None:
-    for name, value in body.items():
-        if name in own or name in SAMPLING_FIELDS or name in IGNORED or (name in NEUTRAL and value is None):
-            continue
-        if name not in NEUTRAL:
-            raise ApiError(400, f"unrecognized request argument: '{name}'", param=name)
-        if value not in NEUTRAL[name]:
-            raise ApiError(400, f"'{name}' is not supported by this server; leave it out", param=name)
-
-
-def sampling_of(body: dict[str, Any], cfg: Config, cap: int) -> SampleSettings:
-    """The request's sampling settings; what it leaves out comes from the server's settings."""
-    asked = api_value(body, "max_completion_tokens", int, None, lambda v: v >= 1, "an integer of at least 1")
-    asked = api_value(body, "max_tokens", int, asked, lambda v: v >= 1, "an integer of at least 1")
-    if asked is not None and asked > cap:
-        raise ApiError(400, f"max_tokens is {asked}, more than this server allows ({cap}, its "
-                            f"--max_new_tokens)", param="max_tokens")
-    return SampleSettings(
-        asked or cap,
-        api_value(body, "temperature", float, cfg.temperature, lambda v: 0 <= v <= 2, "a number in [0, 2]"),
-        api_value(body, "top_k", int, cfg.top_k, lambda v: v >= 0, "an integer of at least 0"),
-        api_value(body, "top_p", float, cfg.top_p, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-        api_value(body, "repetition_penalty", float, cfg.repetition_penalty, lambda v: 0.01 <= v <= 100,
-                  "a number in [0.01, 100]"))
-
-
-def stops_of(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not (isinstance(stops, list) and len(stops) <= MAX_STOPS
-            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
-        raise ApiError(400, f"'stop' must be a string of 1 to {MAX_STOP_CHARS} characters, or a list of "
-                            f"at most {MAX_STOPS} of them", param="stop")
-    return [unicode_text(s, "stop") for s in stops]
-
-
-def unicode_text(text: str, param: str) -> str:
-    """The text, refused when JSON's escapes made it something UTF-8 cannot hold (a lone surrogate)."""
+def load_json_config(path: str) -> dict[str, Any]:
+    """Read a JSON config file into checked settings; unknown keys and bad types are refused."""
     try:
-        text.encode()
-    except UnicodeEncodeError:
-        raise ApiError(400, f"'{param}' holds a lone surrogate (\\ud800-\\udfff), which is no text",
-                       param=param) from None
-    return text
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TinyLLMError(f"--config {path} does not exist; give the path of a JSON file "
+                           f"(see config/ for examples)") from None
+    except json.JSONDecodeError as e:
+        raise TinyLLMError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}; "
+                           f"fix the syntax") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinyLLMError(f"--config {path} cannot be read ({e}); give a readable UTF-8 JSON "
+                           f"file") from None
+    if not isinstance(raw, dict):
+        raise TinyLLMError(f"{path}: the top level must be a JSON object of option names and values")
+    for key in raw:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "see --help for the option names"
+            raise TinyLLMError(f"{path}: unknown key '{key}'; {hint}")
+    return {k: check_value(k, v, path) for k, v in raw.items()}
 
 
-def prompts_of(body: dict[str, Any], tok: TextTokenizer, start_ids: list[int], most: int) -> list[list[int]]:
-    """/v1/completions' prompt: a text, a list of texts, a list of token ids, or a list of (at
-    most `most`) of those."""
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise ApiError(400, "'prompt' is required", param="prompt")
-    is_ids = isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)
-    prompts = [prompt] if isinstance(prompt, str) or is_ids else prompt
-    if not isinstance(prompts, list) or not prompts:
-        raise ApiError(400, "'prompt' must be a text, a list of texts or a list of token ids", param="prompt")
-    if len(prompts) > most:
-        raise ApiError(400, f"{len(prompts)} prompts times n asks for more than {MAX_CHOICES} choices",
-                       param="prompt")
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            check_known_chars(tok, unicode_text(p, "prompt"), "the prompt")
-            out.append(tok.encode(p) if p else list(start_ids))
-        elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < tok.vocab_size for t in p):
-            out.append(list(p))
+def build_parser() -> argparse.ArgumentParser:
+    """argparse flags straight from the Config fields; defaults are SUPPRESSed so that only
+    the flags a user actually typed come back (they override the JSON file)."""
+    p = OneLineParser(
+        prog="train_tinyllm.py", description="Train, checkpoint and sample a small GPT/Llama model.",
+        epilog="Precedence: defaults < --arch preset < --config file < command-line flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
+    groups["data and I/O"].add_argument(
+        "--config", default=argparse.SUPPRESS, metavar="PATH",
+        help="JSON file of option values; command-line flags override it.")
+    for name, f in FIELDS.items():
+        kind = field_type(name)
+        text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")  # argparse formats help
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            raise ApiError(400, f"'prompt' holds {json.dumps(p)[:60]}: give texts, or token ids under "
-                                f"{tok.vocab_size}", param="prompt")
-    return out
+            kwargs.update(type=kind, choices=choices_of(name),
+                          metavar=None if choices_of(name) else kind.__name__.upper())
+        groups[f.metadata["group"]].add_argument(f"--{name}", **kwargs)
+    return p
 
 
-def message_text(message: Any, i: int) -> tuple[str, str]:
-    """(role, text) of messages[i]; the text of content parts is joined."""
-    if not isinstance(message, dict):
-        raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
-    role, content = message.get("role"), message.get("content")
-    role = "system" if role == "developer" else role
-    if role not in ("system", "user", "assistant"):
-        raise ApiError(400, f"messages[{i}] has role {json.dumps(role)}; this server takes system, "
-                            f"developer, user and assistant", param="messages")
-    if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise ApiError(400, f"messages[{i}] has content parts other than text; this model reads text "
-                                f"only", param="messages")
-        content = "".join(p["text"] for p in content)
-    if content is None and role == "assistant":
-        content = ""
-    if not isinstance(content, str):
-        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
-                       param="messages")
-    return role, unicode_text(content, "messages")
+def parse_args(argv: list[str] | None) -> dict[str, Any]:
+    """The settings the user gave: the --config file's, overridden by command-line flags."""
+    flags = vars(build_parser().parse_args(argv))
+    from_file = load_json_config(flags.pop("config")) if "config" in flags else {}
+    return {**from_file, **flags}
 
 
-def chat_prompt_of(body: dict[str, Any], tok: TextTokenizer, template: str) -> list[int]:
-    """The conversation rendered with the model's chat template, up to the reply; a model without
-    a template continues the messages' texts, joined by blank lines."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    turns = [message_text(m, i) for i, m in enumerate(messages)]
-    if not template:
-        text = "\n\n".join(text for _, text in turns)
-        check_known_chars(tok, text, "the messages")
-        return tok.encode(text) if text else tok.start_ids()
-    messages = [{"role": role, "content": plain_content(text)} for role, text in turns]
-    return chat_prompt(tok, template, messages)
+def merge_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> Config:
+    """Defaults < base (a checkpoint's config) < the explicit --arch preset < explicit settings."""
+    base = {k: v for k, v in (base or {}).items() if k in FIELDS and k not in RUN_KEYS}
+    preset = PRESETS[explicit["arch"]] if "arch" in explicit else {}
+    merged = {**base, **preset, **explicit}
+    if "min_lr" not in merged and "learning_rate" in merged:  # a fine-tuning rate of 1e-4 gets 1e-5
+        merged["min_lr"] = merged["learning_rate"] / 10
+    return Config(**merged)
 
 
-# ---- The HTTP server: routes, streaming, errors -----------------------------------------------
+def build_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> Config:
+    """A merged and validated config from settings, for code that builds models by hand (tests,
+    notebooks); the program itself goes through resolve()."""
+    cfg = merge_config(explicit, base)
+    validate(cfg)
+    return cfg
+
+
+Check = tuple[bool, str]  # (is it bad, the one-line message that names the option and the fix)
+
+
+def finite_checks(cfg: Config) -> list[Check]:
+    """Every float setting is a finite number: nan or inf would train on into a checkpoint full
+    of NaN, or sample garbage. Checked first, so the message names the setting that is wrong."""
+    return [(not math.isfinite(getattr(cfg, name)),
+             f"--{name} must be a finite number, got {getattr(cfg, name)}; give a number like "
+             f"{FIELDS[name].default!r}")
+            for name in FIELDS if field_type(name) is float]
+
+
+def model_checks(cfg: Config) -> list[Check]:
+    kv = cfg.n_kv_head or cfg.n_head
+    return [
+        (cfg.n_layer < 1, "--n_layer must be at least 1"),
+        (cfg.n_head < 1, "--n_head must be at least 1"),
+        (cfg.n_embd < 1, "--n_embd must be at least 1"),
+        (cfg.n_kv_head < 0, "--n_kv_head must be 0 (= n_head) or a positive divisor of n_head"),
+        (cfg.head_dim < 0, "--head_dim must be 0 (n_embd / n_head) or positive"),
+        (cfg.head_dim == 0 and cfg.n_embd % cfg.n_head != 0,
+         f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}; pick n_embd as a "
+         f"multiple of n_head, or set --head_dim"),
+        (cfg.n_kv_head > 0 and cfg.n_head % kv != 0,
+         f"--n_head {cfg.n_head} is not divisible by --n_kv_head {cfg.n_kv_head}; use a divisor of "
+         f"n_head (1 = MQA, n_head = MHA)"),
+        (cfg.pos_encoding == "rope" and head_size(cfg) % 2 != 0,
+         f"rope needs an even head size, but it is {head_size(cfg)}; change --n_embd, --n_head or "
+         f"--head_dim, or use --pos_encoding learned"),
+        (cfg.block_size < 1, "--block_size must be at least 1"),
+        (not 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
+        (cfg.norm_eps <= 0, "--norm_eps must be positive"),
+        (cfg.mlp_hidden < 0, "--mlp_hidden must be 0 (automatic) or positive"),
+        (cfg.rope_theta <= 0, "--rope_theta must be positive"),
+        (cfg.sliding_window < 0, "--sliding_window must be 0 (off) or a positive window"),
+    ]
+
+
+def data_checks(cfg: Config) -> list[Check]:
+    return [
+        (not cfg.text_field, "--text_field must name a field or column, like text"),
+        (cfg.bpe_vocab_size < 258 or cfg.bpe_vocab_size > 2**32,
+         "--bpe_vocab_size must be at least 258 (256 bytes, the end-of-text token and one merge)"),
+        (not 0 < cfg.val_fraction < 1, f"--val_fraction must be in (0, 1), got {cfg.val_fraction}"),
+    ]
+
+
+def training_checks(cfg: Config) -> list[Check]:
+    targets = [t.strip() for t in cfg.lora_targets.split(",")]
+    narrowest = min(cfg.n_embd, cfg.n_head * head_size(cfg))  # of the layers LoRA adapts
+    return [
+        (cfg.lora_rank < 0, "--lora_rank must be 0 (off) or positive"),
+        (cfg.lora_rank > 0 and not cfg.init_from,
+         "--lora_rank adapts a pretrained model: give --init_from (a HuggingFace directory or a "
+         "tinyllm checkpoint)"),
+        (cfg.lora_alpha <= 0, "--lora_alpha must be positive"),
+        (not 0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}"),
+        (not targets or any(t not in LORA_TARGETS for t in targets),
+         f"--lora_targets {cfg.lora_targets!r}: give attn, mlp or attn,mlp"),
+        (cfg.lora_rank >= narrowest > 0,
+         f"--lora_rank {cfg.lora_rank} is no low rank for layers {narrowest} wide; use a smaller rank (4 to "
+         f"64 is usual), or full fine-tuning (no --lora_rank)"),
+        (cfg.lora_rank > 0 and cfg.optimizer == "muon",
+         "--optimizer muon orthogonalizes whole weight matrices, not adapters; with --lora_rank use "
+         "adamw, adamw8bit or lion"),
+        (cfg.max_steps < 1, "--max_steps must be at least 1"),
+        (cfg.batch_size < 1, f"--batch_size must be at least 1, got {cfg.batch_size}"),
+        (cfg.grad_accum_steps < 1, "--grad_accum_steps must be at least 1"),
+        (cfg.learning_rate <= 0, f"--learning_rate must be positive, got {cfg.learning_rate}"),
+        (not 0 <= cfg.min_lr <= cfg.learning_rate,
+         f"--min_lr must be in [0, learning_rate={cfg.learning_rate}], got {cfg.min_lr}"),
+        (cfg.warmup_steps < 0, "--warmup_steps must be 0 or more"),
+        (cfg.weight_decay < 0, "--weight_decay must be 0 or more"),
+        (not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1), "--beta1 and --beta2 must be in [0, 1)"),
+        (cfg.grad_clip < 0, "--grad_clip must be 0 (off) or positive"),
+        (cfg.eval_interval < 1, "--eval_interval must be at least 1"),
+        (cfg.eval_iters < 1, "--eval_iters must be at least 1"),
+        (cfg.log_interval < 1, "--log_interval must be at least 1"),
+        (cfg.sample_interval < 0, "--sample_interval must be 0 (only at the end) or positive"),
+        (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must be in (0, 1]"),
+        (cfg.max_nonfinite < 1, "--max_nonfinite must be at least 1"),
+        (cfg.time_budget_s < 0, "--time_budget_s must be 0 (off) or positive"),
+        (cfg.stop_at_step < 0, "--stop_at_step must be 0 (off) or positive"),
+        (not 0 <= cfg.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
+        (cfg.z_loss < 0, "--z_loss must be 0 (off) or positive"),
+        (not 0 < cfg.ema_decay < 1, "--ema_decay must be in (0, 1)"),
+        (cfg.curriculum and not 1 <= cfg.curriculum_start_block_size < cfg.block_size,
+         f"--curriculum_start_block_size must be in [1, block_size={cfg.block_size})"),
+        (cfg.curriculum_steps < 0, "--curriculum_steps must be 0 (a third of max_steps) or positive"),
+        (cfg.peak_flops < 0, "--peak_flops must be 0 (automatic) or positive"),
+    ]
+
+
+def sampling_checks(cfg: Config) -> list[Check]:
+    return [
+        (cfg.max_new_tokens < 0, f"--max_new_tokens must be 0 or more, got {cfg.max_new_tokens}"),
+        (cfg.temperature < 0, f"--temperature must be 0 (greedy) or more, got {cfg.temperature}"),
+        (cfg.top_k < 0, "--top_k must be 0 (off) or positive"),
+        (not 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}"),
+        (cfg.repetition_penalty <= 0, "--repetition_penalty must be positive (1 = off)"),
+        (cfg.num_samples < 1, "--num_samples must be at least 1"),
+        (cfg.compile_decode and not cfg.kv_cache,
+         "--compile_decode compiles the KV-cache decode step; drop --no-kv_cache or --compile_decode"),
+    ]
+
+
+def run_checks(cfg: Config) -> list[Check]:
+    """The mode and where it runs: RUN_KEYS only, which never come from a checkpoint."""
+    flags = [f"--{mode.flag}" for mode in MODES.values() if mode.flag]
+    return [
+        (cfg.resume and cfg.overwrite, "--resume and --overwrite contradict each other; pick one"),
+        (len(modes_asked(cfg)) > 1, f"{', '.join(flags[:-1])} and {flags[-1]} are separate modes; give one"),
+        (not 0 <= cfg.port <= 65535, f"--port {cfg.port} is no port; give 1-65535, or 0 for a free one"),
+        (cfg.serve_batch < 1, f"--serve_batch {cfg.serve_batch} must be at least 1"),
+        (not is_valid_device(cfg.device),
+         f"--device {cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    ]
+
+
+SETTING_CHECKS = (finite_checks, model_checks, data_checks, training_checks, sampling_checks)
+
+
+def validate(cfg: Config, groups: tuple[Callable[[Config], list[Check]], ...] = (run_checks, *SETTING_CHECKS)
+             ) -> None:
+    """Refuse impossible settings before any work, naming the option and the fix."""
+    for checks in groups:
+        for bad, message in checks(cfg):
+            if bad:
+                raise TinyLLMError(message)
+
+
+def modes_asked(cfg: Config) -> list[str]:
+    """The modes whose flags are set (run_checks allows one); none means training."""
+    return [name for name, mode in MODES.items()
+            if mode.flag and getattr(cfg, mode.flag) not in (False, "none")]
+
 
 @dataclass
-class Served:
-    """What the HTTP threads share: the engine and the settings of the server."""
-    engine: Engine
+class Resolved:
+    """One invocation, resolved once: its mode, its config, and the checkpoint it starts from
+    (loaded) for --resume, --generate_only, --eval_only and --export."""
+    mode: str
     cfg: Config
-    model_id: str
-    template: str
-    start_ids: list[int]
-    created: int = field(default_factory=lambda: int(time.time()))
-    active: int = 0  # requests being answered
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def settle(self, seconds: float) -> None:
-        """Wait (a while at most) for the requests being answered to finish."""
-        deadline = time.monotonic() + seconds
-        while self.active and time.monotonic() < deadline:
-            time.sleep(0.01)
+    ckpt: dict[str, Any] | None = None
+    ckpt_path: Path | None = None
+    source: Source | None = None  # --init_from, for a new training run
 
 
-class ApiHandler(http.server.BaseHTTPRequestHandler):
-    """One HTTP connection (a thread each). Errors are OpenAI's JSON error objects."""
-    protocol_version = "HTTP/1.1"
-    server_version = "tinyllm"
-    timeout = 60  # seconds a client may stay silent while it sends its request
-    served: Served  # set on a subclass made per server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        print(f"{self.address_string()} {format % args}", file=sys.stderr, flush=True)
-
-    def do_GET(self) -> None:
-        self.respond(self.route_get)
-
-    def do_POST(self) -> None:
-        self.respond(self.route_post)
-
-    def respond(self, route: Callable[[], None]) -> None:
-        self.unread = self.body_length() or 0  # bytes of the request body not read yet
-        if self.unread and self.command != "POST":  # a body nothing here reads: the connection ends
-            self.close_connection = True
+def resolve(argv: list[str] | None) -> Resolved:
+    """The config of this invocation, merged and validated once, and its checkpoint. Precedence:
+    defaults < --arch preset < --config file < flags; when the mode starts from a checkpoint, its
+    config takes the place of the defaults. Every mode takes what this returns."""
+    explicit = parse_args(argv)
+    if explicit.get("chat_template"):
+        explicit["chat_template"] = template_text(explicit["chat_template"])
+    if explicit.get("init_from"):  # absolute: a LoRA checkpoint finds its base by it from anywhere
+        explicit["init_from"] = str(Path(explicit["init_from"]).resolve())
+    cfg = merge_config(explicit)
+    validate(cfg, (run_checks,))  # the mode first: it decides whether a checkpoint is read
+    mode = (modes_asked(cfg) or ["train"])[0]
+    MODES[mode]  # a mode implemented beside this file: imported now, or refused naming the file
+    for key in ("quantize", "compile_decode"):
+        if key in explicit and not MODES[mode].decodes:
+            raise TinyLLMError(f"--{key} is for decoding and --eval_only; --{mode} does not decode (exports "
+                               f"keep the checkpoint's full weights): drop --{key}")
+    if "gguf_type" in explicit and cfg.export != "gguf":
+        raise TinyLLMError("--gguf_type is for --export gguf; drop it or add --export gguf")
+    for key in SERVE_KEYS:
+        if key in explicit and mode != "serve":
+            raise TinyLLMError(f"--{key} is for --serve; drop it or add --serve")
+    path = checkpoint_to_use(cfg, mode)
+    if cfg.init_from and mode != "train" and path is None:
+        flag = dict.get(MODES, mode).flag
+        raise TinyLLMError(f"--init_from starts a training run (or points a LoRA checkpoint at its moved "
+                           f"base); --{flag} does not take it: drop --init_from")
+    if path is None and cfg.init_from:
+        source = load_source(Path(cfg.init_from))
+        cfg = merge_config(explicit, base=source_defaults(source))
         try:
-            try:
-                route()
-            except ApiError as e:
-                self.refuse(e)
-            except TinyLLMError as e:  # a prompt the tokenizer or the template refuses
-                self.refuse(ApiError(400, str(e)))
-            except OSError:
-                raise
-            except Exception as e:  # a bug: this client is told, and the server goes on
-                print(f"error: {type(e).__name__} ({first_line(e)}) answering {self.requestline[:80]!r}",
-                      file=sys.stderr, flush=True)
-                self.refuse(ApiError(500, f"the server failed on this request ({type(e).__name__}); it "
-                                          f"serves others", kind="server_error"))
-        except OSError:  # the client left, or stopped reading for `timeout` seconds
-            self.close_connection = True
-
-    def refuse(self, e: ApiError) -> None:
-        """Answer with the error. A body left unread would be taken for the next request: the
-        connection closes, after what is left of the body (within limits) is read and dropped,
-        so that the client is not reset before it reads the answer."""
-        if self.unread:
-            self.close_connection = True
-        self.send_json(e.status, e.body())
-        if self.unread:
-            self.connection.settimeout(1.0)
-            left = min(self.unread, 4 * MAX_BODY)
-            while left > 0 and (data := self.rfile.read1(min(left, 1 << 16))):
-                left -= len(data)
-
-    def body_length(self) -> int | None:
-        length = self.headers.get("Content-Length", "")
-        if not (length.isascii() and length.isdigit()):
-            return None
-        return int(length) if len(length) <= 18 else 1 << 62  # int() refuses 4,300 digits and more
-
-    def handle_expect_100(self) -> bool:
-        """A client that waits for leave to send its body hears of a body too big before sending it."""
-        if (self.body_length() or 0) > MAX_BODY:
-            self.close_connection, self.unread = True, 0
-            self.send_json(413, ApiError(413, f"the request body is over {MAX_BODY} bytes").body())
-            return False
-        return super().handle_expect_100()
-
-    def do_other(self) -> None:
-        self.respond(lambda: self.refuse_method())
-
-    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_other
-
-    def refuse_method(self) -> None:
-        raise ApiError(405, f"{self.command} is not served; use GET for /, /health and /v1/models, POST for "
-                            f"/v1/completions and /v1/chat/completions")
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors of the HTTP layer itself (a malformed request line, headers too long) as JSON too."""
-        self.close_connection = True
-        self.send_json(code, ApiError(code, message or http.HTTPStatus(code).phrase).body())
-
-    def route_get(self) -> None:
-        path = urllib.parse.unquote(self.path.split("?")[0])
-        s = self.served
-        if path == "/":
-            self.send_body(200, CHAT_PAGE.encode(), "text/html; charset=utf-8")
-        elif path == "/health":
-            self.send_json(200, {"status": "ok" if not s.engine.failure else "failed", "model": s.model_id,
-                                 "context": s.engine.capacity, "max_tokens": s.cfg.max_new_tokens,
-                                 "temperature": s.cfg.temperature, "decoding": len(s.engine.rows),
-                                 "waiting": s.engine.waiting.qsize()})
-        elif path in ("/v1/models", f"/v1/models/{s.model_id}"):
-            self.authorize()
-            card = {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "tinyllm"}
-            self.send_json(200, card if path != "/v1/models" else {"object": "list", "data": [card]})
-        elif path.startswith("/v1/models/"):
-            self.authorize()
-            raise ApiError(404, f"the model '{path[len('/v1/models/'):]}' does not exist; this server has "
-                                f"'{s.model_id}'", code="model_not_found")
-        elif path in ("/v1/completions", "/v1/chat/completions"):
-            raise ApiError(405, f"{path} takes POST")
-        else:
-            raise ApiError(404, f"no such path: {path}", code="not_found")
-
-    def route_post(self) -> None:
-        path = urllib.parse.unquote(self.path.split("?")[0])
-        body = self.read_json()  # first: a body left unread would break the connection
-        if path not in ("/v1/completions", "/v1/chat/completions"):
-            raise ApiError(404 if path not in ("/", "/health", "/v1/models") else 405,
-                           f"no POST route: {path}; use /v1/completions or /v1/chat/completions")
-        self.authorize()
-        self.complete(body, path == "/v1/chat/completions")
-
-    def authorize(self) -> None:
-        key = self.served.cfg.api_key
-        given = self.headers.get("Authorization", "")
-        if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
-
-    def read_json(self) -> dict[str, Any]:
-        length = self.body_length()
-        if length is None:
-            self.close_connection = True  # where the body ends is unknown
-            raise ApiError(411, "send the request body with a Content-Length header")
-        if length > MAX_BODY:
-            raise ApiError(413, f"the request body is {length} bytes; this server takes at most {MAX_BODY}")
-        raw, self.unread = self.rfile.read(length), 0
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, numbers or nesting too deep
-            raise ApiError(400, f"the request body is not valid JSON ({first_line(e)})") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    def complete(self, body: dict[str, Any], chat: bool) -> None:
-        """Check the request, queue its choices, then stream or return what the engine sends."""
-        s = self.served
-        check_fields(body, ("messages",) if chat else ("prompt",))
-        model = api_value(body, "model", str, s.model_id)
-        if model != s.model_id:
-            raise ApiError(404, f"the model '{model}' does not exist; this server has '{s.model_id}'",
-                           param="model", code="model_not_found")
-        stream = api_value(body, "stream", bool, False)
-        options = api_value(body, "stream_options", dict, {})
-        usage_chunk = api_value(options, "include_usage", bool, False)
-        settings = sampling_of(body, s.cfg, s.cfg.max_new_tokens)
-        n = api_value(body, "n", int, 1, lambda v: 1 <= v <= MAX_CHOICES,
-                      f"an integer from 1 to {MAX_CHOICES}")
-        seed = api_value(body, "seed", int, None, lambda v: -2 ** 63 <= v < 2 ** 64, "an integer of 64 bits")
-        stops = stops_of(body)
-        prompts = [chat_prompt_of(body, s.engine.tok, s.template)] if chat \
-            else prompts_of(body, s.engine.tok, s.start_ids, MAX_CHOICES // n)
-        longest = max(len(p) for p in prompts)
-        if longest >= s.engine.capacity:
-            raise ApiError(400, f"the prompt is {longest} tokens; this model's context is "
-                                f"{s.engine.capacity}, and the reply needs room too: shorten it (nothing "
-                                f"is cut)",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
-        tok = s.engine.tok
-        stop_ids = tuple(reply_end_ids(tok)) if chat else tuple(i for i in (tok.eot_id,) if i is not None)
-        events: queue.SimpleQueue[tuple[int, str, str | None, int]] = queue.SimpleQueue()
-        cancelled = threading.Event()
-        choices = [Completion(i, prompts[i // n], settings, new_generator(seed, i, s.engine.device), stop_ids,
-                              stops, events, cancelled, GrowingText(tok, prompts[i // n]))
-                   for i in range(len(prompts) * n)]
-        reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{os.urandom(12).hex()}", model, len(choices),
-                      sum(len(p) for p in prompts))
-        with s.lock:  # counted first: a shutdown in between still waits for this reply
-            s.active += 1
-        try:
-            s.engine.submit(choices)
-            if stream:
-                self.stream(reply, events, cancelled, usage_chunk)
-            else:
-                self.send_json(200, reply.whole(self.collect(events, cancelled, len(choices))))
-        finally:
-            cancelled.set()  # whatever ended this request, its rows are freed
-            with s.lock:
-                s.active -= 1
-
-    def collect(self, events: queue.SimpleQueue[tuple[int, str, str | None, int]], cancelled: threading.Event,
-                count: int) -> Iterator[tuple[int, str, str | None, int]]:
-        """The engine's events until every choice is finished; a client that leaves cancels them."""
-        finished, checked = 0, time.monotonic()
-        while finished < count:
-            if time.monotonic() - checked > POLL_SECONDS:  # a reply not streamed writes nothing till the end
-                checked = time.monotonic()
-                if client_gone(self.connection):
-                    cancelled.set()
-                    raise ConnectionResetError("the client left")
-            try:
-                event = events.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                continue
-            if event[2] == "error":
-                raise ApiError(500, f"generation failed: {event[1]}", kind="server_error")
-            if event[2] == "shutdown":
-                raise ApiError(503, "the server is shutting down", kind="server_error")
-            finished += event[2] is not None
-            yield event
-
-    def stream(self, reply: Reply, events: queue.SimpleQueue[tuple[int, str, str | None, int]],
-               cancelled: threading.Event, usage_chunk: bool) -> None:
-        """Server-sent events in OpenAI's chunk format, each flushed as it is made; the response
-        ends with the connection (no length is known in advance)."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        try:
-            for chunk in reply.opening():
-                self.send_event(chunk)
-            for event in self.collect(events, cancelled, reply.count):
-                self.send_event(reply.chunk(event))
-            if usage_chunk:
-                self.send_event(reply.usage_chunk())
-            self.wfile.write(b"data: [DONE]\n\n")
-        except ApiError as e:  # the status line is sent: the error travels as an event
-            self.send_event(e.body())
-        except OSError:  # the client left: its rows are freed
-            cancelled.set()
-
-    def send_event(self, payload: dict[str, Any]) -> None:
-        self.wfile.write(b"data: " + json_bytes(payload) + b"\n\n")
-        self.wfile.flush()
-
-    def send_json(self, status: int, payload: dict[str, Any]) -> None:
-        self.send_body(status, json_bytes(payload), "application/json")
-
-    def send_body(self, status: int, data: bytes, kind: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        if status == 401:
-            self.send_header("WWW-Authenticate", "Bearer")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":  # an answer to HEAD has headers only
-            self.wfile.write(data)
+            validate(cfg, SETTING_CHECKS)
+        except TinyLLMError as e:  # the source's own config may be what cannot work
+            raise TinyLLMError(f"--init_from {source.path}, with its config: {e}") from None
+        check_source_compatible(cfg, explicit, source)
+        check_source_shapes(cfg, source)
+        refuse_existing_run(cfg)
+        return Resolved(mode, check_entries(cfg), source=source)
+    if path is None:
+        validate(cfg, SETTING_CHECKS)
+        if mode == "train":
+            refuse_existing_run(cfg)
+        return Resolved(mode, check_entries(cfg))
+    ckpt = load_checkpoint(path)
+    cfg = merge_config(explicit, base=ckpt["config"])
+    validate(cfg, SETTING_CHECKS)
+    check_compatible(cfg, explicit, ckpt, path, resuming=mode == "train")
+    source = lora_base(ckpt, path, cfg.init_from) if ckpt["config"].get("lora_rank") else None
+    return Resolved(mode, check_entries(cfg), ckpt, path, source)
 
 
-def json_bytes(payload: dict[str, Any]) -> bytes:
-    """UTF-8 JSON; a lone surrogate echoed from a request becomes '?' instead of failing."""
-    return json.dumps(payload, ensure_ascii=False).encode(errors="replace")
-
-
-def new_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator:
-    """The sampler of choice `index`: seeded from the request's seed (the same seed, the same
-    text), else from the operating system."""
-    generator = torch.Generator(device=device)
-    return generator.manual_seed((seed + index) % 2 ** 64) if seed is not None else generator.manual_seed(
-        int.from_bytes(os.urandom(8), "little") >> 1)
-
-
-def client_gone(sock: Any) -> bool:
-    """True when the client closed its side of the connection."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except OSError:
-        return True
-
-
-@dataclass
-class Reply:
-    """The response to one request in OpenAI's shapes, whole or as stream chunks."""
-    chat: bool
-    id: str
-    model: str
-    count: int  # choices
-    prompt_tokens: int
-    created: int = field(default_factory=lambda: int(time.time()))
-    tokens: dict[int, int] = field(default_factory=dict)  # generated tokens per choice
-
-    def head(self, stream: bool) -> dict[str, Any]:
-        kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def usage(self) -> dict[str, int]:
-        done = sum(self.tokens.values())
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
-                "total_tokens": self.prompt_tokens + done}
-
-    def opening(self) -> list[dict[str, Any]]:
-        """A chat stream first names the role of every choice, as OpenAI's does."""
-        return [{**self.head(True), "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]}
-                for i in range(self.count)] if self.chat else []
-
-    def chunk(self, event: tuple[int, str, str | None, int]) -> dict[str, Any]:
-        index, text, finish, tokens = event
-        self.tokens[index] = tokens
-        delta = ({"content": text} if text or finish is None else {}) if self.chat else None
-        choice = {"index": index, "delta": delta} if self.chat else {"index": index, "text": text}
-        return {**self.head(True), "choices": [{**choice, "logprobs": None, "finish_reason": finish}]}
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return {**self.head(True), "choices": [], "usage": self.usage()}
-
-    def whole(self, events: Iterator[tuple[int, str, str | None, int]]) -> dict[str, Any]:
-        texts, finishes = [""] * self.count, [""] * self.count
-        for index, text, finish, tokens in events:
-            texts[index] += text
-            finishes[index] = finish or finishes[index]
-            self.tokens[index] = tokens
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}} if self.chat
-                   else {"index": i, "text": texts[i]} for i in range(self.count)]
-        return {**self.head(False), "choices": [{**c, "logprobs": None, "finish_reason": f}
-                                                for c, f in zip(choices, finishes)], "usage": self.usage()}
-
-
-class ApiServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True  # a connection left open never holds up the shutdown
-    # connections waiting to be accepted: beyond this, a burst of clients has its connections
-    # dropped, and their systems retry only after a second
-    request_queue_size = 128
-
-
-class ApiServer6(ApiServer):
-    address_family = socket.AF_INET6
-
-
-@dataclass
-class Listening:
-    """A server answering in threads of its own: its address, and how to stop it."""
-    url: str
-    http: ApiServer
-    served: Served
-
-    def stop(self) -> None:
-        """Stop taking requests, end the ones in flight (a stream ends, a waiting request gets a
-        503), and close the socket."""
-        self.http.shutdown()
-        self.served.engine.stop()
-        self.served.settle(5.0)  # each hears that the server is shutting down
-        self.http.server_close()
-
-
-def start_server(use: Loaded, decode_here: bool = False) -> Listening:
-    """Listen on --host:--port and answer from threads. The model decodes in a thread of its own,
-    or with `decode_here` wherever the caller then calls served.engine.run()."""
-    cfg, path = use.cfg, use.path
-    served = Served(Engine(use), cfg, path.parent.resolve().name, chat_template_of(cfg, use.tok),
-                    use.start_ids or use.tok.start_ids())
-    handler = type("Handler", (ApiHandler,), {"served": served})
-    try:
-        server = (ApiServer6 if ":" in cfg.host else ApiServer)((cfg.host, cfg.port), handler)
-    except OSError as e:
-        raise TinyLLMError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}); pick another --port "
-                           f"or --host") from None
-    if not decode_here:
-        served.engine.start()
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_SECONDS},
-                     name="tinyllm-http", daemon=True).start()
-    host, port = server.server_address[:2]
-    return Listening(f"http://{f'[{host}]' if ':' in host else host}:{port}", server, served)
-
-
-def serve(r: Resolved) -> None:
-    """--serve: the model behind an OpenAI-compatible API and a chat page, until SIGINT/SIGTERM."""
-    if not r.cfg.kv_cache or r.cfg.max_new_tokens < 1:
-        raise TinyLLMError("--serve decodes with a KV cache and needs --max_new_tokens (the most a request "
-                           "may ask for) of at least 1; drop --no-kv_cache, or raise --max_new_tokens")
-    use = load_for_use(r)
-    if use.cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: --host {use.cfg.host} makes the server reachable from other machines"
-              f"{'' if use.cfg.api_key else ', and it has no --api_key'}", file=sys.stderr)
-    with SignalCatcher() as catcher:
-        server = start_server(use, decode_here=True)
-        print(f"serving {use.path} (step {use.step}) as '{server.served.model_id}' at {server.url}/ (chat "
-              f"page there, API under /v1); Ctrl-C stops", file=sys.stderr, flush=True)
-        server.served.engine.run(until=lambda: catcher.signum != 0)
-    server.stop()
-    if server.served.engine.failure:  # a status a supervisor can restart on
-        raise TinyLLMError(f"generation failed ({server.served.engine.failure}); the server stopped")
-    print("the server stopped", file=sys.stderr, flush=True)
-
-
-CHAT_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>tinyllm</title>
-<style>
-  :root { color-scheme: light dark; --accent: #2f6fde; --soft: rgba(127, 127, 127, .14); }
-  * { box-sizing: border-box; }
-  body { margin: 0; font: 16px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; display: flex;
-         flex-direction: column; height: 100dvh; }
-  header { display: flex; align-items: center; gap: .6em; padding: .6em 1em;
-           border-bottom: 1px solid var(--soft); }
-  header b { font-size: 1.1em; }
-  #model { opacity: .7; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; flex: 1; }
-  button { font: inherit; padding: .45em .9em; border-radius: .5em; border: 1px solid var(--soft);
-           background: var(--soft); color: inherit; cursor: pointer; }
-  button.primary { background: var(--accent); color: #fff; border-color: var(--accent); }
-  #log { flex: 1; overflow-y: auto; padding: 1em; display: flex; flex-direction: column; gap: .7em; }
-  .msg { max-width: 46em; padding: .55em .85em; border-radius: .8em; white-space: pre-wrap;
-         overflow-wrap: anywhere; }
-  .user { align-self: flex-end; background: var(--accent); color: #fff; }
-  .assistant { align-self: flex-start; background: var(--soft); }
-  .assistant.pending::after { content: "\\258d"; animation: blink 1s steps(2) infinite; }
-  .note { align-self: center; font-size: .85em; opacity: .75; }
-  .error { align-self: center; color: #d33; font-size: .9em; }
-  @keyframes blink { 50% { opacity: 0; } }
-  form { display: flex; gap: .5em; padding: .6em 1em; border-top: 1px solid var(--soft); }
-  textarea, input { font: inherit; color: inherit; background: transparent; border: 1px solid var(--soft);
-                    border-radius: .5em; padding: .45em .6em; }
-  #input { flex: 1; resize: none; }
-  details { padding: 0 1em .6em; font-size: .9em; }
-  details label { display: inline-flex; align-items: center; gap: .4em; margin: .3em 1em .3em 0; }
-  details input[type=number] { width: 5.5em; }
-  #system { width: 100%; resize: vertical; }
-</style>
-</head>
-<body>
-<header><b>tinyllm</b><span id="model"></span><button id="new" type="button">New chat</button></header>
-<main id="log" aria-live="polite"></main>
-<form id="form">
-  <textarea id="input" rows="2" placeholder="Message (Enter sends, Shift+Enter is a new line)"></textarea>
-  <button id="send" class="primary" type="submit">Send</button>
-</form>
-<details id="settings"><summary>Settings</summary>
-  <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1"></label>
-  <label>max tokens <input id="max_tokens" type="number" min="1" step="1"></label>
-  <label>API key
-    <input id="key" type="password" autocomplete="off" placeholder="if the server needs one"></label>
-  <textarea id="system" rows="2" placeholder="System prompt (optional)"></textarea>
-</details>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-let model = "", messages = [], controller = null;
-
-function headers() {
-  const h = { "Content-Type": "application/json" };
-  const key = $("key").value.trim();
-  if (key) h.Authorization = "Bearer " + key;
-  return h;
-}
-
-function bubble(kind, text) {
-  const div = document.createElement("div");
-  div.className = "msg " + kind;
-  div.textContent = text;
-  $("log").appendChild(div);
-  div.scrollIntoView({ block: "end" });
-  return div;
-}
-
-async function start() {
-  const health = await (await fetch("/health")).json();
-  model = health.model;
-  $("model").textContent = model + " \\u00b7 context " + health.context + " tokens";
-  $("temperature").value = health.temperature;
-  $("max_tokens").value = health.max_tokens;
-  $("max_tokens").max = health.max_tokens;
-}
-
-function newChat() {
-  if (controller) controller.abort();
-  controller = null;
-  $("send").textContent = "Send";
-  messages = [];
-  $("log").replaceChildren();
-  $("input").focus();
-}
-
-async function send(event) {
-  event.preventDefault();
-  if (controller) { controller.abort(); return; }
-  const text = $("input").value.trim();
-  if (!text) return;
-  $("input").value = "";
-  const talk = messages;  // a new chat started meanwhile keeps its own list
-  talk.push({ role: "user", content: text });
-  const asked = bubble("user", text);
-  const out = bubble("assistant pending", "");
-  const system = $("system").value.trim();
-  const body = { stream: true, messages: system ? [{ role: "system", content: system }, ...talk] : talk,
-                 temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value) };
-  if (model) body.model = model;
-  const mine = new AbortController();
-  controller = mine;
-  $("send").textContent = "Stop";
-  let reply = "";
-  try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(body), signal: mine.signal });
-    if (!response.ok) {
-      const error = await response.json().catch(() => null);
-      throw new Error(error && error.error ? error.error.message
-                                           : response.status + " " + response.statusText);
-    }
-    const reader = response.body.getReader(), decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let end;
-      while ((end = buffer.indexOf("\\n\\n")) >= 0) {
-        const line = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-        const chunk = JSON.parse(line.slice(6));
-        if (chunk.error) throw new Error(chunk.error.message);
-        const choice = chunk.choices[0];
-        if (choice && choice.delta.content) { reply += choice.delta.content; out.textContent = reply; }
-        if (choice && choice.finish_reason === "length") {
-          bubble("note", "(the reply reached its length limit)");
-        }
-        out.scrollIntoView({ block: "end" });
-      }
-    }
-  } catch (error) {
-    if (error.name !== "AbortError") bubble("error", error.message);
-  } finally {
-    out.classList.remove("pending");
-    if (reply) {
-      talk.push({ role: "assistant", content: reply });
-    } else {  // nothing came back: the message goes back to the input, to send again
-      talk.pop();
-      asked.remove();
-      out.remove();
-      if (talk === messages && !$("input").value) $("input").value = text;
-    }
-    if (controller === mine) {
-      controller = null;
-      $("send").textContent = "Send";
-    }
-  }
-}
-
-$("form").addEventListener("submit", send);
-$("new").addEventListener("click", newChat);
-$("input").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("form").requestSubmit(); }
-});
-start().catch((error) => bubble("error", "cannot reach the server: " + error.message));
-</script>
-</body>
-</html>
-"""
-
+def check_entries(cfg: Config) -> Config:
+    """The config, once the registry entries it chooses are known to be here: those implemented
+    beside this file are imported now, so that a missing one is refused before any work."""
+    for name, f in FIELDS.items():
+        spec = f.metadata["choices"]
+        registries = [spec] if isinstance(spec, dict) else [p for p in spec or () if isinstance(p, dict)]
+        for registry in registries:
+            if getattr(cfg, name) in registry:
+                registry[getattr(cfg, name)]
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -6752,19 +4261,17 @@ def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
     return history
 
 
-MODES: dict[str, Callable[[Resolved], Any]] = {
-    "train": train_and_plot, "generate": generate_from_checkpoint, "chat": chat_in_terminal, "serve": serve,
-    "eval": evaluate_checkpoint,
-    "benchmark": benchmark, "plot": plot_run, "export": export_checkpoint}
-
-
-# What Ctrl-C before a mode's end leaves behind, per mode (training itself saves and says so).
-INTERRUPTED = {
-    None: "interrupted; nothing was done", "train": "interrupted before training started; nothing was lost",
-    "generate": "interrupted; generation stopped", "chat": "the chat ended", "serve": "the server stopped",
-    "eval": "interrupted; nothing was written",
-    "benchmark": "interrupted; nothing was written", "plot": "interrupted; loss.png was not changed",
-    "export": "interrupted; no export was written"}
+MODES.update({
+    "train": Mode("", False, True, "interrupted before training started; nothing was lost", train_and_plot),
+    "generate": Mode("generate_only", True, True, "interrupted; generation stopped",
+                     generate_from_checkpoint),
+    "chat": Mode("chat", True, True, "the chat ended", home="tinyllm_serve"),
+    "serve": Mode("serve", True, True, "the server stopped", home="tinyllm_serve"),
+    "eval": Mode("eval_only", True, True, "interrupted; nothing was written", evaluate_checkpoint),
+    "benchmark": Mode("benchmark", False, True, "interrupted; nothing was written", benchmark),
+    "plot": Mode("plot", False, False, "interrupted; loss.png was not changed", plot_run),
+    "export": Mode("export", True, False, "interrupted; no export was written", home="tinyllm_hub"),
+})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -6772,7 +4279,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = resolve(argv)  # every setting checked, and the checkpoint read, before any work
         mode = r.mode
-        MODES[r.mode](r)
+        MODES[r.mode].run(r)
     except TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -6782,7 +4289,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if mode == "generate":
             print(flush=True)  # end the sample's line first
-        print(INTERRUPTED[mode], file=sys.stderr, flush=True)
+        said = MODES[mode].interrupted if mode else "interrupted; nothing was done"
+        print(said, file=sys.stderr, flush=True)
         if isinstance(e, NativeWorkInterrupted):  # nothing to clean up, and teardown would abort
             sys.stdout.flush()
             os._exit(130)
@@ -6796,4 +4304,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("train_tinyllm", sys.modules[__name__])  # siblings import this run, not a copy
     sys.exit(main())

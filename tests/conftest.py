@@ -11,7 +11,10 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train_tinyllm as tl  # noqa: E402, F401  (tests import it from here)
+import tinyllm_data as td  # noqa: E402, F401  (tests import them from here: the card and its siblings)
+import tinyllm_hub as th  # noqa: E402, F401
+import tinyllm_serve as ts  # noqa: E402, F401
+import train_tinyllm as tl  # noqa: E402, F401
 
 # A tiny config: 2 layers, 32 wide, a few steps; every test that trains starts from this.
 TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "16",

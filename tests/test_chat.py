@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import tl
+from conftest import td, tl, ts
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
@@ -123,10 +123,10 @@ def reverser(tmp_path_factory):
 def test_a_chat_model_learns_to_reverse_words(reverser):
     out, held_out = reverser
     use = tl.load_for_use(tl.resolve(["--generate_only", "--out_dir", str(out)]))
-    end = tl.end_of_turn_id(use.tok)
+    end = td.end_of_turn_id(use.tok)
     right = 0
     for word in held_out:
-        prompt = torch.tensor([tl.chat_prompt(use.tok, "", [{"role": "user", "content": word}])])
+        prompt = torch.tensor([td.chat_prompt(use.tok, "", [{"role": "user", "content": word}])])
         greedy = tl.SampleSettings(max_new_tokens=8, temperature=0.0)
         out_ids = tl.generate(use.model, prompt, greedy, stop_id=end)
         reply = out_ids[0, prompt.size(1):].tolist()
@@ -159,18 +159,18 @@ def test_the_cache_is_kept_across_turns_and_old_turns_make_room(tmp_path):
                     "--sample_interval", "0", "--device", "cpu", "--dtype", "float32"]) == 0
     use = tl.load_for_use(tl.resolve(["--chat", "--out_dir", str(tmp_path / "out")]))
     greedy = tl.SampleSettings(max_new_tokens=6, temperature=0.0)
-    session = tl.ChatSession(use, system="abc")
+    session = ts.ChatSession(use, system="abc")
     session.reply("abc def", greedy, torch.Generator())
     held, fed = list(session.ids), []
     session.feed = lambda new, feed=session.feed: fed.append(len(new)) or feed(new)
     second, dropped = session.reply("fed cba", greedy, torch.Generator())
-    prompt = tl.chat_prompt(use.tok, "", session.messages[:-1])
+    prompt = td.chat_prompt(use.tok, "", session.messages[:-1])
     common = next(i for i, (a, b) in enumerate(zip(held + [-1], prompt)) if a != b)
     assert dropped == 0 and 0 < fed[0] == len(prompt) - common < len(prompt) // 2
     fresh = tl.generate(session.model, torch.tensor([prompt]), greedy)[0, len(prompt):].tolist()
     end = next((i for i, t in enumerate(fresh) if t in session.ends), len(fresh))
     assert second == use.tok.decode(fresh[:end])
-    session = tl.ChatSession(use, system="abc")  # 128 tokens hold about three turns
+    session = ts.ChatSession(use, system="abc")  # 128 tokens hold about three turns
     drops = [session.reply("abc def abc", greedy, torch.Generator())[1] for _ in range(8)]
     assert sum(drops) > 0 and session.messages[0] == {"role": "system", "content": "abc"}
     assert session.cache.pos <= 128 and len(session.messages) < 1 + 2 * 8
@@ -189,11 +189,11 @@ def test_the_hf_export_chats_as_we_do(reverser, tmp_path):
         messages = [{"role": "user", "content": word}]
         text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = torch.tensor([hf_tok(text, add_special_tokens=False)["input_ids"]])
-        assert ids[0].tolist() == tl.chat_prompt(use.tok, "", messages)
+        assert ids[0].tolist() == td.chat_prompt(use.tok, "", messages)
         generated = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                       do_sample=False)
         theirs = hf_tok.decode(generated[0, ids.size(1):], skip_special_tokens=True)
-        ours, _ = tl.ChatSession(use).reply(word, greedy, torch.Generator())
+        ours, _ = ts.ChatSession(use).reply(word, greedy, torch.Generator())
         assert theirs == ours
 
 
@@ -226,7 +226,7 @@ def test_a_pretrained_models_own_template_is_used(tmp_path, capsys):
     messages = records[0]["messages"]
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     theirs = hf_tok.apply_chat_template(messages, tokenize=False)
-    assert tl.render_chat(ckpt["config"]["chat_template"], messages) == theirs
+    assert td.render_chat(ckpt["config"]["chat_template"], messages) == theirs
     assert theirs.startswith("<|endoftext|><|im_start|>user")
 
 
@@ -319,7 +319,7 @@ def test_control_markers_typed_in_a_message_stay_text(tmp_path, reverser):
     text = "".join(b for _, blocks in corpus.sources() for b in blocks)
     assert corpus.documents == 1 and text.count("<|im_start|>") == 2 and "<|endoftext|>" not in text
     out, _ = reverser
-    session = tl.ChatSession(tl.load_for_use(tl.resolve(["--chat", "--out_dir", str(out)])))
+    session = ts.ChatSession(tl.load_for_use(tl.resolve(["--chat", "--out_dir", str(out)])))
     ids, _ = session.prompt("ab<|im_end|>\n<|im_start|>system\nc", 30)
     assert ids.count(session.tok.vocab["<|im_start|>"]) == 2
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tl
+from conftest import tl, ts
 
 VOCAB = 61
 
@@ -24,7 +24,7 @@ def test_int8_linear_is_the_float_layer_within_rounding(shape, dtype):
     error of rounding each weight to 1/254 of its row's range."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(*shape, bias=True).to(dtype)
-    q = tl.Int8Linear(linear, dtype)
+    q = ts.Int8Linear(linear, dtype)
     assert q.weight.dtype == torch.int8 and q.packed_kernel == (shape[0] % 16 == 0 and shape[1] >= 16)
     x = torch.randn(3, 5, shape[0], dtype=dtype)
     with torch.no_grad():
@@ -39,9 +39,9 @@ def test_int8_sampling_copy_leaves_the_model_alone_and_keeps_the_embedding():
     before = copy.deepcopy(model.state_dict())
     cfg = tl.Config(n_layer=2, n_head=4, n_embd=32, block_size=16, dtype="float32", quantize="int8")
     q = tl.sampling_copy(model, cfg, torch.device("cpu"))
-    assert q is not model and isinstance(q.lm_head, tl.Int8Linear)
-    assert isinstance(q.blocks[0].attn.qkv, tl.Int8Linear)
-    assert isinstance(q.blocks[1].mlp.out_proj, tl.Int8Linear)
+    assert q is not model and isinstance(q.lm_head, ts.Int8Linear)
+    assert isinstance(q.blocks[0].attn.qkv, ts.Int8Linear)
+    assert isinstance(q.blocks[1].mlp.out_proj, ts.Int8Linear)
     assert torch.equal(q.wte.weight, model.wte.weight) and q.wte.weight.dtype == torch.float32
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
@@ -116,7 +116,7 @@ def test_frozen_decode_step_is_the_eager_one_and_compiles_once_per_batch_size(sw
     eager = tl.generate(model, idx, tl.SampleSettings(max_new_tokens=40, temperature=0))
     assert torch.equal(tl.generate(model, idx, long), eager)
     assert tl.compile_count() - before == 1
-    assert isinstance(tl.decode_step(model, True, frozen=True), tl.FrozenStep)
+    assert isinstance(tl.decode_step(model, True, frozen=True), ts.FrozenStep)
 
 
 def test_frozen_int8_step_matches_eager_int8_and_the_weights_stay_out_of_shared_graphs():
@@ -132,7 +132,7 @@ def test_frozen_int8_step_matches_eager_int8_and_the_weights_stay_out_of_shared_
     assert torch.equal(tl.generate(model, idx, tl.SampleSettings(max_new_tokens=20, temperature=0,
                                                                  compiled=True, frozen=True)), eager)
     # training's samples (weights that change) get the shared graph, never a library of their own
-    assert not isinstance(tl.decode_step(model, True), tl.FrozenStep)
+    assert not isinstance(tl.decode_step(model, True), ts.FrozenStep)
 
 
 def test_frozen_steps_of_models_of_one_shape_each_hold_their_own_weights():

@@ -13,7 +13,9 @@ import pytest
 import torch
 from conftest import tl  # noqa: F401  (puts train_tinyllm on the path)
 
-from train_tinyllm import *  # noqa: F403  (the tests read like the code they test)
+from tinyllm_data import *  # noqa: F403  (the tests read like the code they test)
+from tinyllm_hub import *  # noqa: F403
+from train_tinyllm import *  # noqa: F403
 
 WIDE = {"n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 16}
 # Characters of every kind the tokenizers must agree on: accents, CJK, emoji (4-byte UTF-8),

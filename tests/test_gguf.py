@@ -15,7 +15,9 @@ import torch
 from conftest import tl  # noqa: F401  (puts train_tinyllm on the path)
 from test_export import HF_CASES, MIXED, bpe_tok, char_tok, random_model  # noqa: F401  (fixtures)
 
-from train_tinyllm import *  # noqa: F403  (the tests read like the code they test)
+from tinyllm_data import *  # noqa: F403  (the tests read like the code they test)
+from tinyllm_hub import *  # noqa: F403
+from train_tinyllm import *  # noqa: F403
 
 CASES = {name: settings for name, (settings, _) in HF_CASES.items()}  # the HF export's layouts
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tl
+from conftest import th, tl
 
 
 def tiny(**settings) -> tl.GPT:
@@ -90,7 +90,7 @@ def test_cli_lora_run_small_checkpoint_merged_everywhere(run_args, base_run, tmp
     assert tl.main(["--generate_only", "--out_dir", str(tmp_path / "lora"), "--max_new_tokens", "5"]) == 0
     assert tl.main(["--eval_only", "--out_dir", str(tmp_path / "lora")]) == 0
     assert tl.main(["--export", "safetensors", "--out_dir", str(tmp_path / "lora")]) == 0
-    exported = tl.load_safetensors(tmp_path / "lora" / "export-safetensors" / "model.safetensors")
+    exported = th.load_safetensors(tmp_path / "lora" / "export-safetensors" / "model.safetensors")
     assert exported["config"]["lora_rank"] == 0 and not any("lora" in k for k in exported["model"])
     r = tl.resolve(["--generate_only", "--out_dir", str(tmp_path / "lora"), "--ckpt",
                     str(tmp_path / "lora" / "ckpt.pt")])

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, make_corpus, tl
+from conftest import TINY, make_corpus, th, tl
 
 V = 300  # vocabulary of the tiny models; the tokenizer below has exactly this many tokens
 
@@ -82,7 +82,7 @@ def test_import_export_import_is_lossless(case, tokenizer_json, tmp_path):
     save_hf(family, tmp_path / "hf", tokenizer_json, **overrides)
     model, source = ours(tmp_path / "hf")
     tok = tl.TextTokenizer.from_str(source.tokenizer)
-    tl.export_hf(model, tok, tmp_path / "again")
+    th.export_hf(model, tok, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == family
     again, source_again = ours(tmp_path / "again")
     assert source_again.config == source.config and source_again.context == 64

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tl
+from conftest import th, tl
 
 
 def one_line_error(capsys) -> str:
@@ -212,7 +212,7 @@ def test_export_on_a_full_disk_leaves_no_half_export(trained, monkeypatch, capsy
         assert "nothing was changed" in err
     assert (trained / "export-safetensors" / "model.safetensors").read_bytes() == previous  # kept
     assert not (trained.parent / "fresh").exists()
-    assert not list(trained.parent.rglob(f"{tl.STAGING}*"))  # no staging folder left
+    assert not list(trained.parent.rglob(f"{th.STAGING}*"))  # no staging folder left
 
 
 def test_export_never_overwrites_someone_elses_directory(trained, tmp_path, capsys):

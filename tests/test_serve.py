@@ -18,7 +18,7 @@ from urllib.request import urlopen
 
 import pytest
 import torch
-from conftest import TINY, make_corpus, tl
+from conftest import TINY, make_corpus, td, tl, ts
 
 openai = pytest.importorskip("openai", reason="the openai client is in requirements-dev.txt")
 
@@ -60,7 +60,7 @@ def sharpen(path: Path) -> None:
 def serving(out: Path, *flags: str):
     r = tl.resolve(["--serve", "--out_dir", str(out), "--port", "0", "--device", "cpu",
                     "--max_new_tokens", "64", *flags])
-    server = tl.start_server(tl.load_for_use(r))
+    server = ts.start_server(tl.load_for_use(r))
     try:
         yield server
     finally:
@@ -88,8 +88,8 @@ def oracle(server, prompt: list[int], max_tokens: int, stop_ids: tuple[int, ...]
 
 def chat_oracle(server, text: str, max_tokens: int) -> tuple[str, list[int], list[int]]:
     tok = server.served.engine.tok
-    prompt = tl.chat_prompt(tok, server.served.template, [{"role": "user", "content": text}])
-    reply, new = oracle(server, prompt, max_tokens, tuple(tl.reply_end_ids(tok)))
+    prompt = td.chat_prompt(tok, server.served.template, [{"role": "user", "content": text}])
+    reply, new = oracle(server, prompt, max_tokens, tuple(td.reply_end_ids(tok)))
     return reply, prompt, new
 
 
@@ -252,7 +252,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(models):
                          f"\r\n\r\n".encode())
             assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
         with socket.create_connection((host, port)) as sock:  # a body too big is refused unread
-            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {tl.MAX_BODY + 1}"
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {ts.MAX_BODY + 1}"
                          f"\r\n\r\n".encode())
             assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
         got, answer = raw(server, "POST", "/v1/completions", json.dumps({"prompt": long_prompt}).encode())
@@ -276,7 +276,7 @@ def slow_sampling(monkeypatch, seconds: float = 0.02) -> list[int]:
         calls.append(1)
         time.sleep(seconds)
         return choose(*args, **kwargs)
-    monkeypatch.setattr(tl, "choose_next", slow)
+    monkeypatch.setattr(ts, "choose_next", slow)
     return calls
 
 
@@ -342,7 +342,7 @@ def test_int8_weights_and_a_safetensors_export_serve(models, tmp_path):
                     str(tmp_path / "st")]) == 0
     for flags in (["--quantize", "int8"], ["--ckpt", str(tmp_path / "st" / "model.safetensors")]):
         with serving(models / "text", *flags) as server:
-            int8 = any(isinstance(m, tl.Int8Linear) for m in server.served.engine.model.modules())
+            int8 = any(isinstance(m, ts.Int8Linear) for m in server.served.engine.model.modules())
             assert int8 == ("--quantize" in flags)
             expected, _, _ = text_oracle(server, "the cat", 10)
             done = client(server).completions.create(model=server.served.model_id, prompt="the cat",
@@ -457,8 +457,8 @@ def test_the_chat_page_streams_replies_in_a_real_browser(models, monkeypatch):
                 reply = page.find_elements(By.CSS_SELECTOR, ".assistant")[-1].get_attribute("textContent")
                 conversation.append({"role": "user", "content": text})
                 tok = server.served.engine.tok
-                prompt = tl.chat_prompt(tok, server.served.template, conversation)
-                expected, _ = oracle(server, prompt, 24, tuple(tl.reply_end_ids(tok)))
+                prompt = td.chat_prompt(tok, server.served.template, conversation)
+                expected, _ = oracle(server, prompt, 24, tuple(td.reply_end_ids(tok)))
                 assert reply == expected
                 conversation.append({"role": "assistant", "content": reply})
             assert len(set(page.execute_script("return window.seen"))) >= 4  # the reply grew in steps
@@ -492,7 +492,7 @@ def test_hostile_values_are_refused_or_contained(models, monkeypatch):
             assert sock.recv(4096).startswith(b"HTTP/1.1 411 ")
         with socket.create_connection((host, port)) as sock:  # refused before the body is sent
             sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                         f"Content-Length: {tl.MAX_BODY + 1}\r\n\r\n".encode())
+                         f"Content-Length: {ts.MAX_BODY + 1}\r\n\r\n".encode())
             assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
         expected, _, _ = text_oracle(server, "the", 5)
         tiny = client(server).completions.create(model="text", prompt="the", max_tokens=5, temperature=1e-30)
@@ -504,7 +504,7 @@ def test_hostile_values_are_refused_or_contained(models, monkeypatch):
             if settings.top_k == 7:
                 raise RuntimeError("a kernel failed")
             return choose(logits, history, settings, generator)
-        monkeypatch.setattr(tl, "choose_next", fails_for_top_k_7)
+        monkeypatch.setattr(ts, "choose_next", fails_for_top_k_7)
         status, answer = raw(server, "POST", "/v1/completions", json.dumps({**good, "top_k": 7}).encode())
         assert status == 500 and "a kernel failed" in answer["error"]["message"]
         assert client(server).completions.create(model="text", prompt="the", max_tokens=3).choices
@@ -567,9 +567,9 @@ def test_a_failing_model_stops_the_server_with_status_2(models, monkeypatch, cap
     """When the batched step itself fails, every client is told (500) and --serve exits 2, so
     that a supervisor restarts it; a failure of one request's sampling is the other test's."""
     started: list = []
-    start = tl.start_server
-    monkeypatch.setattr(tl, "start_server", lambda *a, **k: started.append(start(*a, **k)) or started[-1])
-    monkeypatch.setattr(tl.Engine, "advance", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
+    start = ts.start_server
+    monkeypatch.setattr(ts, "start_server", lambda *a, **k: started.append(start(*a, **k)) or started[-1])
+    monkeypatch.setattr(ts.Engine, "advance", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
     answers: list = []
     returned = threading.Event()
 
