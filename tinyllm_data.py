@@ -1,8 +1,8 @@
-"""tinyllm's data beyond plain text: JSON Lines and Parquet corpora, conversations in chat
-layouts rendered through chat templates, and tiktoken's tables of our byte-level BPE.
+"""tinyllm's data beyond plain text: compressed corpora, JSON Lines and Parquet, conversations in
+chat layouts rendered through chat templates, and tiktoken's tables of our byte-level BPE.
 
-train_tinyllm.py declares what this module implements (READERS "jsonl" and "parquet", ENCODERS
-"tiktoken") and imports it the first time one of them is used; tinyllm_hub.py and
+train_tinyllm.py declares what this module implements (READERS "jsonl" and "parquet",
+DECOMPRESSORS, ENCODERS "tiktoken") and imports it the first time one of them is used; tinyllm_hub.py and
 tinyllm_serve.py take chat templates and the tiktoken tables from here.
 """
 
@@ -20,6 +20,8 @@ from typing import Any
 from train_tinyllm import (
     CHATML,
     CHATML_TOKENS,
+    COMPRESSIONS,
+    DECOMPRESSORS,
     ENCODERS,
     END_OF_TEXT,
     EOT,
@@ -37,8 +39,39 @@ from train_tinyllm import (
 )
 
 # ----------------------------------------------------------------------------------------------
-# JSON Lines and Parquet corpora (READERS)
+# Compressed, JSON Lines and Parquet corpora (DECOMPRESSORS, READERS)
 # ----------------------------------------------------------------------------------------------
+
+def decompressed_blocks(path: Path, flag: str) -> Iterator[bytes]:
+    """DECOMPRESSORS: a compressed file's bytes in blocks of READ_SIZE, decompressed on the fly as
+    its name ends: .gz, .bz2, .xz (standard library) or .zst (zstandard); a corrupt or truncated
+    archive is a TinyLLMError naming the file."""
+    kind = next(c for c in COMPRESSIONS if path.name.endswith(c))
+    if kind == ".zst":
+        zstd = require("zstandard", f"reading {path.name}")
+    try:
+        with open(path, "rb") as f:
+            if kind == ".gz":
+                import gzip
+                f = gzip.GzipFile(fileobj=f)
+            elif kind == ".bz2":
+                import bz2
+                f = bz2.BZ2File(f)
+            elif kind == ".xz":
+                import lzma
+                f = lzma.LZMAFile(f)
+            elif kind == ".zst":
+                f = zstd.ZstdDecompressor().stream_reader(f)
+            while block := f.read(READ_SIZE):
+                yield block
+    except TinyLLMError:
+        raise
+    except Exception as e:  # zlib/bz2/lzma/zstd errors, or EOFError for a cut-off archive
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise TinyLLMError(f"{flag} {path} is not a valid {kind} archive ({first_line(e)}); it is "
+                           f"corrupt or truncated: download or compress it again") from None
+
 
 def jsonl_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
     """JSON Lines: one document per line, its text the string under --text_field, or a
@@ -442,5 +475,7 @@ def tiktoken_encoder(tok: TextTokenizer) -> Callable[[list[str]], list[list[int]
 
 
 READERS.implement("jsonl", blocks=jsonl_blocks)
+for suffix in COMPRESSIONS:
+    DECOMPRESSORS.implement(suffix, decompressed_blocks)
 READERS.implement("parquet", blocks=parquet_blocks)
 ENCODERS.implement("tiktoken", tiktoken_encoder)

@@ -3,8 +3,8 @@ computes exactly (gpt2, llama, qwen3, described once for both directions), --ini
 transformers model directory, and every --export (hf, safetensors, onnx, torchscript, tiktoken,
 gguf), with .safetensors exports read back as checkpoints.
 
-train_tinyllm.py declares what this module implements (MODES "export", EXPORTERS, SOURCES
-"transformers", CHECKPOINT_FILES ".safetensors") and imports it the first time one is used.
+train_tinyllm.py declares what this module implements (MODES "export", EXPORTERS, PRETRAINED,
+CHECKPOINT_FILES ".safetensors") and imports it the first time one is used.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tinyllm_data import GPT2_SPLIT_PATTERN, end_of_turn_id, tiktoken_tables, token_not_made_by_merges
 from train_tinyllm import (
@@ -37,27 +38,37 @@ from train_tinyllm import (
     FIELDS,
     GPT,
     GREEDY_BELOW,
+    LORA_TARGETS,
     MODES,
+    POSITIONS,
+    PRETRAINED,
     SAFETENSORS_FORMAT,
-    SOURCES,
+    SETTING_CHECKS,
     Config,
+    Loaded,
+    Pretrained,
     Resolved,
     Source,
     TextTokenizer,
     TinyLLMError,
-    arch_fields,
     atomic_write,
     byte_bar,
     chat_template_of,
     choices_of,
-    content_fingerprint,
     first_line,
+    head_and_tail,
     head_size,
     holds_code,
+    load_checkpoint,
     load_for_use,
+    lora_target_set,
+    merge_config,
     mlp_hidden_size,
     print0,
+    refuse_existing_run,
     require,
+    sha256_hex,
+    validate,
     write_failure,
     write_text_atomic,
 )
@@ -354,7 +365,7 @@ def lfs_pointer(path: Path) -> None:
 
 
 def hf_source(path: Path) -> Source:
-    """SOURCES["transformers"]: a HF model directory (config.json, weights, tokenizer.json) as a
+    """A HF model directory (config.json, weights, tokenizer.json) as a
     Source; only headers are read here."""
     hf = read_json(path / "config.json")
     family = HF_FAMILIES.get(hf.get("model_type", ""))
@@ -457,8 +468,271 @@ def load_safetensors(path: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Starting from a pretrained model (--init_from) and LoRA adapters on it (--lora_rank)
+# ----------------------------------------------------------------------------------------------
+
+class LoRALinear(nn.Linear):
+    """A frozen linear layer plus a trainable low-rank update: x W^T + b + (alpha / r) dropout(x)
+    A^T B^T. It holds the base layer's own tensors (nothing copied) under their own names, so a
+    merged model is a plain one. B starts at zero: the first step starts from the base model."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a weight of its own
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.requires_grad_(False)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialization
+        self.scale = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scale * update
+
+    def merged(self) -> nn.Linear:
+        """A plain layer computing W + (alpha / r) B A (and b)."""
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            linear.weight = nn.Parameter(self.weight + self.scale * (self.lora_B @ self.lora_A))
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias.detach().clone())
+        return linear
+
+
+def add_lora(model: GPT, cfg: Config) -> GPT:
+    """Freeze every weight and put adapters on the --lora_targets layers of every block; the
+    embedding and output head (tied or not) stay as they are."""
+    model.requires_grad_(False)
+    wanted = {name for target in lora_target_set(cfg.lora_targets) for name in LORA_TARGETS[target]}
+    for name, module in list(model.named_modules()):
+        parent, _, attr = name.rpartition(".")
+        if isinstance(module, nn.Linear) and name.startswith("blocks.") and name.split(".", 2)[2] in wanted:
+            setattr(model.get_submodule(parent), attr,
+                    LoRALinear(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+    return model
+
+
+def merge_lora(model: GPT) -> GPT:
+    """Fold every adapter into its layer, in place: what sampling, evaluation and export use."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, module.merged())
+    return model
+
+
+def load_source(path: Path) -> Source:
+    """A tinyllm checkpoint or safetensors export, or a HF model directory (config.json, weights,
+    tokenizer.json), as a Source; only headers are read here."""
+    if not path.exists():
+        raise TinyLLMError(f"--init_from {path} does not exist; give a model directory or a tinyllm "
+                           f"checkpoint")
+    if path.is_file():
+        try:
+            return tinyllm_source(path)
+        except TinyLLMError:
+            if (path.parent / "config.json").is_file():
+                raise TinyLLMError(f"--init_from {path} is one file of a model directory; give the "
+                                   f"directory, {path.parent}") from None
+            raise
+    if not (path / "config.json").is_file():
+        raise TinyLLMError(f"--init_from {path}: neither a tinyllm checkpoint (.pt) or export "
+                           f"(.safetensors) nor a HF model directory with a config.json")
+    return hf_source(path)
+
+
+def content_fingerprint(files: list[Path]) -> str:
+    """Sizes and the first and last MB of a model's files: cheap for gigabytes, and the same for
+    a copy or a move (unlike file_fingerprint, which keys caches by place and date)."""
+    parts: list[str | bytes] = []
+    for p in files:
+        size = p.stat().st_size
+        parts += [str(size), *head_and_tail(p, size)]
+    return sha256_hex(*parts)
+
+
+def tinyllm_source(path: Path) -> Source:
+    """Our own checkpoint or safetensors export: its weights to continue from."""
+    ckpt = load_checkpoint(path, mmap=True)
+    state, cfg = ckpt["model"], ckpt["config"]
+    if cfg.get("lora_rank"):
+        raise TinyLLMError(f"--init_from {path} holds LoRA adapters, not a whole model; export it merged "
+                           f"(--export safetensors --ckpt {path} --out_dir {path.parent}) and start from "
+                           f"{path.parent / 'export-safetensors' / 'model.safetensors'}")
+    settings = {k: cfg.get(k, FIELDS[k].default) for k in ARCH_KEYS if k != "block_size"}
+    tied = settings["tie_weights"]
+    names = set(state)
+    return Source(path=path, family="tinyllm", config=settings, context=cfg["block_size"],
+                  vocab_size=ckpt["vocab_size"], tokenizer=ckpt["tokenizer"],
+                  tensors={k: [k] for k in state if not (tied and k == "lm_head.weight")},
+                  read=state.__getitem__, spec=lambda n: (tuple(state[n].shape), state[n].dtype),
+                  names=names,
+                  ignored=frozenset({"lm_head.weight"} if tied else ()),
+                  fingerprint=content_fingerprint([path]))
+
+
+def lora_base(ckpt: dict[str, Any], path: Path, base: str) -> Source:
+    """The base model a LoRA checkpoint's adapters were trained on: where the checkpoint says,
+    or where --init_from says it has moved; refused when it is gone or its files differ (the
+    adapters only fit the weights they were trained with)."""
+    try:
+        source = load_source(Path(base))
+    except TinyLLMError as e:
+        raise TinyLLMError(f"{path} holds LoRA adapters for the base model {base}, which cannot be read "
+                           f"({e}); put it back, or give its new place with --init_from") from None
+    if source.fingerprint != ckpt.get("source_fingerprint"):
+        raise TinyLLMError(f"{path} holds LoRA adapters for a base whose files differ from those at {base} "
+                           f"(size or content); give the base they were trained on (--init_from), or train "
+                           f"anew")
+    return source
+
+
+def arch_fields(**fields: Any) -> dict[str, Any]:
+    """Every architecture field: the defaults, then `fields`, written the way our own configs
+    write them (0 for automatic sizes), so that an import, an export and a re-import agree."""
+    out = {k: FIELDS[k].default for k in ARCH_KEYS if k != "block_size"} | fields
+    if out["n_kv_head"] == out["n_head"]:
+        out["n_kv_head"] = 0
+    if out["head_dim"] * out["n_head"] == out["n_embd"]:
+        out["head_dim"] = 0
+    if out["mlp_hidden"] == mlp_hidden_size(Config(**{**out, "mlp_hidden": 0})):
+        out["mlp_hidden"] = 0
+    return out
+
+
+def resolve_source(explicit: dict[str, Any], mode: str) -> Resolved:
+    """The invocation of a new training run from --init_from: the source read (headers only), its
+    architecture and context under the explicit settings, checked against it."""
+    source = load_source(Path(explicit["init_from"]))
+    cfg = merge_config(explicit, base=source_defaults(source))
+    try:
+        validate(cfg, SETTING_CHECKS)
+    except TinyLLMError as e:  # the source's own config may be what cannot work
+        raise TinyLLMError(f"--init_from {source.path}, with its config: {e}") from None
+    check_source_compatible(cfg, explicit, source)
+    check_source_shapes(cfg, source)
+    refuse_existing_run(cfg)
+    return Resolved(mode, cfg, source=source)
+
+
+def source_defaults(source: Source) -> dict[str, Any]:
+    """The config a run from `source` starts from: its architecture, and a context of at most
+    1,024 tokens unless --block_size says otherwise (a 32K context would make every KV cache
+    and rotary table that long)."""
+    template = {"chat_template": source.chat_template} if source.chat_template else {}
+    return source.config | {"block_size": min(source.context, 1024)} | template
+
+
+def check_source_compatible(cfg: Config, explicit: dict[str, Any], source: Source) -> None:
+    """Refuse settings that contradict the model --init_from starts from."""
+    where = f"--init_from {source.path}"
+    if "arch" in explicit:
+        raise TinyLLMError(f"--arch sets an architecture, but {where} brings its own; drop --arch")
+    for key in ("tokenizer", "tokenizer_path", "bpe_vocab_size"):
+        if key in explicit:
+            raise TinyLLMError(f"--{key}: {where} brings its own tokenizer; drop the flag")
+    given = {k: explicit[k] for k in ARCH_KEYS if k in explicit and k not in ("block_size", "tokenizer",
+                                                                             "bpe_vocab_size")}
+    meant = arch_fields(**{**source.config, **given})  # --n_kv_head 4 means 0 with 4 heads, and so on
+    for key in given:
+        if meant[key] != source.config[key]:
+            raise TinyLLMError(f"--{key} {given[key]!r} contradicts {where} ({source.config[key]!r}); "
+                               f"the architecture comes from the source: drop the flag")
+    if cfg.pos_encoding == "learned" and cfg.block_size > source.context:
+        raise TinyLLMError(f"--block_size {cfg.block_size} is longer than the {source.context} positions "
+                           f"{where} has learned; use --block_size {source.context} or less")
+    out = Path(cfg.out_dir).resolve()
+    if cfg.lora_rank and (source.path == out or out in source.path.parents):
+        raise TinyLLMError(f"{where} lies in --out_dir {cfg.out_dir}, where this run writes its checkpoints; "
+                           f"the adapters need their base to stay as it is: copy it elsewhere or pick "
+                           f"another --out_dir")
+    if cfg.block_size > source.context:  # rope: allowed, but past what the source was trained on
+        print0(f"note: --block_size {cfg.block_size} is longer than the {source.context} tokens {where} was "
+               f"trained on; rotary positions extend, but quality past {source.context} is not known")
+
+
+def check_source_shapes(cfg: Config, source: Source, vocab_size: int = 0) -> None:
+    """Every parameter of the model `cfg` describes has its tensors in the source, of the right
+    shapes and floating-point, and no source tensor is left over; checked from the headers
+    before any run directory is touched. With a larger `vocab_size` (tokens added for ChatML),
+    the embedding and head have rows the source does not fill."""
+    grown = max(vocab_size, source.vocab_size)
+    with torch.device("meta"):
+        params = dict(GPT(cfg, grown).named_parameters())
+    missing = sorted(set(params) - set(source.tensors))
+    absent = sorted(n for names in source.tensors.values() for n in names if n not in source.names)
+    unused = sorted(source.names - {n for names in source.tensors.values() for n in names} - source.ignored)
+    for problem, names in (("lacks", absent or missing),
+                           ("holds tensors we have no place for, such as", unused)):
+        if names:
+            raise TinyLLMError(f"--init_from {source.path} {problem} {', '.join(names[:3])}; it is not a "
+                               f"plain {source.family} model of the shape its config describes")
+    for ours, names in source.tensors.items():
+        rows, want = 0, tuple(params[ours].shape)
+        for name in names:
+            shape, dtype = source.spec(name)
+            shape = shape[::-1] if name in source.transposed else shape
+            if ours == "positions.wpe.weight":
+                shape = (min(shape[0], cfg.block_size), *shape[1:])  # learned positions cropped
+            if not dtype.is_floating_point or shape[1:] != want[1:]:
+                kind = str(dtype).removeprefix("torch.")
+                raise TinyLLMError(f"--init_from {source.path}: {name} is {kind} {list(shape)}, which does "
+                                   f"not fit {ours} {list(want)} of the model its config describes; the "
+                                   f"files do not belong together")
+            rows += shape[0] if shape else 1
+        if rows != want[0] - (grown - source.vocab_size if ours in ("wte.weight", "lm_head.weight") else 0):
+            raise TinyLLMError(f"--init_from {source.path}: {', '.join(names)} fill {rows} of the {want[0]} "
+                               f"rows of {ours}; the files do not belong together")
+
+
+def model_from_source(cfg: Config, source: Source, device: torch.device, vocab_size: int = 0) -> GPT:
+    """The model with the source's weights, built without random initialization and filled one
+    tensor at a time in place: no second copy of the weights is ever held. Embedding rows past
+    the source's (tokens added for ChatML) start as the mean of the others."""
+    check_source_shapes(cfg, source, vocab_size)
+    with torch.device("meta"):
+        model = GPT(cfg, max(vocab_size, source.vocab_size))
+    if cfg.tie_weights:  # to_empty would give the head a tensor of its own: tie it again after
+        model.lm_head.register_parameter("weight", None)
+    model.to_empty(device=device)
+    if cfg.tie_weights:
+        model.lm_head.weight = model.wte.weight
+    with torch.device(device):
+        model.positions = POSITIONS[cfg.pos_encoding](cfg)  # rotary tables are computed, not loaded
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for ours, names in source.tensors.items():
+            row = 0
+            for name in names:
+                tensor = source.read(name)
+                tensor = tensor.t() if name in source.transposed else tensor
+                if ours == "positions.wpe.weight":
+                    tensor = tensor[:cfg.block_size]  # learned positions cropped to the context
+                params[ours][row:row + len(tensor)].copy_(tensor)
+                row += len(tensor)
+            if row < len(params[ours]):  # new tokens: an embedding like the average one
+                params[ours][row:] = params[ours][:row].mean(0)
+    return model
+
+
+
+
+# ----------------------------------------------------------------------------------------------
 # Export: HuggingFace transformers, safetensors, ONNX, TorchScript, tiktoken (EXPORTERS)
 # ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Exporter:
+    """A format of --export: the file it writes in the export directory ("" when the directory
+    itself is the export), and the writer, called as write(checkpoint, target) with the loaded
+    checkpoint (its model on the CPU in float32)."""
+    filename: str
+    write: Callable[[Loaded, Path], None]
+
 
 EXPORT_MARK = ".tinyllm-export"  # in every export directory: a later export may replace it
 
@@ -876,13 +1150,11 @@ def export_gguf(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, weights
         for name, t in tensors.items():
             data, kind = gguf_array(t, weights, name)
             writer.add_tensor(name, data, raw_dtype=kind)
-            if bar is not None:
-                bar.update(t.numel() * 4)
-        if bar is not None:
-            bar.close()
+            bar.update(t.numel() * 4)
+        bar.close()
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=bar is not None)
+        writer.write_tensors_to_file(progress=bar.shows)
         writer.close()
     path = export_file(path)
     atomic_write(path, write)
@@ -1114,16 +1386,17 @@ def ollama_modelfile(cfg: Config, tok: TextTokenizer, gguf_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-for fmt, write in {
-    "hf": lambda use, target: export_hf(use.model, use.tok, target),
-    "safetensors": lambda use, target: export_safetensors(use.model, use.tok, use.model.cfg, target, use.step,
-                                                          use.start_ids),
-    "onnx": lambda use, target: export_onnx(use.model, target),
-    "torchscript": lambda use, target: export_torchscript(use.model, target),
-    "tiktoken": lambda use, target: export_tiktoken(use.tok, target),
-    "gguf": lambda use, target: export_gguf(use.model, use.tok, use.cfg, target, use.cfg.gguf_type),
-}.items():
-    EXPORTERS.implement(fmt, write=write)
+for fmt, filename, write in (
+    ("hf", "", lambda use, target: export_hf(use.model, use.tok, target)),
+    ("safetensors", "model.safetensors", lambda use, target: export_safetensors(
+        use.model, use.tok, use.model.cfg, target, use.step, use.start_ids)),
+    ("onnx", "model.onnx", lambda use, target: export_onnx(use.model, target)),
+    ("torchscript", "model.pt", lambda use, target: export_torchscript(use.model, target)),
+    ("tiktoken", "tokenizer.tiktoken", lambda use, target: export_tiktoken(use.tok, target)),
+    ("gguf", "model.gguf", lambda use, target: export_gguf(use.model, use.tok, use.cfg, target,
+                                                           use.cfg.gguf_type)),
+):
+    EXPORTERS.implement(fmt, Exporter(filename, write))
 MODES.implement("export", run=export_checkpoint)
-SOURCES.implement("transformers", hf_source)
+PRETRAINED.implement("", Pretrained(resolve_source, lora_base, model_from_source, add_lora, merge_lora))
 CHECKPOINT_FILES.implement(".safetensors", load_safetensors)

@@ -388,8 +388,8 @@ class Engine:
     the last one's place), so an eager step reads only the rows in use; a compiled one reads all
     of them, to stay one graph. Choices beyond the rows wait in a queue, first come first served.
     `run` decodes in the main thread under --serve (torch's CPU kernels, launched from another
-    thread, took 2.7 times as long per token here); the HTTP threads only queue work and read
-    events."""
+    thread, took far longer per token: README, Performance); the HTTP threads only queue work and
+    read events."""
 
     def __init__(self, use: Loaded):
         self.tok, self.device = use.tok, use.device

@@ -120,6 +120,7 @@ def reverser(tmp_path_factory):
     return folder / "out", held_out
 
 
+@pytest.mark.slow  # the reverser: a model trained for 800 steps
 def test_a_chat_model_learns_to_reverse_words(reverser):
     out, held_out = reverser
     use = tl.load_for_use(tl.resolve(["--generate_only", "--out_dir", str(out)]))
@@ -134,6 +135,7 @@ def test_a_chat_model_learns_to_reverse_words(reverser):
     assert right >= 90
 
 
+@pytest.mark.slow  # the reverser: a model trained for 800 steps
 def test_chat_from_piped_stdin(reverser, monkeypatch, capsys):
     out, held_out = reverser
     words = held_out[:3]
@@ -176,6 +178,7 @@ def test_the_cache_is_kept_across_turns_and_old_turns_make_room(tmp_path):
     assert session.cache.pos <= 128 and len(session.messages) < 1 + 2 * 8
 
 
+@pytest.mark.slow  # the reverser: a model trained for 800 steps
 def test_the_hf_export_chats_as_we_do(reverser, tmp_path):
     """transformers' apply_chat_template and greedy generate give the reply --chat gives."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -230,6 +233,7 @@ def test_a_pretrained_models_own_template_is_used(tmp_path, capsys):
     assert theirs.startswith("<|endoftext|><|im_start|>user")
 
 
+@pytest.mark.slow  # the reverser: a model trained for 800 steps
 def test_eval_only_on_conversations_counts_the_replies(reverser, tmp_path, capsys):
     out, held_out = reverser
     path = write_jsonl(tmp_path / "held.jsonl", [{"messages": [{"role": "user", "content": w},
@@ -280,6 +284,7 @@ def test_a_pretrained_model_without_a_template_gets_chatml_tokens(tmp_path, caps
 
 
 
+@pytest.mark.slow  # the reverser: a model trained for 800 steps
 def test_chat_refusals_and_piped_lines_in_step(reverser, tmp_path, run_args, monkeypatch, capsys):
     out, held_out = reverser
     convs = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"},
@@ -310,6 +315,7 @@ def test_chat_refusals_and_piped_lines_in_step(reverser, tmp_path, run_args, mon
     assert len(lines) == 4 and lines[1] == "" and "outside the char-level vocabulary" in captured.err
 
 
+@pytest.mark.slow  # the reverser: a model trained for 800 steps
 def test_control_markers_typed_in_a_message_stay_text(tmp_path, reverser):
     """A user who types <|im_end|><|im_start|>assistant (or <|endoftext|>) cannot forge a turn
     or split a conversation: the markers are taken out of message contents."""

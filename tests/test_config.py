@@ -62,6 +62,7 @@ def test_int_accepted_for_float(tmp_path):
     assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
 
 
+@pytest.mark.slow
 def test_help_groups_and_defaults():
     text = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
                           check=True).stdout

@@ -70,6 +70,7 @@ COMPILED_SWITCHES = [("rmsnorm", "swiglu", "rope", True, 5, True, 2),
                      ("layernorm", "gelu", "learned", False, 0, False, 0)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switches", COMPILED_SWITCHES, ids=lambda s: "-".join(map(str, s)))
 def test_compiled_decode_step_is_the_eager_one_and_compiles_once(switches):
     """In fp32 the compiled step picks the greedy tokens of the uncached oracle while the prompt
@@ -88,6 +89,7 @@ def test_compiled_decode_step_is_the_eager_one_and_compiles_once(switches):
     assert tl.compile_count() - before == 1
 
 
+@pytest.mark.slow
 def test_compiled_int8_decode_matches_eager_int8():
     torch._dynamo.reset()
     model = tl.QUANTIZERS["int8"](tiny().to(torch.bfloat16))
@@ -101,6 +103,7 @@ def test_compiled_int8_decode_matches_eager_int8():
                                                                  compiled=True)), eager)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switches", COMPILED_SWITCHES, ids=lambda s: "-".join(map(str, s)))
 def test_frozen_decode_step_is_the_eager_one_and_compiles_once_per_batch_size(switches):
     """The step compiled ahead of time with the weights built in: in fp32 the oracle's greedy
@@ -119,6 +122,7 @@ def test_frozen_decode_step_is_the_eager_one_and_compiles_once_per_batch_size(sw
     assert isinstance(tl.decode_step(model, True, frozen=True), ts.FrozenStep)
 
 
+@pytest.mark.slow
 def test_frozen_int8_step_matches_eager_int8_and_the_weights_stay_out_of_shared_graphs():
     model = tl.QUANTIZERS["int8"](tiny().to(torch.bfloat16))
     idx = torch.randint(VOCAB, (1, 3), generator=torch.Generator().manual_seed(4))
@@ -135,6 +139,7 @@ def test_frozen_int8_step_matches_eager_int8_and_the_weights_stay_out_of_shared_
     assert not isinstance(tl.decode_step(model, True), ts.FrozenStep)
 
 
+@pytest.mark.slow
 def test_frozen_steps_of_models_of_one_shape_each_hold_their_own_weights():
     """Two models of the same shapes compile the same code: each library must still compute with
     its own model's weights, not the other's."""
@@ -163,6 +168,7 @@ def test_a_frozen_step_that_cannot_compile_is_one_clear_error(monkeypatch):
                                                                                      torch.float32))
 
 
+@pytest.mark.slow
 def test_cli_quantize_and_compile_decode(run_args, tmp_path, capsys):
     assert tl.main(run_args("--max_steps", "30")) == 0
     out = ["--out_dir", str(tmp_path / "out")]

@@ -50,6 +50,7 @@ def test_fp16_overflow_steps_are_skipped_and_counted(run_args, monkeypatch, tmp_
 
 # ---- torch.compile + curriculum --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compile_once_per_curriculum_stage(run_args, tmp_path):
     """Compiled training matches eager, keeps checkpoints free of _orig_mod., and compiles once
     per curriculum stage: evaluation and sampling use the raw model."""
@@ -175,6 +176,7 @@ print(kept, min(faults() for _ in range(3)))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
 def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
     def run(flag):
@@ -290,6 +292,7 @@ def test_the_rank_comes_from_torchrun_only(monkeypatch, capsys):
     assert capsys.readouterr().out == "from the only process\n"
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(run_args, tmp_path):
     """2 gloo processes of batch B follow the same loss trajectory as 1 process of batch 2B,
     with gradient accumulation (no_sync on all but the last micro-step)."""

@@ -258,6 +258,7 @@ def test_torchscript_matches_pytorch_at_new_shapes(case, tmp_path):
         assert diff < 1e-5, f"{case} {shape}: {diff}"
 
 
+@pytest.mark.slow
 def test_torchscript_loads_without_tinyllm(tmp_path):
     model = random_model(50, arch="llama", n_kv_head=1)
     export_torchscript(model, tmp_path / "model.pt")

@@ -79,6 +79,7 @@ def our_greedy(model: GPT, ids: list[int], n: int) -> list[int]:
 # The model: every layout, every weight type
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_llama_cpp_computes_what_we_compute(case, char_tok, llama, tmp_path):
     model = random_model(char_tok.vocab_size, **CASES[case])
@@ -100,6 +101,7 @@ def test_llama_cpp_computes_what_we_compute(case, char_tok, llama, tmp_path):
             assert their_greedy(llm, prompt, n) == our_greedy(model, prompt, n), weights
 
 
+@pytest.mark.slow
 def test_q8_0_keeps_f16_where_rows_are_not_blocks_of_32(char_tok, llama, tmp_path, capsys):
     model = random_model(char_tok.vocab_size, arch="llama", n_embd=48, n_head=4)  # rows of 48
     llm = llama(export(model, char_tok, tmp_path, "q8_0"))
@@ -143,6 +145,7 @@ def split(pattern: str) -> Any:
     return pre_tokenizers.Split(Regex(pattern), behavior="isolated")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
 def test_llama_cpp_encodes_byte_level_bpe_as_we_do(pre, bpe_tok, llama, tmp_path):
     from tokenizers import pre_tokenizers
@@ -157,6 +160,7 @@ def test_llama_cpp_encodes_byte_level_bpe_as_we_do(pre, bpe_tok, llama, tmp_path
     assert llm.detokenize(tok.encode(MIXED)).decode("utf-8") == MIXED
 
 
+@pytest.mark.slow
 def test_a_chat_model_carries_its_template_and_ends_at_the_turn(bpe_tok, llama, tmp_path):
     tok = TextTokenizer.from_str(bpe_tok.to_str())
     tok.hf.add_special_tokens(list(CHATML_TOKENS))
@@ -239,6 +243,7 @@ def test_refuses_tokenizers_llama_cpp_would_encode_differently(tmp_path):
 # The command line
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_export_gguf_runs_in_llama_cpp(run_args, llama, tmp_path, capsys):
     assert tl.main(run_args("--tokenizer", "bpe", "--bpe_vocab_size", "300")) == 0
     out = tmp_path / "out"

@@ -23,13 +23,13 @@ def test_adapters_start_at_the_base_and_merge_exactly(targets):
     idx = torch.randint(50, (2, 12))
     with torch.no_grad():
         base = model(idx)[0]
-        tl.add_lora(model, model.cfg)
+        th.add_lora(model, model.cfg)
         assert torch.equal(model(idx)[0], base)  # B = 0: the first step starts from the base model
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
         adapted = model(idx)[0]
-        merged = tl.merge_lora(copy.deepcopy(model))
+        merged = th.merge_lora(copy.deepcopy(model))
         assert not tl.has_lora(merged) and set(merged.state_dict()) == set(plain.state_dict())
         assert (merged(idx)[0] - adapted).abs().max() < 1e-5 and (adapted - base).abs().max() > 1e-2
     def layers(m, lora):
@@ -40,7 +40,7 @@ def test_adapters_start_at_the_base_and_merge_exactly(targets):
 
 
 def test_only_adapters_train_and_get_optimizer_state():
-    model = tl.add_lora(tiny(lora_dropout=0.1), tiny().cfg)
+    model = th.add_lora(tiny(lora_dropout=0.1), tiny().cfg)
     opt = tl.make_optimizers(model, dataclass_replace(model.cfg, weight_decay=0.1), torch.device("cpu"))[0]
     optimized = [p for g in opt.param_groups for p in g["params"]]
     assert {id(p) for p in optimized} == {id(p) for n, p in model.named_parameters() if "lora_" in n}
@@ -157,6 +157,7 @@ def test_lora_refusals(run_args, base_run, tmp_path, capsys):
     assert "holds LoRA adapters, not a whole model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lora_compiled_and_on_two_ranks_follows_eager_one_process(run_args, base_run, tmp_path):
     """The adapters train alike compiled (torch.compile) and under DDP (2 gloo processes of
     batch B against one of 2B, with gradient accumulation): the frozen base needs no gradient
@@ -188,7 +189,7 @@ def test_lora_compiled_and_on_two_ranks_follows_eager_one_process(run_args, base
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sampling_copy_is_merged_and_leaves_the_live_model_alone(dtype):
-    model = tl.add_lora(tiny(), tiny().cfg)
+    model = th.add_lora(tiny(), tiny().cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -200,7 +201,7 @@ def test_sampling_copy_is_merged_and_leaves_the_live_model_alone(dtype):
     assert all(torch.equal(p, live[n]) and p.dtype == torch.float32 for n, p in model.state_dict().items())
     idx = torch.randint(50, (1, 10))
     with torch.no_grad():
-        expected = tl.merge_lora(copy.deepcopy(model)).to(dtype)(idx)[0]
+        expected = th.merge_lora(copy.deepcopy(model)).to(dtype)(idx)[0]
         assert (sampler(idx)[0].float() - expected.float()).abs().max() < 1e-2
 
 

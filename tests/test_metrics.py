@@ -105,6 +105,7 @@ def run_on_terminal(argv: list[str]) -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_plain_lines_otherwise(run_args, tmp_path):
     screen = run_on_terminal([sys.executable, SCRIPT, *run_args("--max_steps", "30", "--log_interval", "10",
                                                                 "--eval_interval", "30", out="tty")])

@@ -46,9 +46,9 @@ def save_hf(family: str, folder, tokenizer_json: str, seed: int = 0, **overrides
 
 
 def ours(folder, **explicit):
-    source = tl.load_source(folder)
-    cfg = tl.build_config(explicit, base=tl.source_defaults(source))
-    return tl.model_from_source(cfg, source, torch.device("cpu")).eval(), source
+    source = th.load_source(folder)
+    cfg = tl.build_config(explicit, base=th.source_defaults(source))
+    return th.model_from_source(cfg, source, torch.device("cpu")).eval(), source
 
 
 FAMILIES = {
@@ -97,10 +97,10 @@ def test_learned_positions_are_cropped_and_never_extended(tokenizer_json, tmp_pa
     idx = torch.randint(V, (1, 16))
     with torch.no_grad():
         assert (model(idx)[0] - theirs(idx).logits).abs().max() < 1e-4
-    source = tl.load_source(tmp_path / "hf")
-    cfg = tl.build_config({"block_size": 65}, base=tl.source_defaults(source))
+    source = th.load_source(tmp_path / "hf")
+    cfg = tl.build_config({"block_size": 65}, base=th.source_defaults(source))
     with pytest.raises(tl.TinyLLMError, match="longer than the 64 positions"):
-        tl.check_source_compatible(cfg, {"block_size": 65}, source)
+        th.check_source_compatible(cfg, {"block_size": 65}, source)
 
 
 REFUSED = {
@@ -117,7 +117,7 @@ def test_what_we_cannot_compute_is_refused_naming_the_field(case, tokenizer_json
     family, overrides, field = REFUSED[case]
     save_hf(family, tmp_path / "hf", tokenizer_json, **overrides)
     with pytest.raises(tl.TinyLLMError, match=field):
-        tl.load_source(tmp_path / "hf")
+        th.load_source(tmp_path / "hf")
 
 
 def test_another_model_type_and_broken_directories_are_refused(tokenizer_json, tmp_path):
@@ -125,17 +125,17 @@ def test_another_model_type_and_broken_directories_are_refused(tokenizer_json, t
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "mixtral"}))
     with pytest.raises(tl.TinyLLMError, match="model_type = 'mixtral'"):
-        tl.load_source(tmp_path / "hf")
+        th.load_source(tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # a cut-off download
     with pytest.raises(tl.TinyLLMError, match="cannot be read as safetensors"):
-        tl.load_source(tmp_path / "hf")
+        th.load_source(tmp_path / "hf")
     weights.unlink()
     with pytest.raises(tl.TinyLLMError, match="no model.safetensors"):
-        tl.load_source(tmp_path / "hf")
+        th.load_source(tmp_path / "hf")
     with pytest.raises(tl.TinyLLMError, match="neither a tinyllm checkpoint"):
-        tl.load_source(tmp_path)
+        th.load_source(tmp_path)
 
 
 def test_sharded_safetensors_and_pytorch_bin_load_alike(tokenizer_json, tmp_path):
@@ -164,7 +164,7 @@ def test_a_pickle_that_runs_code_is_refused(tokenizer_json, tmp_path):
             return (print, ("ran",))
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(tl.TinyLLMError, match="holds Python code, which we never run"):
-        tl.load_source(tmp_path / "hf")
+        th.load_source(tmp_path / "hf")
 
 
 def test_cli_fine_tunes_from_hf_with_the_source_loss_first(tokenizer_json, tmp_path, capsys):
@@ -183,7 +183,7 @@ def test_cli_fine_tunes_from_hf_with_the_source_loss_first(tokenizer_json, tmp_p
     assert first["step"] == 0
     # the same val batches the run drew, through transformers
     cfg = tl.build_config({"block_size": 16, "batch_size": 4, "eval_iters": 3},
-                          base=tl.source_defaults(tl.load_source(tmp_path / "hf")))
+                          base=th.source_defaults(th.load_source(tmp_path / "hf")))
     splits = tl.prepare_data(cfg, tl.load_corpus(tl.Config(data_path=str(data))),
                              tl.TextTokenizer.from_str(tokenizer_json))
     expected = tl.estimate_loss(theirs_as_ours(theirs), {"val": splits["val"]}, cfg, torch.device("cpu"),
@@ -351,10 +351,10 @@ def test_shards_are_read_as_their_index_maps_them(tokenizer_json, tmp_path, run_
     other = next(s for s in set(mapping["weight_map"].values()) if s != shard)
     index.write_text(json.dumps({**mapping, "weight_map": {**mapping["weight_map"], name: other}}))
     with pytest.raises(tl.TinyLLMError, match=f"lacks {name}, which the index puts there"):
-        tl.load_source(tmp_path / "sharded")
+        th.load_source(tmp_path / "sharded")
     index.write_text(json.dumps({**mapping, "weight_map": {**mapping["weight_map"], name: "../one/x"}}))
     with pytest.raises(tl.TinyLLMError, match="outside the model directory"):
-        tl.load_source(tmp_path / "sharded")
+        th.load_source(tmp_path / "sharded")
 
 
 def test_a_wrong_shape_is_refused_before_the_run_directory_is_touched(tokenizer_json, tmp_path, run_args,

@@ -131,6 +131,7 @@ def test_corrupt_checkpoint(trained, capsys, damage):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_subprocess_bad_input_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--data_path", str(tmp_path / "missing.txt"),
                            "--out_dir", str(tmp_path / "o")], capture_output=True, text=True, env=ENV)
@@ -182,6 +183,7 @@ def wait_for_steps(proc: subprocess.Popen, n: int) -> None:
     raise AssertionError(f"training ended early: {proc.stderr.read()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_and_resume_continues(tmp_path, corpus, sig):
     proc = start_training(tmp_path, corpus)
@@ -199,6 +201,7 @@ def test_signal_saves_and_resume_continues(tmp_path, corpus, sig):
     assert [r["step"] for r in history if "loss" in r] == [step + 1, step + 2, step + 3]
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_a_loadable_checkpoint(tmp_path, corpus):
     """SIGKILL at three different moments of a run that checkpoints every step: each time the
     last complete ckpt.pt loads, and --resume carries on from it."""
@@ -304,6 +307,7 @@ def test_two_runs_on_one_out_dir(run_args, tmp_path, capsys):
     assert tl.main(run_args()) == 0  # free again once the other run ends
 
 
+@pytest.mark.slow
 def test_second_process_is_refused_while_first_trains(tmp_path, corpus):
     proc = start_training(tmp_path, corpus)
     try:

@@ -262,6 +262,7 @@ def test_interrupted_encoding_deletes_its_files_without_encoding_the_rest(tmp_pa
     assert len(calls) == 2 and not list((tmp_path / "cache").rglob("*.bin*"))  # no third batch
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_bpe_training_exits_at_once_and_cleanly(tmp_path, corpus):
     """BPE training runs in native code in a worker thread: Ctrl-C while it pulls text (here
     slowly, so the moment is certain) exits within a second with status 130 and our message,

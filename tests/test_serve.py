@@ -377,6 +377,7 @@ def start_process(out: Path, *flags: str) -> tuple[subprocess.Popen, str, list[s
     raise AssertionError("".join(lines))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_the_command_serves_and_stops_cleanly_on_a_signal(models, signum):
     extra = ["--host", "0.0.0.0"] if signum == signal.SIGTERM else []
@@ -426,6 +427,7 @@ def open_browser(width: int, height: int):
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+@pytest.mark.slow
 def test_the_chat_page_streams_replies_in_a_real_browser(models, monkeypatch):
     """Headless Chromium at a phone's width: the page sends the conversation, the reply grows as
     it streams and ends as the API's own greedy reply, and a new chat starts empty."""
@@ -538,6 +540,7 @@ def test_stopping_the_server_tells_a_stream_in_flight(models, monkeypatch):
             list(stream)
 
 
+@pytest.mark.slow
 def test_a_compiled_decode_step_serves_every_width_with_one_graph(models):
     """--compile_decode steps all --serve_batch rows every time (free rows too), so the number
     of requests in flight never makes torch.compile compile again; replies stay the oracle's."""

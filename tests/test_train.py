@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tl
 
@@ -84,6 +85,7 @@ def test_prompt_outside_char_vocab_refused(run_args, tmp_path, capsys):
     assert "'∑'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line_train_then_generate(run_args, tmp_path):
     """End to end through the real command line, as a user runs it."""
     train = subprocess.run([sys.executable, SCRIPT, *run_args("--tokenizer", "bpe", "--bpe_vocab_size",
