@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import train_tinyllm
 from train_tinyllm import (
     CHATML,
     CHATML_TOKENS,
@@ -25,7 +26,6 @@ from train_tinyllm import (
     ENCODERS,
     END_OF_TEXT,
     EOT,
-    READ_SIZE,
     READERS,
     REPLY_END,
     REPLY_START,
@@ -62,7 +62,7 @@ def decompressed_blocks(path: Path, flag: str) -> Iterator[bytes]:
                 f = lzma.LZMAFile(f)
             elif kind == ".zst":
                 f = zstd.ZstdDecompressor().stream_reader(f)
-            while block := f.read(READ_SIZE):
+            while block := f.read(train_tinyllm.READ_SIZE):
                 yield block
     except TinyLLMError:
         raise
@@ -186,7 +186,7 @@ def joined_documents(texts: Iterator[str]) -> Iterator[str]:
     for text in texts:
         parts.append(text if first else EOT + text)
         first, size = False, size + len(text)
-        if size >= READ_SIZE:
+        if size >= train_tinyllm.READ_SIZE:  # read when used: tests shrink it
             yield "".join(parts)
             parts, size = [], 0
     if parts:

@@ -131,7 +131,7 @@ def gpt2_tensors(cfg: Config, names: set[str] | None) -> dict[str, list[str]]:
          "norm_f.weight": [p + "ln_f.weight"], "norm_f.bias": [p + "ln_f.bias"]}
     for i in range(cfg.n_layer):
         theirs, ours = f"{p}h.{i}.", f"blocks.{i}."
-        for a, b in (("norm_1", "ln_1"), ("norm_2", "ln_2"), ("attn.qkv", "attn.c_attn"), ("attn.out_proj",
+        for a, b in (("attn.qkv", "attn.c_attn"), ("norm_1", "ln_1"), ("norm_2", "ln_2"), ("attn.out_proj",
                      "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.out_proj", "mlp.c_proj")):
             t |= {f"{ours}{a}.weight": [f"{theirs}{b}.weight"], f"{ours}{a}.bias": [f"{theirs}{b}.bias"]}
     if not cfg.tie_weights:
@@ -848,7 +848,7 @@ def hf_layout(cfg: Config, runtime: str = "transformers'", export: str = "a Hugg
     naming the first setting that none can express (a model that loads but computes something
     else would be worse than no export)."""
     other = "export_safetensors/export_onnx keep every setting"
-    for flag in ARCH_KEYS:
+    for flag in [*EXPORTED_FIELDS, *(key for key in ARCH_KEYS if key not in EXPORTED_FIELDS)]:
         value, rule = getattr(cfg, flag), EXPORTED_FIELDS.get(flag)
         if rule == "mapped" or value == (FIELDS[flag].default if rule is None else rule):
             continue
@@ -1315,16 +1315,15 @@ def gguf_metadata(writer: Any, model: GPT, arch: str, weights: str, vocab: dict[
     writer.add_block_count(c.n_layer)
     writer.add_feed_forward_length(mlp_hidden_size(c))
     writer.add_head_count(attn.n_head)
-    if not HF_FAMILIES[arch].grouped_kv:  # family_tensors repeats grouped key/value heads: plain multi-head
-        writer.add_head_count_kv(attn.n_head)
-        writer.add_layer_norm_eps(c.norm_eps)
-    else:
-        writer.add_head_count_kv(attn.n_kv_head)
+    # a family without grouped key/value heads has them repeated by family_tensors: plain multi-head
+    writer.add_head_count_kv(attn.n_kv_head if HF_FAMILIES[arch].grouped_kv else attn.n_head)
+    if c.pos_encoding == "rope":
         writer.add_key_length(attn.head_dim)
         writer.add_value_length(attn.head_dim)
         writer.add_rope_dimension_count(attn.head_dim)
         writer.add_rope_freq_base(c.rope_theta)
-        writer.add_layer_norm_rms_eps(c.norm_eps)
+    (writer.add_layer_norm_rms_eps if c.norm == "rmsnorm" else writer.add_layer_norm_eps)(c.norm_eps)
+    if c.pos_encoding == "rope":  # the llama and qwen3 loaders read it; GPT-2's takes the token list's
         writer.add_vocab_size(model.vocab_size)
     writer.add_tokenizer_model(vocab["model"])
     if vocab["pre"]:

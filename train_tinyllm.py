@@ -1,4 +1,5 @@
-"""tinyllm: train, checkpoint and sample a small GPT-, Llama- or Qwen-style language model, in one file.
+"""tinyllm: train, checkpoint and sample a small GPT-, Llama- or Qwen-style language model, in one file
+(its tools for models and data from elsewhere live beside it).
 
 Run it:
     python train_tinyllm.py                                   # tiny char model on a built-in corpus
@@ -94,8 +95,12 @@ class Registry(dict):
         """The entry `name`, its module imported first if need be (refused as `what` needs it)."""
         entry = super().__getitem__(name)
         if getattr(entry, "home", ""):
-            sibling(entry.home, what or f"{self.what} {name}".strip())
+            what = what or f"{self.what} {name}".strip()
+            sibling(entry.home, what)
             entry = super().__getitem__(name)
+            if getattr(entry, "home", ""):  # a module from another version of tinyllm
+                raise TinyLLMError(f"{what}: {entry.home}.py does not implement it; copy the {entry.home}.py "
+                                   f"that came with this {Path(__file__).name}")
         return entry
 
     def implement(self, name: str, value: Any = None, **parts: Any) -> None:
@@ -111,20 +116,34 @@ class Elsewhere:
 
 
 def sibling(module: str, what: str) -> Any:
-    """The sibling module `module`, imported now (once); TinyLLMError naming its file when it is
-    not beside this one."""
-    if module not in sys.modules and not (Path(__file__).parent / f"{module}.py").is_file():
-        raise TinyLLMError(f"{what} needs {module}.py, which is not beside {Path(__file__).name}; copy it "
-                           f"there from tinyllm")
-    return importlib.import_module(module)
+    """The sibling module `module`, imported now (once) from this file's folder; TinyLLMError
+    naming the file when it, or a module below it that it imports, is missing or broken."""
+    if module in sys.modules:
+        return sys.modules[module]
+    folder, card = Path(__file__).resolve().parent, Path(__file__).name
+    if not (folder / f"{module}.py").is_file():
+        raise TinyLLMError(f"{what} needs {module}.py, which is not beside {card}; copy it there from "
+                           f"tinyllm")
+    if sys.path[:1] != [str(folder)]:  # its siblings before any module of the same name elsewhere
+        sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("tinyllm_"):
+            raise
+        raise TinyLLMError(f"{what} needs {module}.py and {e.name}.py, which is not beside {card}; copy it "
+                           f"there from tinyllm") from None
+    except Exception as e:  # a file cut short, edited, or from another version of tinyllm
+        raise TinyLLMError(f"{what} needs {module}.py, which cannot be imported ({type(e).__name__}: "
+                           f"{first_line(e)}); copy it again from tinyllm") from None
 
 
-PRESETS: dict[str, dict[str, Any]] = {  # --arch: model fields that a preset sets
+PRESETS = Registry("--arch", {  # model fields that a preset sets
     "gpt2": {"norm": "layernorm", "mlp": "gelu", "pos_encoding": "learned", "bias": True,
              "tie_weights": True},
     "llama": {"norm": "rmsnorm", "mlp": "swiglu", "pos_encoding": "rope", "bias": False,
               "tie_weights": True},
-}
+})
 TOKENIZERS = Registry("--tokenizer")  # trainers: (texts, config) -> TextTokenizer
 NORMS = Registry("--norm")  # (width, config) -> layer
 MLPS = Registry("--mlp")  # feed-forward blocks, each class declaring its hidden width
@@ -1630,7 +1649,7 @@ def read_blocks(path: Path, settings: ReadSettings | None = None) -> Iterator[st
 
 
 def compressed(*suffixes: str) -> tuple[str, ...]:
-    return tuple(s + c for s in suffixes for c in ("", *COMPRESSIONS))
+    return tuple(suffix + c for suffix in suffixes for c in ("", *COMPRESSIONS))
 
 
 READERS = Registry("a corpus file", {
@@ -1643,7 +1662,7 @@ READERS = Registry("a corpus file", {
 def without_format_suffix(path: Path) -> str:
     """The path without the ending its reader matched: data/stories.jsonl.gz -> data/stories."""
     reader = reader_for(path)
-    ending = max((s for s in reader.suffixes if path.name.endswith(s)), key=len) if reader else ""
+    ending = max((sfx for sfx in reader.suffixes if path.name.endswith(sfx)), key=len) if reader else ""
     return str(path)[:len(str(path)) - len(ending)] if ending else str(path)
 
 
@@ -1660,8 +1679,8 @@ def reader_of(path: Path, flag: str) -> Reader:
     module imported first when it has one; TinyLLMError naming the file when that is missing."""
     reader = reader_for(path) or READERS["text"]
     if reader.home:
-        sibling(reader.home, f"{flag} {path}")
-        reader = reader_for(path)
+        name = next(name for name, entry in READERS.items() if entry is reader)
+        reader = READERS.entry(name, f"{flag} {path}")
     return reader
 
 
@@ -1887,7 +1906,7 @@ def encode_corpus(corpus: Corpus, tok: TextTokenizer, folder: Path, val_fraction
         raise
     bar.close()
     release_freed_memory()
-    final = {s: folder / f"{s}.bin" for s in ("train", "val")}
+    final = {split: folder / f"{split}.bin" for split in ("train", "val")}
     for split, tmp in writer.paths.items():
         os.replace(tmp, final[split])
     for split, tmp in writer.mask_paths.items():
@@ -1925,10 +1944,11 @@ class TokenWriter:
         self.tok, self.by_document, self.val_fraction = tok, by_document, val_fraction
         self.encode_batch = fast_batch_encoder(tok)
         self.dtype = token_dtype(tok.vocab_size)
-        self.paths = {s: folder / f".{s}.bin.tmp{os.getpid()}" for s in ("train", "val")}
-        self.mask_paths = {s: folder / f".{s}.mask.tmp{os.getpid()}" for s in ("train", "val") if chat}
-        self.files = {s: open(p, "wb") for s, p in self.paths.items()}
-        self.masks = {s: open(p, "wb") for s, p in self.mask_paths.items()}
+        self.paths = {split: folder / f".{split}.bin.tmp{os.getpid()}" for split in ("train", "val")}
+        self.mask_paths = {split: folder / f".{split}.mask.tmp{os.getpid()}" for split in ("train", "val")
+                           if chat}
+        self.files = {split: open(p, "wb") for split, p in self.paths.items()}
+        self.masks = {split: open(p, "wb") for split, p in self.mask_paths.items()}
         self.in_reply = {"train": False, "val": False}
         self.started = {"train": False, "val": False}
         self.pending: list[tuple[str, str, bool]] = []
@@ -2363,7 +2383,7 @@ def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.dev
     """cfg.num_samples samples of cfg.prompt to stdout, decoded as one batch: the first streams
     as it is made, the others follow when the batch is done; same seed, same text. Runs on a
     copy in the sampling dtype, so training never sees its weights rounded. `frozen`: the
-    weights stay for the rest of the process (see FrozenStep)."""
+    weights stay for the rest of the process (see decode_step)."""
     prompt_ids = encode_prompt(tok, cfg.prompt, start_ids)
     model = sampling_copy(model, cfg, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed if seed is None else seed)
@@ -2701,7 +2721,7 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     tensors are read from the file only when used (--init_from needs the weights, not the
     optimizer state)."""
     if path.suffix == ".safetensors" and path.is_file():
-        return CHECKPOINT_FILES[".safetensors"](path)
+        return CHECKPOINT_FILES.entry(".safetensors", f"the checkpoint {path}")(path)
     if not path.is_file():
         raise TinyLLMError(f"no checkpoint at {path}; train first (or give --ckpt PATH / the right "
                            f"--out_dir)")
@@ -2844,7 +2864,7 @@ class Source:
     trained for, its tokenizer, and where each of our parameters comes from. Tensors are read
     one at a time, when they are copied into the model."""
     path: Path
-    family: str  # an HF_FAMILIES key, or "tinyllm"
+    family: str  # a model_type of tinyllm_hub.py's HF_FAMILIES, or "tinyllm"
     config: dict[str, Any]  # every ARCH_KEYS field but block_size
     context: int
     vocab_size: int
@@ -3095,15 +3115,15 @@ class SignalCatcher:
 
     def __enter__(self) -> SignalCatcher:
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
+            self.previous = {signum: signal.signal(signum, self._catch) for signum in self.SIGNALS}
         return self
 
     def _catch(self, signum: int, frame: Any) -> None:
         self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3547,12 +3567,12 @@ def evaluate_tokens(model: GPT, tokens: np.ndarray, batch_size: int, device: tor
     loss_sum = correct = count = 0.0
     for i in range(0, len(starts), batch_size):
         batch = starts[i:i + batch_size]
-        rows = np.stack([tokens[s:s + T + 1] for s in batch]).astype(np.int64)
+        rows = np.stack([tokens[start:start + T + 1] for start in batch]).astype(np.int64)
         xy = torch.from_numpy(rows).to(device)
         x, y = xy[:, :-1], xy[:, 1:]
         if mask is not None:
-            keep = np.stack([learn[s + 1:s + T + 1] * (np.arange(s + 1, s + T + 1) < e)
-                             for s, e in zip(batch, ends[i:i + batch_size])]).astype(bool)
+            keep = np.stack([learn[start + 1:start + T + 1] * (np.arange(start + 1, start + T + 1) < end)
+                             for start, end in zip(batch, ends[i:i + batch_size])]).astype(bool)
             y = y.masked_fill(~torch.from_numpy(keep).to(device), IGNORE)
         with autocast(device, dtype):
             logits, loss = model(x, y)
@@ -3636,6 +3656,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model: GPT,
                     r: dict[str, float]) -> None:
+    plain = str(sampling_dtype(cfg, device)).removeprefix("torch.")  # the weights of --quantize none
     rows = [("model", f"{model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}"),
             ("device / dtype", f"{device} / {str(dtype).removeprefix('torch.')}"
                                f"{' / compiled' if cfg.compile else ''}"),
@@ -3643,10 +3664,9 @@ def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model
             ("training tokens/s", f"{r['train_tokens_per_s']:,.0f}"),
             ("MFU", f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "unknown (--peak_flops)"),
             ("peak memory", f"{r['peak_memory_mb']:,.0f} MiB"),
-            *[(f"decode tokens/s, {cfg.max_new_tokens} new, KV cache, {weights} weights",
-               f"{r[f'decode_tokens_per_s_{quantize}']:,.0f}") for quantize, weights in
-              (("none", str(sampling_dtype(cfg, device)).removeprefix("torch.")), ("int8", "int8"))
-              if f"decode_tokens_per_s_{quantize}" in r],
+            *[(f"decode tokens/s, {cfg.max_new_tokens} new, KV cache, {plain if q == 'none' else q} weights",
+               f"{r[f'decode_tokens_per_s_{q}']:,.0f}")
+              for q in QUANTIZERS if f"decode_tokens_per_s_{q}" in r],
             (f"decode tokens/s, {cfg.max_new_tokens} new, no cache",
              f"{r['decode_tokens_per_s_no_cache']:,.0f}"),
             ("decode step", f"compiled ({r['decode_graphs']} graphs)" if cfg.compile_decode
@@ -3982,12 +4002,12 @@ def resolve(argv: list[str] | None) -> Resolved:
                            f"base); --{flag} does not take it: drop --init_from")
     if path is None and cfg.init_from:  # a new run from a pretrained model
         r = PRETRAINED[""].resolve(explicit, mode)
-        return dataclasses.replace(r, cfg=check_entries(r.cfg))
+        return dataclasses.replace(r, cfg=check_entries(r.cfg, mode, explicit))
     if path is None:
         validate(cfg, SETTING_CHECKS)
         if mode == "train":
             refuse_existing_run(cfg)
-        return Resolved(mode, check_entries(cfg))
+        return Resolved(mode, check_entries(cfg, mode, explicit))
     ckpt = load_checkpoint(path)
     cfg = merge_config(explicit, base=ckpt["config"])
     validate(cfg, SETTING_CHECKS)
@@ -3995,18 +4015,34 @@ def resolve(argv: list[str] | None) -> Resolved:
     lora = ckpt["config"].get("lora_rank")  # adapters, which need their base model
     pretrained = PRETRAINED.entry("", f"the LoRA checkpoint {path}") if lora else None
     source = pretrained.base(ckpt, path, cfg.init_from) if pretrained else None
-    return Resolved(mode, check_entries(cfg), ckpt, path, source)
+    return Resolved(mode, check_entries(cfg, mode, explicit), ckpt, path, source)
 
 
-def check_entries(cfg: Config) -> Config:
-    """The config, once the registry entries it chooses are known to be here: those implemented
-    beside this file are imported now, so that a missing one is refused before any work."""
+def check_entries(cfg: Config, mode: str, explicit: dict[str, Any]) -> Config:
+    """The config, once the registry entries it chooses and the readers of the files it names are
+    known to be here: those implemented beside this file are imported now, so that a missing one
+    is refused before any work, and one a checkpoint's config chose is its default instead.
+    --quantize counts only for a mode that decodes."""
     for name, f in FIELDS.items():
-        spec = f.metadata["choices"]
-        registries = [spec] if isinstance(spec, dict) else [p for p in spec or () if isinstance(p, dict)]
-        for registry in registries:
-            if getattr(cfg, name) in registry:
-                registry[getattr(cfg, name)]
+        spec, value = f.metadata["choices"], getattr(cfg, name)
+        if name == "quantize" and not MODES[mode].decodes:
+            continue
+        for registry in [spec] if isinstance(spec, dict) else [p for p in spec or () if isinstance(p, dict)]:
+            try:
+                if value in registry:
+                    registry.entry(value, f"--{name} {value}")
+            except TinyLLMError as e:
+                if name in explicit:
+                    raise
+                print0(f"note: the checkpoint's config sets --{name} {value}, but {e}; using --{name} "
+                       f"{f.default} instead", file=sys.stderr)
+                cfg = dataclasses.replace(cfg, **{name: f.default})
+    for flag, spec in (("--data_path", cfg.data_path), ("--val_data", cfg.val_data),
+                       ("--eval_data", cfg.eval_data)):
+        for item in (part.strip() for part in spec.split(",")):
+            if item and not item.startswith(("http://", "https://")) and not Path(item).is_dir():
+                for path in sorted(glob.glob(item)) if any(ch in item for ch in "*?[") else [item]:
+                    reader_of(Path(path), flag)
     return cfg
 
 

@@ -149,3 +149,56 @@ def test_a_flag_whose_module_is_missing_is_one_line_naming_the_file(alone, tmp_p
         assert len(lines) == 1 and message in lines[0], (args, out.stderr)
         assert "which is not beside train_tinyllm.py" in lines[0]
     assert sorted(p.name for p in (alone / "out").iterdir()) == before and not (alone / "new").exists()
+
+
+@pytest.mark.slow
+def test_a_sibling_whose_own_module_is_missing_or_broken_is_one_line(tmp_path):
+    """The hub without tinyllm_data.py (which it imports), an empty data module, a broken one:
+    each is one line naming the file, exit 2, never a traceback."""
+    def folder(name: str, **files: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        shutil.copy(ROOT / "train_tinyllm.py", path)
+        for module, text in files.items():
+            source = (ROOT / f"{module}.py").read_text() if text == "copy" else text
+            (path / f"{module}.py").write_text(source)
+        make_corpus(path / "corpus.txt")
+        (path / "c.jsonl").write_text('{"text": "a b c"}\n' * 50)
+        return path
+    cases = [
+        (folder("hub_only", tinyllm_hub="copy"), ["--init_from", "corpus.txt"],
+         "--init_from needs tinyllm_hub.py and tinyllm_data.py, which is not beside train_tinyllm.py"),
+        (folder("empty_data", tinyllm_data=""), ["--data_path", "c.jsonl"],
+         "--data_path c.jsonl: tinyllm_data.py does not implement it"),
+        (folder("broken_data", tinyllm_data="def (:"), ["--data_path", "c.jsonl"],
+         "--data_path c.jsonl needs tinyllm_data.py, which cannot be imported (SyntaxError"),
+    ]
+    for where, args, message in cases:
+        out = card(where, *args, "--out_dir", "out", "--cache_dir", "cache", *TINY)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (where.name, out.stderr)
+        assert not (where / "out").exists()
+
+
+@pytest.mark.slow
+def test_refusals_come_before_any_work_and_a_checkpoints_setting_falls_back(alone):
+    """A --val_data file whose reader is missing is refused before the training corpus is read
+    and before an existing out_dir is touched; a --quantize int8 that the checkpoint's config
+    carries falls back to none with one line."""
+    run = ["--data_path", "corpus.txt", "--out_dir", "out", "--cache_dir", "cache", *TINY, "--max_steps", "2"]
+    assert card(alone, *run).returncode == 0
+    (alone / "v.jsonl").write_text('{"text": "a b c"}\n')
+    before = {p.name: p.stat().st_mtime_ns for p in (alone / "out").iterdir()}
+    out = card(alone, *run, "--overwrite", "--val_data", "v.jsonl")
+    assert out.returncode == 2 and "--val_data v.jsonl needs tinyllm_data.py" in out.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in (alone / "out").iterdir()}
+    assert "data:" not in out.stdout and after == before
+    ckpt = torch.load(alone / "out" / "ckpt.pt", weights_only=True)
+    ckpt["config"]["quantize"] = "int8"  # as a run trained with --quantize int8 (for its samples) saves it
+    torch.save(ckpt, alone / "out" / "ckpt_best.pt")
+    sample = card(alone, "--generate_only", "--out_dir", "out", "--max_new_tokens", "4")
+    assert sample.returncode == 0, sample.stderr
+    assert "the checkpoint's config sets --quantize int8, but --quantize int8 needs tinyllm_serve.py" \
+        in sample.stderr and "using --quantize none instead" in sample.stderr
+    refused = card(alone, "--generate_only", "--out_dir", "out", "--quantize", "int8")
+    assert refused.returncode == 2 and "--quantize int8 needs tinyllm_serve.py" in refused.stderr
