@@ -57,6 +57,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -128,14 +129,25 @@ def sibling(module: str, what: str) -> Any:
         sys.path.insert(0, str(folder))
     try:
         return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("tinyllm_"):
-            raise
-        raise TinyLLMError(f"{what} needs {module}.py and {e.name}.py, which is not beside {card}; copy it "
-                           f"there from tinyllm") from None
-    except Exception as e:  # a file cut short, edited, or from another version of tinyllm
-        raise TinyLLMError(f"{what} needs {module}.py, which cannot be imported ({type(e).__name__}: "
-                           f"{first_line(e)}); copy it again from tinyllm") from None
+    except Exception as e:  # a file missing, cut short, edited, or from another version of tinyllm
+        culprit = failing_sibling(e, module)
+        if isinstance(e, ModuleNotFoundError) and e.name == culprit:
+            raise TinyLLMError(f"{what} needs {module}.py and {culprit}.py, which is not beside {card}; copy "
+                               f"it there from tinyllm") from None
+        raise TinyLLMError(f"{what} needs {module}.py{f' and {culprit}.py' if culprit != module else ''}, "
+                           f"which cannot be imported ({type(e).__name__}: {first_line(e)}); copy it again "
+                           f"from tinyllm") from None
+
+
+def failing_sibling(e: BaseException, module: str) -> str:
+    """Which sibling an import of `module` failed in: the one a syntax error or a missing name is
+    in, else the last sibling in the traceback, else `module` itself."""
+    if isinstance(e, SyntaxError) and e.filename and Path(e.filename).stem.startswith("tinyllm_"):
+        return Path(e.filename).stem
+    if isinstance(e, ImportError) and (e.name or "").startswith("tinyllm_"):
+        return e.name
+    frames = [Path(f.filename).stem for f in traceback.extract_tb(e.__traceback__)]
+    return next((stem for stem in reversed(frames) if stem.startswith("tinyllm_")), module)
 
 
 PRESETS = Registry("--arch", {  # model fields that a preset sets
@@ -162,15 +174,18 @@ class Mode:
     """What an invocation does: the Config flag that asks for it ("" for training, the default),
     whether it starts from a checkpoint (--ckpt, else out_dir's best, else its latest), whether
     it decodes (and so takes --quantize and --compile_decode), what Ctrl-C before its end leaves
-    behind, and the function that runs it (None: its sibling module `home` implements it)."""
+    behind, the function that runs it (None: its sibling module `home` implements it), and the
+    data flags it reads (the first one given, of those before the corpus's: --eval_data)."""
     flag: str
     loads: bool
     decodes: bool
     interrupted: str
     run: Callable[[Resolved], Any] | None = None
     home: str = ""
+    reads: tuple[str, ...] = ()
 
 
+CORPUS_FLAGS = ("data_path", "val_data")  # what training reads
 MODES = Registry("--mode")  # filled in beside main(), once every mode's function is defined
 
 
@@ -1464,7 +1479,7 @@ def resolve_data_path(spec: str, flag: str = "--data_path") -> list[Path]:
         if not item:
             continue
         if item.startswith(("http://", "https://")):
-            found = [download(item)]
+            found = [download(item, flag)]
         elif any(ch in item for ch in "*?["):
             found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
             if not found:
@@ -1483,12 +1498,12 @@ def resolve_data_path(spec: str, flag: str = "--data_path") -> list[Path]:
     return files
 
 
-def download(url: str, folder: Path = Path("data")) -> Path:
+def download(url: str, flag: str = "--data_path", folder: Path = Path("data")) -> Path:
     """Fetch a URL once into data/ (atomically, with a progress bar) and reuse it afterwards."""
     import urllib.error
     import urllib.parse
     import urllib.request
-    name = Path(urllib.parse.urlparse(url).path).name or f"download-{sha256_hex(url)[:12]}.txt"
+    name = download_name(url)
     dest = folder / name
     if dest.is_file():
         print0(f"data: reusing {dest} (downloaded from {url})")
@@ -1503,10 +1518,16 @@ def download(url: str, folder: Path = Path("data")) -> Path:
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else \
             getattr(e, "reason", None) or e
-        raise TinyLLMError(f"--data_path {url} could not be downloaded ({reason}); check the URL and "
+        raise TinyLLMError(f"{flag} {url} could not be downloaded ({reason}); check the URL and "
                            f"the network, or download the file into data/ yourself") from None
     print0(f"data: downloaded {url} to {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
     return dest
+
+
+def download_name(url: str) -> str:
+    """The file a URL is downloaded to in data/: its own name, else one made from the URL."""
+    import urllib.parse
+    return Path(urllib.parse.urlparse(url).path).name or f"download-{sha256_hex(url)[:12]}.txt"
 
 
 def copy_stream(source: Any, path: Path, bar: Any) -> None:
@@ -1676,11 +1697,15 @@ def reader_for(path: Path) -> Reader | None:
 
 def reader_of(path: Path, flag: str) -> Reader:
     """The reader of a corpus file (plain text where no reader claims its ending), its sibling
-    module imported first when it has one; TinyLLMError naming the file when that is missing."""
+    module (and a compressed file's decompressor's) imported first; TinyLLMError naming the file
+    when that is missing."""
     reader = reader_for(path) or READERS["text"]
     if reader.home:
         name = next(name for name, entry in READERS.items() if entry is reader)
         reader = READERS.entry(name, f"{flag} {path}")
+    packed = next((c for c in COMPRESSIONS if path.name.endswith(c)), "")
+    if packed:
+        DECOMPRESSORS.entry(packed, f"{flag} {path}")
     return reader
 
 
@@ -4037,12 +4062,21 @@ def check_entries(cfg: Config, mode: str, explicit: dict[str, Any]) -> Config:
                 print0(f"note: the checkpoint's config sets --{name} {value}, but {e}; using --{name} "
                        f"{f.default} instead", file=sys.stderr)
                 cfg = dataclasses.replace(cfg, **{name: f.default})
-    for flag, spec in (("--data_path", cfg.data_path), ("--val_data", cfg.val_data),
-                       ("--eval_data", cfg.eval_data)):
-        for item in (part.strip() for part in spec.split(",")):
-            if item and not item.startswith(("http://", "https://")) and not Path(item).is_dir():
-                for path in sorted(glob.glob(item)) if any(ch in item for ch in "*?[") else [item]:
-                    reader_of(Path(path), flag)
+    reads = MODES[mode].reads  # --eval_data, when given, instead of the corpus
+    reads = reads[:1] if reads and reads[0] not in CORPUS_FLAGS and getattr(cfg, reads[0]) else reads
+    for name in reads:
+        flag, spec = f"--{name}", getattr(cfg, name)
+        if name not in CORPUS_FLAGS:  # one file (--eval_data)
+            if spec:
+                reader_of(Path(spec), flag)
+            continue
+        # a corpus: its files, directories and globs listed, and its URLs by the file they become
+        items = [part.strip() for part in spec.split(",") if part.strip()]
+        urls = [item for item in items if item.startswith(("http://", "https://"))]
+        local = ",".join(item for item in items if item not in urls)
+        files = resolve_data_path(local, flag) if local else []
+        for path in files + [Path(download_name(url)) for url in urls]:
+            reader_of(path, flag)
     return cfg
 
 
@@ -4063,13 +4097,16 @@ def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
 
 
 MODES.update({
-    "train": Mode("", False, True, "interrupted before training started; nothing was lost", train_and_plot),
+    "train": Mode("", False, True, "interrupted before training started; nothing was lost", train_and_plot,
+                  reads=CORPUS_FLAGS),
     "generate": Mode("generate_only", True, True, "interrupted; generation stopped",
                      generate_from_checkpoint),
     "chat": Mode("chat", True, True, "the chat ended", home="tinyllm_serve"),
     "serve": Mode("serve", True, True, "the server stopped", home="tinyllm_serve"),
-    "eval": Mode("eval_only", True, True, "interrupted; nothing was written", evaluate_checkpoint),
-    "benchmark": Mode("benchmark", False, True, "interrupted; nothing was written", benchmark),
+    "eval": Mode("eval_only", True, True, "interrupted; nothing was written", evaluate_checkpoint,
+                 reads=("eval_data", *CORPUS_FLAGS)),
+    "benchmark": Mode("benchmark", False, True, "interrupted; nothing was written", benchmark,
+                      reads=CORPUS_FLAGS),
     "plot": Mode("plot", False, False, "interrupted; loss.png was not changed", plot_run),
     "export": Mode("export", True, False, "interrupted; no export was written", home="tinyllm_hub"),
 })

@@ -156,3 +156,11 @@ def test_fingerprint_reads_only_head_and_tail(tmp_path, monkeypatch):
     monkeypatch.setattr(tl, "open", lambda p, m="r": Counting(real_open(p, m)), raising=False)
     tl.file_fingerprint(big)
     assert sum(reads) == 2 << 20  # 2 MB of a 5 MB file
+
+
+def test_a_url_that_cannot_be_downloaded_names_its_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused = r"^--val_data http://127.0.0.1:9/v.txt could not be downloaded"
+    with pytest.raises(tl.TinyLLMError, match=refused):
+        tl.resolve_data_path("http://127.0.0.1:9/v.txt", "--val_data")
+    assert not (tmp_path / "data" / "v.txt").exists()

@@ -172,6 +172,11 @@ def test_a_sibling_whose_own_module_is_missing_or_broken_is_one_line(tmp_path):
          "--data_path c.jsonl: tinyllm_data.py does not implement it"),
         (folder("broken_data", tinyllm_data="def (:"), ["--data_path", "c.jsonl"],
          "--data_path c.jsonl needs tinyllm_data.py, which cannot be imported (SyntaxError"),
+        (folder("data_needs_a_package", tinyllm_data="import no_such_package_here\n"),
+         ["--data_path", "c.jsonl"],
+         "needs tinyllm_data.py, which cannot be imported (ModuleNotFoundError: No module named 'no_such"),
+        (folder("hub_with_empty_data", tinyllm_hub="copy", tinyllm_data=""), ["--init_from", "corpus.txt"],
+         "--init_from needs tinyllm_hub.py and tinyllm_data.py, which cannot be imported (ImportError"),
     ]
     for where, args, message in cases:
         out = card(where, *args, "--out_dir", "out", "--cache_dir", "cache", *TINY)
@@ -189,12 +194,19 @@ def test_refusals_come_before_any_work_and_a_checkpoints_setting_falls_back(alon
     assert card(alone, *run).returncode == 0
     (alone / "v.jsonl").write_text('{"text": "a b c"}\n')
     before = {p.name: p.stat().st_mtime_ns for p in (alone / "out").iterdir()}
-    out = card(alone, *run, "--overwrite", "--val_data", "v.jsonl")
-    assert out.returncode == 2 and "--val_data v.jsonl needs tinyllm_data.py" in out.stderr
-    after = {p.name: p.stat().st_mtime_ns for p in (alone / "out").iterdir()}
-    assert "data:" not in out.stdout and after == before
+    (alone / "packed").mkdir()
+    (alone / "packed" / "a.txt.gz").write_bytes(b"not read")
+    for extra, message in ((["--val_data", "v.jsonl"], "--val_data v.jsonl needs tinyllm_data.py"),
+                           (["--val_data", "packed"], "--val_data packed/a.txt.gz needs tinyllm_data.py"),
+                           (["--data_path", "packed/a.txt.gz"],
+                            "--data_path packed/a.txt.gz needs tinyllm_data.py")):
+        out = card(alone, *run, "--overwrite", *extra)
+        assert out.returncode == 2 and message in out.stderr, (extra, out.stderr)
+        after = {p.name: p.stat().st_mtime_ns for p in (alone / "out").iterdir()}
+        assert "data:" not in out.stdout and after == before, extra
     ckpt = torch.load(alone / "out" / "ckpt.pt", weights_only=True)
     ckpt["config"]["quantize"] = "int8"  # as a run trained with --quantize int8 (for its samples) saves it
+    ckpt["config"]["data_path"] = "v.jsonl"  # what it was trained on does not matter for sampling
     torch.save(ckpt, alone / "out" / "ckpt_best.pt")
     sample = card(alone, "--generate_only", "--out_dir", "out", "--max_new_tokens", "4")
     assert sample.returncode == 0, sample.stderr
