@@ -228,6 +228,7 @@ def test_logits_only_equals_forward():
             assert (LogitsOnly(model)(idx) - model(idx)[0]).abs().max() < 1e-5
 
 
+@pytest.mark.slow  # torch.export and onnxscript: a compile
 @pytest.mark.parametrize("case", GRAPH_CASES)
 def test_onnx_matches_pytorch_at_new_shapes(case, tmp_path):
     import onnxruntime
@@ -344,6 +345,7 @@ def test_tiktoken_refuses_merges_it_would_apply_differently(tmp_path):
 # The command line: --export from a trained run, and exports loaded back
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # torch.export and onnxscript: a compile
 def test_cli_export_every_format_and_sample_from_safetensors(run_args, tmp_path, capsys):
     assert tl.main(run_args("--tokenizer", "bpe", "--bpe_vocab_size", "300")) == 0
     out = tmp_path / "out"
