@@ -189,6 +189,17 @@ CORPUS_FLAGS = ("data_path", "val_data")  # what training reads
 MODES = Registry("--mode")  # filled in beside main(), once every mode's function is defined
 
 
+@dataclass
+class Resolved:
+    """One invocation, resolved once: its mode, its config, and the checkpoint it starts from
+    (loaded) for --resume, --generate_only, --eval_only and --export."""
+    mode: str
+    cfg: Config
+    ckpt: dict[str, Any] | None = None
+    ckpt_path: Path | None = None
+    source: Source | None = None  # --init_from, for a new training run
+
+
 def opt(default: Any, help: str, group: str, choices: tuple[Any, ...] | dict[str, Any] | None = None,
         arch: bool = False) -> Any:
     """A config field; `choices` are values, registries (their keys count) or both; `arch` marks
@@ -3987,17 +3998,6 @@ def modes_asked(cfg: Config) -> list[str]:
             if mode.flag and getattr(cfg, mode.flag) not in (False, "none")]
 
 
-@dataclass
-class Resolved:
-    """One invocation, resolved once: its mode, its config, and the checkpoint it starts from
-    (loaded) for --resume, --generate_only, --eval_only and --export."""
-    mode: str
-    cfg: Config
-    ckpt: dict[str, Any] | None = None
-    ckpt_path: Path | None = None
-    source: Source | None = None  # --init_from, for a new training run
-
-
 def resolve(argv: list[str] | None) -> Resolved:
     """The config of this invocation, merged and validated once, and its checkpoint. Precedence:
     defaults < --arch preset < --config file < flags; when the mode starts from a checkpoint, its
@@ -4044,10 +4044,10 @@ def resolve(argv: list[str] | None) -> Resolved:
 
 
 def check_entries(cfg: Config, mode: str, explicit: dict[str, Any]) -> Config:
-    """The config, once the registry entries it chooses and the readers of the files it names are
-    known to be here: those implemented beside this file are imported now, so that a missing one
-    is refused before any work, and one a checkpoint's config chose is its default instead.
-    --quantize counts only for a mode that decodes."""
+    """The config, once the registry entries it chooses are known to be here: those implemented
+    beside this file are imported now, so that a missing one is refused before any work, and
+    one a checkpoint's config chose is its default instead (--quantize only where the mode
+    decodes); then the readers of the files the mode reads (check_readers)."""
     for name, f in FIELDS.items():
         spec, value = f.metadata["choices"], getattr(cfg, name)
         if name == "quantize" and not MODES[mode].decodes:
@@ -4062,22 +4062,26 @@ def check_entries(cfg: Config, mode: str, explicit: dict[str, Any]) -> Config:
                 print0(f"note: the checkpoint's config sets --{name} {value}, but {e}; using --{name} "
                        f"{f.default} instead", file=sys.stderr)
                 cfg = dataclasses.replace(cfg, **{name: f.default})
-    reads = MODES[mode].reads  # --eval_data, when given, instead of the corpus
-    reads = reads[:1] if reads and reads[0] not in CORPUS_FLAGS and getattr(cfg, reads[0]) else reads
+    check_readers(cfg, MODES[mode].reads)
+    return cfg
+
+
+def check_readers(cfg: Config, reads: tuple[str, ...]) -> None:
+    """The reader of every file the mode will read is here (reader_of): --eval_data when it is
+    given and read first, else the corpus (files, directories and globs listed, URLs by the file
+    they become, nothing read or downloaded)."""
+    if reads and reads[0] not in CORPUS_FLAGS:
+        if getattr(cfg, reads[0]):
+            reader_of(Path(getattr(cfg, reads[0])), f"--{reads[0]}")
+            return
+        reads = reads[1:]
     for name in reads:
-        flag, spec = f"--{name}", getattr(cfg, name)
-        if name not in CORPUS_FLAGS:  # one file (--eval_data)
-            if spec:
-                reader_of(Path(spec), flag)
-            continue
-        # a corpus: its files, directories and globs listed, and its URLs by the file they become
-        items = [part.strip() for part in spec.split(",") if part.strip()]
+        flag, items = f"--{name}", [part.strip() for part in getattr(cfg, name).split(",") if part.strip()]
         urls = [item for item in items if item.startswith(("http://", "https://"))]
         local = ",".join(item for item in items if item not in urls)
         files = resolve_data_path(local, flag) if local else []
         for path in files + [Path(download_name(url)) for url in urls]:
             reader_of(path, flag)
-    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
