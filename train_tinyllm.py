@@ -1482,15 +1482,16 @@ def builtin_corpus() -> Corpus:
                   n_bytes=len(text.encode("utf-8")))
 
 
-def resolve_data_path(spec: str, flag: str = "--data_path") -> list[Path]:
+def resolve_data_path(spec: str, flag: str = "--data_path", fetch: bool = True) -> list[Path]:
     """--data_path: files, directories (their .txt and .md files, sorted), globs and http(s)
-    URLs, comma-separated, in the order given."""
+    URLs, comma-separated, in the order given. Without `fetch`, a URL is the file it would be
+    downloaded to, and nothing is downloaded."""
     files: list[Path] = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
             continue
         if item.startswith(("http://", "https://")):
-            found = [download(item, flag)]
+            found = [download(item, flag) if fetch else Path("data") / download_name(item)]
         elif any(ch in item for ch in "*?["):
             found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
             if not found:
@@ -4076,12 +4077,8 @@ def check_readers(cfg: Config, reads: tuple[str, ...]) -> None:
             return
         reads = reads[1:]
     for name in reads:
-        flag, items = f"--{name}", [part.strip() for part in getattr(cfg, name).split(",") if part.strip()]
-        urls = [item for item in items if item.startswith(("http://", "https://"))]
-        local = ",".join(item for item in items if item not in urls)
-        files = resolve_data_path(local, flag) if local else []
-        for path in files + [Path(download_name(url)) for url in urls]:
-            reader_of(path, flag)
+        for path in resolve_data_path(getattr(cfg, name), f"--{name}", fetch=False):
+            reader_of(path, f"--{name}")
 
 
 # ----------------------------------------------------------------------------------------------
