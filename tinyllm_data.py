@@ -25,6 +25,7 @@ from train_tinyllm import (
     DECOMPRESSORS,
     ENCODERS,
     END_OF_TEXT,
+    END_OF_TURN,
     EOT,
     READERS,
     REPLY_END,
@@ -312,20 +313,10 @@ def fenced_chat(template: str, messages: list[dict[str, str]], specials: dict[st
     return "".join(out) + whole[pos:]
 
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")  # ChatML's, Llama 3's, Gemma's
-
-
 def end_of_turn_id(tok: TextTokenizer) -> int | None:
     """The token that ends an assistant reply: the template's end-of-turn marker where the
     tokenizer has one, else end-of-text."""
     return next((tok.vocab[t] for t in END_OF_TURN if t in tok.vocab), tok.eot_id)
-
-
-def reply_end_ids(tok: TextTokenizer) -> set[int]:
-    """Tokens after which an assistant reply is over: its end of turn, end-of-text, and the start
-    of a new turn (a model that opens the next message has finished its own)."""
-    ends = {end_of_turn_id(tok), tok.eot_id, tok.vocab.get(CHATML_TOKENS[0])}
-    return {i for i in ends if i is not None}
 
 
 def chat_prompt(tok: TextTokenizer, template: str, messages: list[dict[str, str]]) -> list[int]:

@@ -933,7 +933,7 @@ def hf_generation_config(cfg: Config, tok: TextTokenizer) -> dict[str, Any]:
     """generation_config.json with this run's sampling settings, so that model.generate() samples
     as --generate_only does: same processors in the same order (repetition penalty, temperature,
     top-k, top-p). top_k is written even when 0 because transformers' default is 50."""
-    ends = sorted({i for i in (tok.eot_id, end_of_turn_id(tok)) if i is not None})  # a chat reply: its turn
+    ends = tok.end_ids  # what ends a reply here, in every mode
     out: dict[str, Any] = {"bos_token_id": tok.eot_id, "eos_token_id": ends[0] if len(ends) == 1 else ends,
                            "max_new_tokens": cfg.max_new_tokens,
                            "repetition_penalty": cfg.repetition_penalty}
@@ -1376,7 +1376,8 @@ def ollama_modelfile(cfg: Config, tok: TextTokenizer, gguf_name: str) -> str:
         print0('gguf: the Modelfile has no SYSTEM: Ollama cannot quote a system prompt that holds """')
     elif cfg.system:
         lines.append(f'SYSTEM """{cfg.system}"""')
-    stops = [tok.hf.id_to_token(i) for i in dict.fromkeys((runtime_end_id(cfg, tok), tok.eot_id))]
+    ends = dict.fromkeys((runtime_end_id(cfg, tok), *tok.end_ids))  # the GGUF's end token first
+    stops = [tok.hf.id_to_token(i) for i in ends if i is not None]
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     settings = {"num_ctx": cfg.block_size, "num_predict": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "top_k": cfg.top_k, "top_p": cfg.top_p, "min_p": 0, "repeat_penalty": cfg.repetition_penalty,

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyllm_data import chat_prompt, plain_content, reply_end_ids
+from tinyllm_data import chat_prompt, plain_content
 from train_tinyllm import (
     CHATML,
     GPT,
@@ -216,7 +216,6 @@ class ChatSession:
         self.model = sampling_copy(use.model, use.cfg, use.device)
         self.step = decode_step(self.model, use.cfg.compile_decode, frozen=True)
         self.template = use.cfg.chat_template or CHATML
-        self.ends = reply_end_ids(use.tok)
         self.system = system
         self.reset()
         prepare_step(self.step, self.cache)
@@ -268,7 +267,7 @@ class ChatSession:
                     history = torch.tensor([ids + reply], device=self.use.device)
                 nxt = choose_next(logits, history, settings, generator)  # (1, 1)
                 token = int(nxt)
-                if token in self.ends or stop.is_set():
+                if token in self.tok.end_ids or stop.is_set():
                     break
                 reply.append(token)
                 if on_token is not None:
@@ -863,7 +862,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                                 f"is cut)",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
         tok = s.engine.tok
-        stop_ids = tuple(reply_end_ids(tok)) if chat else tuple(i for i in (tok.eot_id,) if i is not None)
+        stop_ids = tuple(tok.end_ids)  # what ends a reply, chat or not: the rule of every mode
         events: queue.SimpleQueue[tuple[int, str, str | None, int]] = queue.SimpleQueue()
         cancelled = threading.Event()
         choices = [Completion(i, prompts[i // n], settings, new_generator(seed, i, s.engine.device), stop_ids,

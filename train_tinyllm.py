@@ -1061,6 +1061,8 @@ EOT = "<|endoftext|>"
 # Special tokens that end a text, in order of preference: ours and GPT-2's, Llama 3's, the
 # SentencePiece family's (Llama 2, TinyLlama), Gemma's. Imported tokenizers bring one of them.
 END_OF_TEXT = (EOT, "<|end_of_text|>", "</s>", "<eos>")
+# Special tokens that end a turn of a chat: ChatML's, Llama 3's, Gemma's.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
 class TextTokenizer:
@@ -1078,6 +1080,9 @@ class TextTokenizer:
         self.vocab_special = {t: self.vocab[t] for t in special}
         self.eot = next((t for t in END_OF_TEXT if t in special), None)  # between documents
         self.eot_id = hf.token_to_id(self.eot) if self.eot else None
+        # the one rule for what ends a reply, in every mode and every export: end-of-text, or a
+        # chat's end of turn where the tokenizer has one (llama.cpp stops at both too)
+        self.end_ids = [i for i in (self.eot_id, *map(self.vocab_special.get, END_OF_TURN)) if i is not None]
 
     @classmethod
     def from_str(cls, text: str) -> TextTokenizer:
@@ -2123,12 +2128,28 @@ def metered(pieces: Iterator[str], bar: Any) -> Iterator[str]:
 
 
 def check_known_chars(tok: TextTokenizer, text: str, name: str) -> None:
+    """Refuse text the tokenizer cannot encode: bytes that are not UTF-8 (check_utf8), or for a
+    char-level vocabulary, characters it does not have."""
+    check_utf8(text, name)
     unknown = tok.unknown_chars(text)
     if unknown:
         shown = " ".join(repr(c) for c in unknown[:10])
         raise TinyLLMError(f"{name} has {len(unknown)} characters outside the char-level "
                            f"vocabulary of this tokenizer/checkpoint ({shown}); train a new model "
                            f"on this corpus (another --out_dir) or remove those characters")
+
+
+def check_utf8(text: str, name: str) -> None:
+    """Text from outside (a flag, stdin, a request) that held bytes that are not UTF-8 reaches
+    Python as lone surrogates (a byte 0xff as U+DCFF), which no tokenizer can encode."""
+    bad = SURROGATE.search(text)
+    if bad:
+        code = ord(bad.group())
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise TinyLLMError(f"{name} is not UTF-8 text ({what} at character {bad.start()}); give it as UTF-8")
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def encode_text(tok: TextTokenizer, text: str, name: str) -> np.ndarray:
@@ -2306,27 +2327,28 @@ def cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, settings: SampleSettings,
              generator: torch.Generator | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None, stop_id: int | None = None
+             on_token: Callable[[torch.Tensor], None] | None = None, stop_ids: list[int] | None = None
              ) -> torch.Tensor:
     """Continue idx (B, T) by up to settings.max_new_tokens tokens; on_token sees each new (B, 1)
-    column. With stop_id (end-of-text), a row that produces it is finished: it is padded with
-    stop_id, and generation ends when every row is finished."""
+    column. With stop_ids (the tokenizer's end_ids), a row that produces one is finished: it is
+    padded with the first, and generation ends when every row is finished."""
     was_training = model.training
     model.eval()
     cache = model.new_cache(idx.size(0), idx.device, cache_dtype(model.wte.weight.dtype, idx.device)) \
         if settings.kv_cache else None
     step = decode_step(model, settings.compiled, settings.frozen)
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+    stops = torch.tensor(stop_ids, device=idx.device) if stop_ids else None
     for _ in range(settings.max_new_tokens):
         logits = next_logits_cached(model, idx, cache, step) if cache else next_logits_uncached(model, idx)
         nxt = choose_next(logits, idx, settings, generator)
-        if stop_id is not None:
-            nxt = nxt.masked_fill(done, stop_id)
-            done |= nxt == stop_id
+        if stops is not None:
+            nxt = nxt.masked_fill(done, stop_ids[0])
+            done |= torch.isin(nxt, stops)
         idx = torch.cat([idx, nxt], dim=1)
         if on_token is not None:
             on_token(nxt)
-        if stop_id is not None and bool(done.all()):
+        if stops is not None and bool(done.all()):
             break
     model.train(was_training)
     return idx
@@ -2359,8 +2381,8 @@ class GrowingText:
 
 class TextStreamer:
     """Prints a sample's text as its tokens arrive, after the prompt (see GrowingText); text that
-    ends inside a UTF-8 character waits for the rest. The end-of-text token ends a sample; it is
-    not printed."""
+    ends inside a UTF-8 character waits for the rest. What ends a reply (the tokenizer's end_ids)
+    ends a sample; it is not printed."""
 
     def __init__(self, tok: TextTokenizer, prompt_ids: list[int] | None = None):
         self.tok, self.ids, self.printed = tok, [], 0
@@ -2368,7 +2390,7 @@ class TextStreamer:
 
     def __call__(self, nxt: torch.Tensor) -> None:
         token = int(nxt[0, 0])
-        if token == self.tok.eot_id:
+        if token in self.tok.end_ids:
             return
         self.ids.append(token)
         text = self.text.of(self.ids)
@@ -2381,6 +2403,7 @@ class TextStreamer:
 def encode_prompt(tok: TextTokenizer, prompt: str, start_ids: list[int] | None = None) -> list[int]:
     """The prompt's tokens; an empty prompt starts from start_ids (see start_ids_for), or for
     checkpoints older than those, from the tokenizer's default."""
+    check_utf8(prompt, "--prompt")
     unknown = tok.unknown_chars(prompt)
     if unknown:
         shown = " ".join(repr(c) for c in unknown[:10])
@@ -2432,12 +2455,12 @@ def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.dev
     print0(f"--- sample 1/{n} ---\n{cfg.prompt}", end="")
     idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
     out = generate(model, idx, settings, generator, TextStreamer(tok, prompt_ids) if is_rank0() else None,
-                   stop_id=tok.eot_id)
+                   stop_ids=tok.end_ids)
     print0()
     prompt_text = tok.decode(prompt_ids)
     for i in range(1, n):
         new = out[i, len(prompt_ids):].tolist()
-        new = new[:new.index(tok.eot_id)] if tok.eot_id in new else new
+        new = new[:next((j for j, t in enumerate(new) if t in tok.end_ids), len(new))]
         print0(f"--- sample {i + 1}/{n} ---\n{cfg.prompt}{tok.decode(prompt_ids + new)[len(prompt_text):]}")
 
 

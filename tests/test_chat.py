@@ -129,7 +129,7 @@ def test_a_chat_model_learns_to_reverse_words(reverser):
     for word in held_out:
         prompt = torch.tensor([td.chat_prompt(use.tok, "", [{"role": "user", "content": word}])])
         greedy = tl.SampleSettings(max_new_tokens=8, temperature=0.0)
-        out_ids = tl.generate(use.model, prompt, greedy, stop_id=end)
+        out_ids = tl.generate(use.model, prompt, greedy, stop_ids=[end])
         reply = out_ids[0, prompt.size(1):].tolist()
         right += use.tok.decode(reply[:reply.index(end)] if end in reply else reply) == word[::-1]
     assert right >= 90
@@ -170,7 +170,7 @@ def test_the_cache_is_kept_across_turns_and_old_turns_make_room(tmp_path):
     common = next(i for i, (a, b) in enumerate(zip(held + [-1], prompt)) if a != b)
     assert dropped == 0 and 0 < fed[0] == len(prompt) - common < len(prompt) // 2
     fresh = tl.generate(session.model, torch.tensor([prompt]), greedy)[0, len(prompt):].tolist()
-    end = next((i for i, t in enumerate(fresh) if t in session.ends), len(fresh))
+    end = next((i for i, t in enumerate(fresh) if t in use.tok.end_ids), len(fresh))
     assert second == use.tok.decode(fresh[:end])
     session = ts.ChatSession(use, system="abc")  # 128 tokens hold about three turns
     drops = [session.reply("abc def abc", greedy, torch.Generator())[1] for _ in range(8)]

@@ -107,7 +107,8 @@ def test_hf_greedy_generation_matches(arch, char_tok, tmp_path):
     export_hf(model, char_tok, tmp_path)
     hf = load_hf(tmp_path)
     prompt = torch.randint(char_tok.vocab_size, (2, 4))
-    ours = generate(model, prompt, SampleSettings(max_new_tokens=10, temperature=0), stop_id=char_tok.eot_id)
+    greedy = SampleSettings(max_new_tokens=10, temperature=0)
+    ours = generate(model, prompt, greedy, stop_ids=char_tok.end_ids)
     with torch.no_grad():
         theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
                              do_sample=False)

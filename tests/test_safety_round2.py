@@ -233,7 +233,7 @@ def test_export_never_overwrites_someone_elses_directory(trained, tmp_path, caps
 # ---- 8. Ctrl-C: prompt, and the right words for each mode ---------------------------------------
 
 def test_ctrl_c_during_generation_ends_the_line_and_says_so(trained, monkeypatch, capsys):
-    def interrupted(model, idx, settings, generator=None, on_token=None, stop_id=None):
+    def interrupted(model, idx, settings, generator=None, on_token=None, stop_ids=None):
         on_token(idx[:, -1:])  # one token reaches the screen, then Ctrl-C
         raise KeyboardInterrupt
     monkeypatch.setattr(tl, "generate", interrupted)

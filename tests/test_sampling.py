@@ -100,7 +100,7 @@ def test_generation_stops_at_end_of_text(monkeypatch):
     script = iter([[[7], [3]], [[3], [7]], [[1], [1]]])
     monkeypatch.setattr(tl, "choose_next", lambda *a: torch.tensor(next(script)))
     prompt = torch.zeros(2, 2, dtype=torch.long)
-    out = tl.generate(model, prompt, tl.SampleSettings(max_new_tokens=20, temperature=0), stop_id=7)
+    out = tl.generate(model, prompt, tl.SampleSettings(max_new_tokens=20, temperature=0), stop_ids=[7])
     assert out[:, 2:].tolist() == [[7, 7], [3, 7]]
     script = iter([[[7], [3]]] * 5)
     out = tl.generate(model, prompt, tl.SampleSettings(max_new_tokens=5, temperature=0))

@@ -89,14 +89,14 @@ def oracle(server, prompt: list[int], max_tokens: int, stop_ids: tuple[int, ...]
 def chat_oracle(server, text: str, max_tokens: int) -> tuple[str, list[int], list[int]]:
     tok = server.served.engine.tok
     prompt = td.chat_prompt(tok, server.served.template, [{"role": "user", "content": text}])
-    reply, new = oracle(server, prompt, max_tokens, tuple(td.reply_end_ids(tok)))
+    reply, new = oracle(server, prompt, max_tokens, tuple(tok.end_ids))
     return reply, prompt, new
 
 
 def text_oracle(server, text: str, max_tokens: int) -> tuple[str, list[int], list[int]]:
     tok = server.served.engine.tok
     prompt = tok.encode(text)
-    reply, new = oracle(server, prompt, max_tokens, (tok.eot_id,))
+    reply, new = oracle(server, prompt, max_tokens, tuple(tok.end_ids))
     return reply, prompt, new
 
 
@@ -460,7 +460,7 @@ def test_the_chat_page_streams_replies_in_a_real_browser(models, monkeypatch):
                 conversation.append({"role": "user", "content": text})
                 tok = server.served.engine.tok
                 prompt = td.chat_prompt(tok, server.served.template, conversation)
-                expected, _ = oracle(server, prompt, 24, tuple(td.reply_end_ids(tok)))
+                expected, _ = oracle(server, prompt, 24, tuple(tok.end_ids))
                 assert reply == expected
                 conversation.append({"role": "assistant", "content": reply})
             assert len(set(page.execute_script("return window.seen"))) >= 4  # the reply grew in steps
