@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import train_tinyllm
 from train_tinyllm import (
@@ -62,6 +62,9 @@ def decompressed_blocks(path: Path, flag: str) -> Iterator[bytes]:
                 import lzma
                 f = lzma.LZMAFile(f)
             elif kind == ".zst":
+                if zstd_cut_short(f):
+                    raise EOFError("the file ends inside a zstd frame")
+                f.seek(0)
                 f = zstd.ZstdDecompressor().stream_reader(f)
             while block := f.read(train_tinyllm.READ_SIZE):
                 yield block
@@ -74,23 +77,71 @@ def decompressed_blocks(path: Path, flag: str) -> Iterator[bytes]:
                            f"corrupt or truncated: download or compress it again") from None
 
 
+ZSTD_MAGIC, ZSTD_SKIPPABLE = 0xFD2FB528, 0x184D2A50  # a frame; a skippable frame (the low 4 bits vary)
+
+
+def zstd_cut_short(f: BinaryIO) -> bool:
+    """Whether a .zst file ends inside a frame. zstandard's stream reader stops there without a
+    word, with what it has decompressed (nothing, for a small file), so the frames are walked
+    first (RFC 8878): their headers and block headers are read, the blocks seeked over. Bytes
+    that are no frame are left to the decompressor to refuse."""
+    size = os.fstat(f.fileno()).st_size
+
+    def skip(n: int) -> bool:  # whether n more bytes are there
+        f.seek(n, os.SEEK_CUR)
+        return f.tell() <= size
+
+    while magic := f.read(4):
+        if len(magic) < 4:
+            return True
+        number = int.from_bytes(magic, "little")
+        if number & ~0xF == ZSTD_SKIPPABLE:
+            length = f.read(4)
+            if len(length) < 4 or not skip(int.from_bytes(length, "little")):
+                return True
+            continue
+        if number != ZSTD_MAGIC:
+            return False
+        descriptor = f.read(1)
+        if not descriptor:
+            return True
+        d = descriptor[0]
+        single = d >> 5 & 1  # single segment: no window descriptor, and a content size of 1+ bytes
+        if not skip((1 - single) + (0, 1, 2, 4)[d & 3] + (single, 2, 4, 8)[d >> 6]):
+            return True
+        last = False
+        while not last:
+            header = f.read(3)
+            if len(header) < 3:
+                return True
+            block = int.from_bytes(header, "little")
+            last, kind, length = bool(block & 1), block >> 1 & 3, block >> 3
+            if not skip(1 if kind == 1 else length):  # an RLE block holds one byte, repeated
+                return True
+        if d & 4 and not skip(4):  # the content checksum
+            return True
+    return False
+
+
 def jsonl_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
     """JSON Lines: one document per line, its text the string under --text_field, or a
     conversation (--data_format) rendered through the chat template. A line that is not JSON,
-    not an object, has no string there or is a malformed conversation is skipped and counted
+    not an object, has no text there or is a malformed conversation is skipped and counted
     (blank lines are not records); a file with no usable line is refused."""
-    skipped, total, first, reasons = 0, 0, [], {}
+    skipped, total, first, reasons, skipped_kinds = 0, 0, [], {}, set()
 
     def texts() -> Iterator[str]:
         nonlocal skipped, total
         for number, line in numbered_lines(path, settings):
             total += 1
-            text, why = jsonl_record(line, settings)
+            text, why, kind = jsonl_record(line, settings)
             if text is not None:
+                settings.kinds.add(kind)  # only records that are read: a skipped one mixes nothing in
                 yield text
                 continue
             skipped += 1
             reasons[why] = True
+            skipped_kinds.add(kind)
             if len(first) < 3:
                 first.append(number)
 
@@ -100,10 +151,23 @@ def jsonl_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
         settings.skipped[str(path)] = (f"skipped {skipped:,} of {total:,} lines of {path} "
                                        f"({', '.join(reasons)}): lines {lines}")
     if skipped == total and total:
-        fix = "fix the conversations or name their layout with --data_format" if "conversations" in \
-            settings.kinds else "point --text_field at the field that holds the text"
-        raise TinyLLMError(f"{settings.flag} {path} has no usable line: all {total:,} are "
-                           f"{', '.join(reasons)}; {fix}")
+        raise TinyLLMError(no_usable_line(path, settings, total, list(reasons), skipped_kinds))
+
+
+def no_usable_line(path: Path, settings: ReadSettings, total: int, reasons: list[str],
+                   kinds: set[str]) -> str:
+    """Why a JSON Lines file with no usable line is refused, and what to do about it."""
+    if reasons == [empty_text(settings.text_field)]:
+        return (f"{settings.flag} {path} has no record with text: all {total:,} lines have an empty "
+                f"\"{settings.text_field}\"; put the text there, or point --text_field at the field "
+                f"that holds it")
+    fix = "fix the conversations, or name their layout with --data_format if it is another" \
+        if "conversations" in kinds else "point --text_field at the field that holds the text"
+    return f"{settings.flag} {path} has no usable line: all {total:,} are {', '.join(reasons)}; {fix}"
+
+
+def empty_text(text_field: str) -> str:
+    return f'an empty "{text_field}"'
 
 
 def numbered_lines(path: Path, settings: ReadSettings) -> Iterator[tuple[int, str]]:
@@ -123,31 +187,36 @@ def numbered_lines(path: Path, settings: ReadSettings) -> Iterator[tuple[int, st
         yield number + 1, carry
 
 
-def jsonl_record(line: str, settings: ReadSettings) -> tuple[str | None, str]:
+def jsonl_record(line: str, settings: ReadSettings) -> tuple[str | None, str, str]:
     """A JSON Lines record's document (its text, or its conversation rendered and fenced), or
-    None and why it is skipped. Notes in `settings.kinds` which kind it was."""
+    None and why it is skipped; and which kind it is: "text" or "conversations" (a record in a
+    chat layout, even a malformed one, is a conversation)."""
     try:
         record = json.loads(line)
     except ValueError:
-        return None, "not JSON"
+        return None, "not JSON", "text"
     if not isinstance(record, dict):
-        return None, "not an object"
-    layout = record_layout(record, settings.data_format)
+        return None, "not an object", "text"
+    layout = record_layout(record, settings.data_format, settings.text_field)
     if layout == "text":
-        settings.kinds.add("text")
         text = record.get(settings.text_field)
-        return (text, "") if isinstance(text, str) else (None, f'no "{settings.text_field}"')
-    settings.kinds.add("conversations")
+        if not isinstance(text, str):
+            return None, f'no "{settings.text_field}"', "text"
+        # A blank text is no document: kept, it would add only an <|endoftext|>, and a file of
+        # them would pass the scan as a corpus of no documents. (isspace: no copy of a long text.)
+        blank = not text or text.isspace()
+        return (None, empty_text(settings.text_field), "text") if blank else (text, "", "text")
     try:
-        return fenced_chat(settings.template or CHATML, chat_messages(record, layout), settings.specials), ""
+        messages = chat_messages(record, layout)
+        return fenced_chat(settings.template or CHATML, messages, settings.specials), "", "conversations"
     except ValueError as e:
-        return None, str(e)
+        return None, str(e), "conversations"
 
 
 def parquet_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
     """Parquet: one document per row, its text the --text_field column, read one row group at
-    a time in batches, so that a large shard never sits in memory. Rows without a string there
-    are skipped and counted."""
+    a time in batches, so that a large shard never sits in memory. Rows without a string there,
+    or with a blank one, are skipped and counted."""
     pq = require("pyarrow.parquet", f"reading {path.name}", "pyarrow")
     try:
         shard = pq.ParquetFile(path)
@@ -158,7 +227,8 @@ def parquet_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
     if settings.text_field not in columns:
         raise TinyLLMError(f"{settings.flag} {path} has no column \"{settings.text_field}\"; its columns "
                            f"are {', '.join(columns)}: point --text_field at the one that holds the text")
-    skipped = total = 0
+    skipped, total, reasons = 0, 0, {}
+    null, empty = f'no string in "{settings.text_field}"', f'an empty string in "{settings.text_field}"'
 
     def rows() -> Iterator[str]:
         nonlocal skipped, total
@@ -167,18 +237,24 @@ def parquet_blocks(path: Path, settings: ReadSettings) -> Iterator[str]:
                                             columns=[settings.text_field]):
                 for value in batch.column(0).to_pylist():
                     total += 1
-                    if isinstance(value, str):
+                    if isinstance(value, str) and value and not value.isspace():
                         yield value
-                    else:
-                        skipped += 1
+                        continue
+                    skipped += 1
+                    reasons[null if not isinstance(value, str) else empty] = True
 
     yield from joined_documents(rows())
     if skipped:
-        settings.skipped[str(path)] = (f"skipped {skipped:,} of {total:,} rows of {path} (no string in "
-                                       f"\"{settings.text_field}\")")
+        settings.skipped[str(path)] = (f"skipped {skipped:,} of {total:,} rows of {path} "
+                                       f"({', '.join(reasons)})")
     if skipped == total and total:
-        raise TinyLLMError(f"{settings.flag} {path} has no row with a string in \"{settings.text_field}\"; "
-                           f"point --text_field at the column that holds the text")
+        if list(reasons) == [null]:
+            raise TinyLLMError(f"{settings.flag} {path} has no row with a string in "
+                               f"\"{settings.text_field}\"; point --text_field at the column that holds "
+                               f"the text")
+        raise TinyLLMError(f"{settings.flag} {path} has no row with text in \"{settings.text_field}\": all "
+                           f"{total:,} are empty or null; put the text there, or point --text_field at the "
+                           f"column that holds it")
 
 
 def joined_documents(texts: Iterator[str]) -> Iterator[str]:
@@ -199,43 +275,32 @@ def joined_documents(texts: Iterator[str]) -> Iterator[str]:
 # ----------------------------------------------------------------------------------------------
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",  # ShareGPT's names too
-         "human": "user", "gpt": "assistant"}
+         "human": "user", "gpt": "assistant", "developer": "system"}  # OpenAI's newer name, as --serve
 
 
-def record_layout(record: dict[str, Any], data_format: str) -> str:
+def record_layout(record: dict[str, Any], data_format: str, text_field: str = "text") -> str:
     """--data_format, or with auto the layout a record's fields show: messages (OpenAI),
-    conversations (ShareGPT), instruction/output (Alpaca), else plain text."""
+    conversations (ShareGPT), instruction/output (Alpaca), else plain text. A record with one
+    of Alpaca's two fields and no text is Alpaca short of the other: a malformed conversation,
+    not a text without its field."""
     if data_format != "auto":
         return data_format
     if "messages" in record:
         return "messages"
     if "conversations" in record:
         return "sharegpt"
-    return "alpaca" if "instruction" in record and "output" in record else "text"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    alpaca = "instruction" in record or "output" in record
+    return "alpaca" if alpaca and not isinstance(record.get(text_field), str) else "text"
 
 
 def chat_messages(record: dict[str, Any], layout: str) -> list[dict[str, str]]:
-    """A record as [{"role", "content"}], or ValueError naming what is wrong with it: an unknown
-    role, no messages, a system message after the start, turns that do not alternate user and
-    assistant, no assistant reply to learn."""
-    if layout == "alpaca":
-        parts = [record.get(k, "") for k in ("instruction", "input", "output")]
-        if not all(isinstance(p, str) for p in parts) or not parts[0] or not parts[2]:
-            raise ValueError("no instruction and output strings")
-        user = parts[0] + (f"\n\n{parts[1]}" if parts[1] else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": parts[2]}]
-    key, role_key, text_key = ("messages", "role", "content") if layout == "messages" else \
-        ("conversations", "from", "value")
-    turns = record.get(key)
-    if not isinstance(turns, list) or not turns:
-        raise ValueError("no messages")
-    messages = []
-    for turn in turns:
-        if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str):
-            raise ValueError("a message without text")
-        if turn.get(role_key) not in ROLES:
-            raise ValueError(f"unknown role {str(turn.get(role_key))[:20]!r}")
-        messages.append({"role": ROLES[turn[role_key]], "content": turn[text_key]})
+    """A record as [{"role", "content"}], or ValueError naming what is wrong with it: a missing
+    field, an unknown role, no messages, content that is not text, a system message after the
+    start, turns that do not alternate user and assistant, no assistant reply to learn, an empty
+    one."""
+    messages = alpaca_messages(record) if layout == "alpaca" else layout_messages(record, layout)
     roles = [m["role"] for m in messages]
     body = roles[1:] if roles[0] == "system" else roles
     if "system" in body:
@@ -244,7 +309,65 @@ def chat_messages(record: dict[str, Any], layout: str) -> list[dict[str, str]]:
         raise ValueError("turns that do not alternate user, assistant")
     if "assistant" not in body:
         raise ValueError("no assistant reply")
+    # What an empty reply teaches is to end the turn at once; Alpaca's empty output was always
+    # skipped, and a reply in the other layouts is held to the same rule. Control markers are
+    # taken out of a message before it is rendered, so a reply of only those is empty too.
+    if any(m["role"] == "assistant" and not plain_content(m["content"]).strip() for m in messages):
+        raise ValueError("an empty assistant reply")
     return messages
+
+
+def alpaca_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    """Alpaca's instruction (and input, after a blank line) as the user's turn, its output as the
+    reply; ValueError naming a field that is missing, not a string, or an empty instruction."""
+    for key in ("instruction", "output"):
+        if key not in record:
+            raise ValueError(f'no "{key}"')
+    parts = [record.get(k, "") for k in ("instruction", "input", "output")]
+    wrong = next((k for k, p in zip(("instruction", "input", "output"), parts) if not isinstance(p, str)), "")
+    if wrong:
+        raise ValueError(f'"{wrong}" that is not a string')
+    if not parts[0].strip():
+        raise ValueError('an empty "instruction"')
+    user = parts[0] + (f"\n\n{parts[1]}" if parts[1] else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": parts[2]}]
+
+
+def layout_messages(record: dict[str, Any], layout: str) -> list[dict[str, str]]:
+    """The turns of OpenAI's messages (role/content) or ShareGPT's conversations (from/value),
+    their roles in our names; ValueError for no turns, a turn without text or an unknown role."""
+    key, role_key, text_key = ("messages", "role", "content") if layout == "messages" else \
+        ("conversations", "from", "value")
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("no messages")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise ValueError("a message without text")
+        text = content_text(turn.get(text_key)) if layout == "messages" else turn.get(text_key)
+        if not isinstance(text, str):
+            raise ValueError("a message without text")
+        if turn.get(role_key) not in ROLES:
+            raise ValueError(f"unknown role {str(turn.get(role_key))[:20]!r}")
+        messages.append({"role": ROLES[turn[role_key]], "content": text})
+    return messages
+
+
+def content_text(content: Any) -> Any:
+    """OpenAI's message content: a string, or a list of parts whose text parts are joined as
+    --serve joins them (end to end); a part of another type (an image, audio) is a ValueError
+    naming it, as this model reads text only. Anything else is returned as it is."""
+    if not isinstance(content, list):
+        return content
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            name = f"of type {json.dumps(kind)[:30]}" if isinstance(kind, str) else "without a type"
+            raise ValueError(f"a content part {name} (only text parts are read)")
+        if not isinstance(part.get("text"), str):
+            raise ValueError("a text part without text")
+    return "".join(part["text"] for part in content)
 
 
 @functools.lru_cache(maxsize=8)

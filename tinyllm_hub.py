@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -398,12 +399,16 @@ def hf_source(path: Path) -> Source:
                   chat_template=source_chat_template(path))
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers' save_pretrained keeps the template now
+
+
 def source_chat_template(path: Path) -> str:
-    """The chat template in a model directory's tokenizer_config.json (the default one of a
-    list), with the values it reads of bos_token and eos_token set at its top, so that it
-    renders alone as transformers renders it with the tokenizer."""
+    """A model directory's chat template: chat_template.jinja, which wins as it does in
+    transformers, else the field of tokenizer_config.json (the default one of a list), with
+    the values it reads of bos_token and eos_token set at its top, so that it renders alone as
+    transformers renders it with the tokenizer."""
     config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-    template = config.get("chat_template") or ""
+    template = read_template_file(path / CHAT_TEMPLATE_FILE) or config.get("chat_template") or ""
     if isinstance(template, list):
         template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
     if not isinstance(template, str):
@@ -414,6 +419,17 @@ def source_chat_template(path: Path) -> str:
         if name in template and isinstance(value, str):
             template = "{%- set " + name + " = " + json.dumps(value) + " %}" + template
     return template
+
+
+def read_template_file(path: Path) -> str:
+    """A chat_template.jinja's text ("" when there is none), or one line that names the file."""
+    if not path.is_file():
+        return ""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinyLLMError(f"--init_from: {path} cannot be read as text ({first_line(e)}); download it "
+                           f"again") from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -434,7 +450,8 @@ def source_tokenizer(path: Path) -> TextTokenizer:
                if (path / "tokenizer.model").is_file() else "download the model's tokenizer files too")
         raise TinyLLMError(f"--init_from {path}: no tokenizer.json; {fix}")
     try:
-        return TextTokenizer.from_str((path / "tokenizer.json").read_text(encoding="utf-8"))
+        text = (path / "tokenizer.json").read_text(encoding="utf-8")
+        return TextTokenizer.from_str(char_lookup_restored(text))
     except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
         raise TinyLLMError(f"--init_from: {path / 'tokenizer.json'} cannot be read as a tokenizer "
                            f"({first_line(e)}); download it again") from None
@@ -533,7 +550,7 @@ def load_source(path: Path) -> Source:
                            f"checkpoint")
     if path.is_file():
         try:
-            return tinyllm_source(path)
+            return checkpoint_source(path)
         except TinyLLMError:
             if (path.parent / "config.json").is_file():
                 raise TinyLLMError(f"--init_from {path} is one file of a model directory; give the "
@@ -543,6 +560,20 @@ def load_source(path: Path) -> Source:
         raise TinyLLMError(f"--init_from {path}: neither a tinyllm checkpoint (.pt) or export "
                            f"(.safetensors) nor a HF model directory with a config.json")
     return hf_source(path)
+
+
+INIT_FROM_TAKES = ("--init_from takes a HF model directory (with config.json), a tinyllm checkpoint (.pt) "
+                   "or a .safetensors export")
+
+
+def checkpoint_source(path: Path) -> Source:
+    """A file given to --init_from: our checkpoint (torch's zip format, which every torch.save of
+    ours writes) or a .safetensors export. Anything else (a text file, a legacy pickle) is refused
+    here in one line, before torch is asked to map it and answers with a message about mmap."""
+    if path.suffix != ".safetensors" and not zipfile.is_zipfile(path):
+        raise TinyLLMError(f"--init_from {path} is no tinyllm checkpoint (not torch's zip format); "
+                           f"{INIT_FROM_TAKES}")
+    return tinyllm_source(path)
 
 
 def content_fingerprint(files: list[Path]) -> str:
@@ -944,20 +975,61 @@ def hf_generation_config(cfg: Config, tok: TextTokenizer) -> dict[str, Any]:
 
 
 def hf_tokenizer_files(tok: TextTokenizer, cfg: Config) -> dict[str, str]:
-    """tokenizer.json as it is, plus the tokenizer_config.json and special_tokens_map.json that
-    AutoTokenizer reads: end-of-text is BOS and EOS (as in GPT-2); a char-level tokenizer has no
-    special tokens. Spaces are never 'cleaned up' on decode: decoding must give back the text.
-    A chat model's template goes along, so that apply_chat_template renders as --chat does."""
+    """tokenizer.json (hf_tokenizer_json), plus the tokenizer_config.json and
+    special_tokens_map.json that AutoTokenizer reads: end-of-text is BOS and EOS (as in GPT-2),
+    and a char-level tokenizer's unknown token; a char-level tokenizer without one has no special
+    tokens. Spaces are never 'cleaned up' on decode: decoding must give back the text. A chat
+    model's template goes along, so that apply_chat_template renders as --chat does: in
+    chat_template.jinja, which transformers reads first since it writes templates there, and in
+    tokenizer_config.json, the only place older ones read (4.45, the floor here, among them)."""
     special = {"bos_token": tok.eot, "eos_token": tok.eot} if tok.eot is not None else {}
+    if tok.kind == "char" and tok.eot is not None:
+        special["unk_token"] = tok.eot
     template = chat_template_of(cfg, tok)
     if template:  # runtimes that stop at eos_token stop at the end of a turn
         special["eos_token"] = tok.hf.id_to_token(runtime_end_id(cfg, tok))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
               "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
               **special, **({"chat_template": template} if template else {})}
-    return {"tokenizer.json": tok.to_str(),
+    return {"tokenizer.json": hf_tokenizer_json(tok),
             "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
-            "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
+            "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
+            **({CHAT_TEMPLATE_FILE: template} if template else {})}
+
+
+def hf_tokenizer_json(tok: TextTokenizer) -> str:
+    """tokenizer.json for transformers. Ours as it is, except that a char-level vocabulary gets an
+    unknown token: with none, the tokenizers library fails on any character outside it ("WordLevel
+    error: Missing [UNK] token"). There is no row to give a new token, so end-of-text stands for
+    one (GPT-2's tokenizer declares it its unk_token too): transformers encodes such a character
+    as the end of a document, where --prompt refuses it. char_lookup_restored undoes this when the
+    export comes back through --init_from."""
+    if tok.kind != "char" or tok.eot is None:
+        return tok.to_str()
+    spec = json.loads(tok.to_str())
+    spec["model"]["vocab"][tok.eot] = tok.eot_id  # WordLevel looks its unk_token up in its own vocab
+    spec["model"]["unk_token"] = tok.eot
+    return json.dumps(spec, ensure_ascii=False)
+
+
+def char_lookup_restored(text: str) -> str:
+    """A tokenizer.json as hf_tokenizer_json wrote it for a char-level vocabulary (a WordLevel of
+    single characters whose unknown token is its end-of-text special token) back as ours, which
+    has no unknown token, so that the export of a char-level model imports as char-level (it
+    refuses a character it lacks instead of reading a document's end there). Any other text as
+    it is."""
+    spec = json.loads(text)
+    model = spec.get("model") or {}
+    unk, vocab = model.get("unk_token"), model.get("vocab")
+    if model.get("type") != "WordLevel" or unk not in END_OF_TEXT or not isinstance(vocab, dict):
+        return text
+    special = {t.get("content"): t.get("id") for t in spec.get("added_tokens") or [] if t.get("special")}
+    single = all(len(t) == 1 for t in vocab if t != unk)  # else a word-level vocabulary: its unk is its own
+    if unk not in vocab or special.get(unk) != vocab[unk] or not single:
+        return text
+    del vocab[unk]
+    model["unk_token"] = "<unk>"  # what ours serializes (none in the vocabulary)
+    return json.dumps(spec, ensure_ascii=False)
 
 
 def save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -991,6 +1063,12 @@ def export_hf(model: GPT, tok: TextTokenizer, out_dir: Path) -> None:
         write_text_atomic(out / name, json.dumps(value, indent=2) + "\n")
     for name, text in hf_tokenizer_files(tok, model.cfg).items():
         write_text_atomic(out / name, text)
+    if tok.kind == "char":  # what hf_tokenizer_json gave it
+        print0(f"hf: transformers encodes a character outside the char-level vocabulary as {tok.eot} (the "
+               f"tokenizer's unk_token, as in GPT-2's), the end of a document; --prompt refuses one here"
+               if tok.eot is not None else
+               "hf: transformers fails on a character outside the char-level vocabulary: the tokenizer has "
+               "no end-of-text token to stand for one")
 
 
 def export_safetensors(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, step: int = -1,
@@ -1138,6 +1216,13 @@ def export_gguf(model: GPT, tok: TextTokenizer, cfg: Config, path: Path, weights
         print0("gguf: llama.cpp's GPT-2 computes GELU by its tanh approximation; this model was trained "
                "with the exact (erf) GELU, which differs by at most 5e-4 per activation")
     tensors = gguf_tensors(model, arch)
+    context = gguf_context_length(model.cfg)
+    if context > model.cfg.block_size:
+        print0(f"gguf: llama.cpp rounds its context up to a multiple of {LLAMA_CPP_CONTEXT_STEP} tokens and "
+               f"reads GPT-2's position table at each, so the file holds {context} positions: the "
+               f"{model.cfg.block_size} learned ones, then copies of the last (what it computes past "
+               f"{model.cfg.block_size} tokens was never trained); its context_length is {context}, the "
+               f"Modelfile's num_ctx {model.cfg.block_size}; a -c longer than {context} would read past it")
     kept = [n for n, t in tensors.items() if weights == "q8_0" and gguf_kind(t, weights, n) == "f16"]
     if kept:
         print0(f"gguf: q8_0 needs rows of a multiple of {Q8_BLOCK} weights; {len(kept)} tensors stay "
@@ -1176,8 +1261,34 @@ def gguf_tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
             t = rotate_half_to_pairs(t, attn.n_head)
         elif family.gguf_rope_pairs and ".k_proj." in hf_name:
             t = rotate_half_to_pairs(t, attn.n_kv_head)
+        if hf_name.endswith("wpe.weight"):
+            t = pad_positions(t, gguf_context_length(model.cfg))
         out[names.get_name(hf_name, try_suffixes=(".weight", ".bias"))] = t.detach()
     return out
+
+
+# llama.cpp rounds every context it runs up to a multiple of this (llama_context's constructor:
+# n_ctx = GGML_PAD(n_ctx, 256), with n_ctx 0, its tools' default, meaning context_length)
+LLAMA_CPP_CONTEXT_STEP = 256
+
+
+def gguf_context_length(cfg: Config) -> int:
+    """The context_length a GGUF export declares. Rotary positions extend to any length: the
+    block size. A learned position table (GPT-2) must have exactly context_length rows for
+    llama.cpp's loader, and its graph reads the row of every position of the context it runs,
+    which is at least the next multiple of LLAMA_CPP_CONTEXT_STEP: a table of block_size rows
+    would be read past its end (GGML_ASSERT, an abort) once a generation outgrows it. So the
+    table, and context_length, are that multiple (pad_positions)."""
+    if cfg.pos_encoding != "learned":
+        return cfg.block_size
+    return -(-cfg.block_size // LLAMA_CPP_CONTEXT_STEP) * LLAMA_CPP_CONTEXT_STEP
+
+
+def pad_positions(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """The learned position table (block_size, C) grown to `rows` with copies of its last row, so
+    that every position llama.cpp may read is defined; the learned rows stay as they are, and so
+    does everything computed within the learned context."""
+    return torch.cat([table, table[-1:].expand(rows - len(table), -1)])
 
 
 def rotate_half_to_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -1310,7 +1421,7 @@ def gguf_metadata(writer: Any, model: GPT, arch: str, weights: str, vocab: dict[
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[weights])
     if weights == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(c.block_size)
+    writer.add_context_length(gguf_context_length(c))
     writer.add_embedding_length(c.n_embd)
     writer.add_block_count(c.n_layer)
     writer.add_feed_forward_length(mlp_hidden_size(c))

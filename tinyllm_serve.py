@@ -62,6 +62,7 @@ from train_tinyllm import (
     feed,
     first_line,
     load_for_use,
+    normalized,
     prepare_step,
     print0,
     sampling_copy,
@@ -288,55 +289,112 @@ class ChatSession:
 def chat_in_terminal(r: Resolved) -> None:
     """--chat: a conversation in the terminal, replies streamed; /reset, /system TEXT, /exit.
     With stdin piped, each line is a message and only the replies are printed, one a line."""
-    if not r.cfg.kv_cache or r.cfg.max_new_tokens < 1:
-        raise TinyLLMError("--chat keeps a KV cache across turns and needs --max_new_tokens of at least "
-                           "1; drop --no-kv_cache, or raise --max_new_tokens")
+    check_decoding(r.cfg, "--chat keeps a KV cache across turns",
+                   "the most tokens of each reply: every reply would be empty")
     use = load_for_use(r)
     if not chat_template_of(use.cfg, use.tok):
         raise TinyLLMError(f"{use.path} is no chat model: it was not trained on conversations and has no "
                            f"chat template; train one (README: Make a chat model) or use --generate_only")
-    check_known_chars(use.tok, use.cfg.system, "--system")
-    session = ChatSession(use, use.cfg.system)
+    system = as_trained(use.cfg.system, use.cfg)
+    check_known_chars(use.tok, system, "--system")
+    session = ChatSession(use, system)
     settings = SampleSettings.from_config(use.cfg)
     generator = torch.Generator(device=use.device).manual_seed(use.cfg.seed)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {use.path} (step {use.step}); /reset starts over, /system TEXT sets the "
-              f"system prompt, /exit or Ctrl-D leaves", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            break
-        command, _, rest = text.partition(" ")
-        if command in ("/reset", "/system"):
+        print(f"chatting with {use.path} (step {use.step}); {CHAT_COMMANDS}", file=sys.stderr)
+    with undecodable_stdin_kept():
+        while True:
             try:
-                check_known_chars(use.tok, rest, "/system")
-            except TinyLLMError as e:
-                print(e, file=sys.stderr)
-                continue
-            session.system = rest.strip() if command == "/system" else session.system
-            session.reset()
-            print("(a new conversation)", file=sys.stderr)
-            continue
-        if not text:
-            continue
-        if interactive:
-            print("model> ", end="", flush=True)
-        streamer = TextStreamer(use.tok) if interactive else None
+                line = input("you> " if interactive else "")
+            except EOFError:
+                break
+            text = as_trained(line.strip(), use.cfg)
+            if text in ("/exit", "/quit"):
+                break
+            if text.startswith("/") and not text.startswith("//"):
+                chat_command(session, text, interactive)
+            elif text:
+                answer_in_terminal(session, text.removeprefix("/"), settings, generator, interactive)
+
+
+CHAT_COMMANDS = ("/reset starts over, /system TEXT sets the system prompt (and starts over), /exit or "
+                 "Ctrl-D leaves; a message that begins with / is typed as //")
+
+
+def check_decoding(cfg: Config, cache_use: str, new_tokens_mean: str) -> None:
+    """--chat and --serve decode with a KV cache and need replies of a token or more: each
+    setting is named only when it is the one that is wrong."""
+    problems = []
+    if not cfg.kv_cache:
+        problems.append(f"{cache_use}: drop --no-kv_cache")
+    if cfg.max_new_tokens < 1:
+        problems.append(f"--max_new_tokens is {cfg.max_new_tokens}, {new_tokens_mean}; give 1 or more")
+    if problems:
+        raise TinyLLMError("; ".join(problems))
+
+
+def as_trained(text: str, cfg: Config) -> str:
+    """Text typed or sent to the model as training read its corpus: unless --raw_text, a leading
+    byte-order mark dropped and \\r\\n line ends as \\n (the model never saw either, and a
+    char-level vocabulary has no token for \\r)."""
+    return text if cfg.raw_text else "".join(normalized(iter([text])))
+
+
+@contextlib.contextmanager
+def undecodable_stdin_kept() -> Iterator[None]:
+    """While inside, bytes on stdin that are not UTF-8 arrive as lone surrogates (a byte 0xff as
+    U+DCFF) instead of raising UnicodeDecodeError from input(), which would end the chat with a
+    traceback; check_utf8 then refuses that one message, as an unknown character is refused."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)  # a replaced stdin may have none
+    errors = getattr(sys.stdin, "errors", None)
+    if reconfigure is None or errors is None:
+        yield
+        return
+    reconfigure(errors="surrogateescape")
+    try:
+        yield
+    finally:
+        reconfigure(errors=errors)
+
+
+def chat_command(session: ChatSession, text: str, interactive: bool) -> None:
+    """/reset or /system TEXT; any other /word is no command, and nothing is sent to the model."""
+    command, _, rest = text.partition(" ")
+    if command not in ("/reset", "/system"):
+        print(f"{command} is no command, and nothing was sent: {CHAT_COMMANDS}", file=sys.stderr)
+        if not interactive:
+            print(flush=True)  # piped: an empty line, as for a refused message, keeps replies in step
+        return
+    if command == "/system":
         try:
-            answer, dropped = session.reply(text, settings, generator, streamer)
+            check_known_chars(session.tok, rest, "/system")
         except TinyLLMError as e:
-            answer, dropped = "", 0  # piped: an empty line keeps replies in step with messages
-            print(f"\n{e}" if interactive else e, file=sys.stderr)
-        # piped: one line a reply, its own line breaks written as \n
-        print("" if interactive else answer.replace("\\", "\\\\").replace("\n", "\\n"), flush=True)
-        if dropped:
-            print(f"(the conversation outgrew the context: its oldest {dropped} turn(s) were dropped)",
-                  file=sys.stderr)
+            print(e, file=sys.stderr)
+            return
+        session.system = rest.strip()
+    session.reset()
+    print("(a new conversation)", file=sys.stderr)
+
+
+def answer_in_terminal(session: ChatSession, text: str, settings: SampleSettings, generator: torch.Generator,
+                       interactive: bool) -> None:
+    """Send one message and print the reply: streamed in a terminal, one line when piped. A
+    message that is refused prints why on stderr (piped: an empty line on stdout)."""
+    if interactive:
+        print("model> ", end="", flush=True)
+    streamer = TextStreamer(session.tok) if interactive else None
+    try:
+        check_known_chars(session.tok, text, "the message")  # named as typed, not in the rendering
+        answer, dropped = session.reply(text, settings, generator, streamer)
+    except TinyLLMError as e:
+        answer, dropped = "", 0  # piped: an empty line keeps replies in step with messages
+        print(f"\n{e}" if interactive else e, file=sys.stderr)
+    # piped: one line a reply, its own line breaks written as \n
+    print("" if interactive else answer.replace("\\", "\\\\").replace("\n", "\\n"), flush=True)
+    if dropped:
+        print(f"(the conversation outgrew the context: its oldest {dropped} turn(s) were dropped)",
+              file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,15 +641,14 @@ def check_fields(body: dict[str, Any], own: tuple[str, ...]) -> None:
             raise ApiError(400, f"'{name}' is not supported by this server; leave it out", param=name)
 
 
-def sampling_of(body: dict[str, Any], cfg: Config, cap: int) -> SampleSettings:
-    """The request's sampling settings; what it leaves out comes from the server's settings."""
+def sampling_of(body: dict[str, Any], cfg: Config) -> SampleSettings:
+    """The request's sampling settings; what it leaves out comes from the server's settings.
+    max_tokens has no cap of its own: the context is the cap (a reply that reaches its end stops
+    there, finish_reason "length"), and --max_new_tokens only the default."""
     asked = api_value(body, "max_completion_tokens", int, None, lambda v: v >= 1, "an integer of at least 1")
     asked = api_value(body, "max_tokens", int, asked, lambda v: v >= 1, "an integer of at least 1")
-    if asked is not None and asked > cap:
-        raise ApiError(400, f"max_tokens is {asked}, more than this server allows ({cap}, its "
-                            f"--max_new_tokens)", param="max_tokens")
     return SampleSettings(
-        asked or cap,
+        asked or cfg.max_new_tokens,
         api_value(body, "temperature", float, cfg.temperature, lambda v: 0 <= v <= 2, "a number in [0, 2]"),
         api_value(body, "top_k", int, cfg.top_k, lambda v: v >= 0, "an integer of at least 0"),
         api_value(body, "top_p", float, cfg.top_p, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -619,7 +676,21 @@ def unicode_text(text: str, param: str) -> str:
     return text
 
 
-def prompts_of(body: dict[str, Any], tok: TextTokenizer, start_ids: list[int], most: int) -> list[list[int]]:
+def readable_text(text: str, tok: TextTokenizer, cfg: Config, param: str, name: str) -> str:
+    """A text of a request as the model reads it (as_trained: \\r\\n as \\n unless --raw_text),
+    refused (400) when it is no text or holds characters a char-level vocabulary lacks. An API
+    client cannot train another model: the message says what to take out."""
+    text = as_trained(unicode_text(text, param), cfg)
+    unknown = tok.unknown_chars(text)
+    if unknown:
+        shown = " ".join(repr(c) for c in unknown[:10])
+        raise ApiError(400, f"{name} has {len(unknown)} character(s) that this model cannot read ({shown}; "
+                            f"it knows only the characters it was trained on): remove them", param=param)
+    return text
+
+
+def prompts_of(body: dict[str, Any], tok: TextTokenizer, cfg: Config, start_ids: list[int],
+               most: int) -> list[list[int]]:
     """/v1/completions' prompt: a text, a list of texts, a list of token ids, or a list of (at
     most `most`) of those."""
     prompt = body.get("prompt")
@@ -635,7 +706,7 @@ def prompts_of(body: dict[str, Any], tok: TextTokenizer, start_ids: list[int], m
     out = []
     for p in prompts:
         if isinstance(p, str):
-            check_known_chars(tok, unicode_text(p, "prompt"), "the prompt")
+            p = readable_text(p, tok, cfg, "prompt", "the prompt")
             out.append(tok.encode(p) if p else list(start_ids))
         elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < tok.vocab_size for t in p):
             out.append(list(p))
@@ -668,19 +739,20 @@ def message_text(message: Any, i: int) -> tuple[str, str]:
     return role, unicode_text(content, "messages")
 
 
-def chat_prompt_of(body: dict[str, Any], tok: TextTokenizer, template: str) -> list[int]:
+def chat_prompt_of(body: dict[str, Any], tok: TextTokenizer, cfg: Config, template: str) -> list[int]:
     """The conversation rendered with the model's chat template, up to the reply; a model without
     a template continues the messages' texts, joined by blank lines."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
     turns = [message_text(m, i) for i, m in enumerate(messages)]
+    # each content checked alone: a refusal names the message, not a place in the rendering
+    turns = [(role, readable_text(plain_content(text) if template else text, tok, cfg, "messages",
+                                  f"messages[{i}]")) for i, (role, text) in enumerate(turns)]
     if not template:
         text = "\n\n".join(text for _, text in turns)
-        check_known_chars(tok, text, "the messages")
         return tok.encode(text) if text else tok.start_ids()
-    messages = [{"role": role, "content": plain_content(text)} for role, text in turns]
-    return chat_prompt(tok, template, messages)
+    return chat_prompt(tok, template, [{"role": role, "content": text} for role, text in turns])
 
 
 # ---- The HTTP server: routes, streaming, errors --------------------------------------------
@@ -789,12 +861,16 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.send_body(200, chat_page(), "text/html; charset=utf-8")
         elif path == "/health":
             self.send_json(200, {"status": "ok" if not s.engine.failure else "failed", "model": s.model_id,
+                                 # max_tokens: a request's default, where the page's field starts
                                  "context": s.engine.capacity, "max_tokens": s.cfg.max_new_tokens,
                                  "temperature": s.cfg.temperature, "decoding": len(s.engine.rows),
                                  "waiting": s.engine.waiting.qsize()})
         elif path in ("/v1/models", f"/v1/models/{s.model_id}"):
             self.authorize()
-            card = {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "tinyllm"}
+            # beside OpenAI's fields, what bounds a request: the context (prompt and reply
+            # together), and the max_tokens of a request that gives none
+            card = {"id": s.model_id, "object": "model", "created": s.created, "owned_by": "tinyllm",
+                    "context_length": s.engine.capacity, "default_max_tokens": s.cfg.max_new_tokens}
             self.send_json(200, card if path != "/v1/models" else {"object": "list", "data": [card]})
         elif path.startswith("/v1/models/"):
             self.authorize()
@@ -816,8 +892,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def authorize(self) -> None:
         key = self.served.cfg.api_key
-        given = self.headers.get("Authorization", "")
-        if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        given = bearer_token(self.headers.get("Authorization", ""))
+        # both as the bytes that were sent: headers arrive decoded as Latin-1, argv as UTF-8
+        if key and not hmac.compare_digest(given.encode("latin-1", errors="replace"),
+                                           key.encode(errors="surrogateescape")):
             raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 
@@ -848,13 +926,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         stream = api_value(body, "stream", bool, False)
         options = api_value(body, "stream_options", dict, {})
         usage_chunk = api_value(options, "include_usage", bool, False)
-        settings = sampling_of(body, s.cfg, s.cfg.max_new_tokens)
+        settings = sampling_of(body, s.cfg)
         n = api_value(body, "n", int, 1, lambda v: 1 <= v <= MAX_CHOICES,
                       f"an integer from 1 to {MAX_CHOICES}")
         seed = api_value(body, "seed", int, None, lambda v: -2 ** 63 <= v < 2 ** 64, "an integer of 64 bits")
         stops = stops_of(body)
-        prompts = [chat_prompt_of(body, s.engine.tok, s.template)] if chat \
-            else prompts_of(body, s.engine.tok, s.start_ids, MAX_CHOICES // n)
+        prompts = [chat_prompt_of(body, s.engine.tok, s.cfg, s.template)] if chat \
+            else prompts_of(body, s.engine.tok, s.cfg, s.start_ids, MAX_CHOICES // n)
         longest = max(len(p) for p in prompts)
         if longest >= s.engine.capacity:
             raise ApiError(400, f"the prompt is {longest} tokens; this model's context is "
@@ -945,6 +1023,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":  # an answer to HEAD has headers only
             self.wfile.write(data)
+
+
+def bearer_token(header: str) -> str:
+    """The token of an 'Authorization: Bearer TOKEN' header, or "" for another scheme; the scheme's
+    name is case-insensitive (RFC 7235: 'bearer KEY' is the same header)."""
+    scheme, _, token = header.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def json_bytes(payload: dict[str, Any]) -> bytes:
@@ -1067,9 +1152,8 @@ def start_server(use: Loaded, decode_here: bool = False) -> Listening:
 
 def serve(r: Resolved) -> None:
     """--serve: the model behind an OpenAI-compatible API and a chat page, until SIGINT/SIGTERM."""
-    if not r.cfg.kv_cache or r.cfg.max_new_tokens < 1:
-        raise TinyLLMError("--serve decodes with a KV cache and needs --max_new_tokens (the most a request "
-                           "may ask for) of at least 1; drop --no-kv_cache, or raise --max_new_tokens")
+    check_decoding(r.cfg, "--serve decodes every request with a KV cache",
+                   "the max_tokens of a request that gives none: its reply would be empty")
     use = load_for_use(r)
     if use.cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {use.cfg.host} makes the server reachable from other machines"

@@ -174,8 +174,9 @@ class Mode:
     """What an invocation does: the Config flag that asks for it ("" for training, the default),
     whether it starts from a checkpoint (--ckpt, else out_dir's best, else its latest), whether
     it decodes (and so takes --quantize and --compile_decode), what Ctrl-C before its end leaves
-    behind, the function that runs it (None: its sibling module `home` implements it), and the
-    data flags it reads (the first one given, of those before the corpus's: --eval_data)."""
+    behind, the function that runs it (None: its sibling module `home` implements it), the data
+    flags it reads (the first one given, of those before the corpus's: --eval_data), and whether
+    it prints samples (and so takes --num_samples)."""
     flag: str
     loads: bool
     decodes: bool
@@ -183,6 +184,7 @@ class Mode:
     run: Callable[[Resolved], Any] | None = None
     home: str = ""
     reads: tuple[str, ...] = ()
+    samples: bool = False
 
 
 CORPUS_FLAGS = ("data_path", "val_data")  # what training reads
@@ -383,7 +385,8 @@ class Config:
                         "out_dir/ckpt.pt).", "generation")
     prompt: str = opt("", "Text to continue; empty starts from an end-of-text or newline token.",
                       "generation")
-    max_new_tokens: int = opt(300, "Tokens to generate per sample (per reply with --chat).", "generation")
+    max_new_tokens: int = opt(300, "Tokens to generate per sample (per reply with --chat; with --serve, "
+                                                "the max_tokens of a request that gives none).", "generation")
     chat: bool = opt(False, "Talk to a trained model in the terminal: multi-turn, streamed, the KV "
                             "cache kept across turns; /reset, /system TEXT, /exit. Piped stdin: one "
                             "message a line, one reply a line.", "generation")
@@ -420,7 +423,8 @@ class Config:
                              "(/v1/models, /v1/completions, /v1/chat/completions, streamed or not) and "
                              "a chat page at /. Concurrent requests are decoded together, up to "
                              "--serve_batch at once; more wait in a queue. --max_new_tokens is the "
-                             "most tokens a request may ask for.", "generation")
+                             "max_tokens of a request that gives none; a request may ask for more, and "
+                             "a reply ends where the context (block_size) does.", "generation")
     host: str = opt("127.0.0.1", "Address --serve listens on; 0.0.0.0 opens it to the network.",
                     "generation")
     port: int = opt(8000, "Port --serve listens on; 0 picks a free one (the address is printed).",
@@ -1351,7 +1355,7 @@ def prepare_inputs(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist = SINGLE
     return tok, splits, data
 
 
-TOKEN_CACHE_FORMAT = 5  # bump when the layout of the token cache changes: old entries are ignored
+TOKEN_CACHE_FORMAT = 6  # bump when the layout of the token cache changes: old entries are ignored
 
 
 def prepare_data(cfg: Config, corpus: Corpus, tok: TextTokenizer, val_corpus: Corpus | None = None
@@ -1433,12 +1437,16 @@ class Corpus:
 
     def sources(self) -> Iterator[tuple[str, Iterator[str]]]:
         """(document key prefix, decoded blocks) per file, or the built-in text as one source.
-        The prefix is the path without its format's ending, so the same documents get the same
-        keys (and the same train/val split) whatever their file format."""
+        The prefix is the file's place in the corpus (its path below the folder that holds them
+        all) without its format's ending: the same documents get the same keys, and so the same
+        train/val split, wherever the corpus lives and whatever its file format."""
         if not self.files:
             yield "builtin", iter([self.text])
-        for path in self.files:
-            yield without_format_suffix(path), blocks_of(path, self.settings)
+        folders = [p.resolve().parent for p in self.files]
+        root = Path(os.path.commonpath(folders)) if folders else Path()
+        for path, folder in zip(self.files, folders):
+            place = (folder / path.name).relative_to(root)
+            yield without_format_suffix(place).replace(os.sep, "/"), blocks_of(path, self.settings)
 
 
 def load_corpus(cfg: Config, spec: str | None = None, flag: str = "--data_path") -> Corpus:
@@ -1461,10 +1469,13 @@ def load_corpus(cfg: Config, spec: str | None = None, flag: str = "--data_path")
         raise TinyLLMError(f"{flag} {spec} mixes conversations and plain text; train on one kind (a chat "
                            f"model learns only its replies), or set --data_format")
     chat = "conversations" in settings.kinds
-    if not chat and (cfg.chat_template or cfg.data_format in CHAT_LAYOUTS):
-        flag = "--chat_template" if cfg.chat_template else f"--data_format {cfg.data_format}"
-        raise TinyLLMError(f"{flag} is for conversations, but {settings.flag} {spec} holds plain text; "
-                           f"drop the flag or point it at conversations (JSON Lines)")
+    if not chat and cfg.data_format in CHAT_LAYOUTS:
+        raise TinyLLMError(f"--data_format {cfg.data_format} is for conversations, but {settings.flag} "
+                           f"{spec} holds plain text; drop the flag or point it at conversations (JSON "
+                           f"Lines)")
+    if not chat and cfg.chat_template and flag == "--data_path":
+        print0("data: plain text, which the chat template renders none of; it stays the model's format "
+               "for --chat, --serve and exports")
     name = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
     print0(f"data: {name}, {n_bytes / 1e6:.2f} MB, {documents:,} {'conversation' if chat else 'document'}(s)")
     fingerprint = sha256_hex(*map(file_fingerprint, files), f"raw_text={cfg.raw_text}",
@@ -1492,9 +1503,7 @@ def resolve_data_path(spec: str, flag: str = "--data_path", fetch: bool = True) 
     URLs, comma-separated, in the order given. Without `fetch`, a URL is the file it would be
     downloaded to, and nothing is downloaded."""
     files: list[Path] = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
+    for item in data_items(spec):
         if item.startswith(("http://", "https://")):
             found = [download(item, flag) if fetch else Path("data") / download_name(item)]
         elif any(ch in item for ch in "*?["):
@@ -1509,10 +1518,26 @@ def resolve_data_path(spec: str, flag: str = "--data_path", fetch: bool = True) 
                 names = " or ".join(filter(None, [", ".join(known[:-1]), known[-1]]))
                 raise TinyLLMError(f"{flag} {item} is a directory with no {names} files (compressed "
                                    f"ones count too); point {flag} at your text files")
+        elif "," in spec and not Path(item).exists():
+            raise TinyLLMError(f"{flag} {item} does not exist ({flag} takes several paths separated by "
+                               f"commas; a name that holds a comma is taken whole when it exists); check "
+                               f"each path")
         else:
             found = [Path(item)]
         files += [f for f in found if f not in files]
     return files
+
+
+def data_items(spec: str) -> list[str]:
+    """The comma-separated items of a data flag; commas that belong to an existing file or
+    directory name (the longest such run of parts) do not separate."""
+    parts, items, i = spec.split(","), [], 0
+    while i < len(parts):
+        whole = (j for j in range(len(parts), i + 1, -1) if Path(",".join(parts[i:j]).strip()).exists())
+        j = next(whole, i + 1)
+        items.append(",".join(parts[i:j]).strip())
+        i = j
+    return [item for item in items if item]
 
 
 def download(url: str, flag: str = "--data_path", folder: Path = Path("data")) -> Path:
@@ -1581,6 +1606,7 @@ def scan_files(files: list[Path], settings: ReadSettings) -> tuple[int, int]:
     keep = len(EOT) - 1  # the end of a block may hold the start of a marker
     for p in files:
         carry, has_text, open_text = "", False, False  # open_text: the current document has text
+        start = documents
         for block in blocks_of(p, settings):
             *closed, carry = (carry + block).split(EOT)
             for part in closed:  # documents a marker ends; empty ones are no documents
@@ -1597,6 +1623,9 @@ def scan_files(files: list[Path], settings: ReadSettings) -> tuple[int, int]:
         if str(p) in settings.skipped:
             print0(f"data: {settings.skipped[str(p)]}")
         documents += open_text or bool(carry.strip())
+        if documents == start:  # text, but only <|endoftext|> markers and whitespace: no document
+            raise TinyLLMError(f"{settings.flag} {p} holds no document, only <|endoftext|> markers and "
+                               f"whitespace; give it some text to train on")
     bar.close()
     return documents, n_bytes
 
@@ -2687,15 +2716,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_peak_flops(dtype: torch.dtype, cache_dir: str) -> float:
-    """Measured once per CPU model, thread count and dtype, then read from cache_dir."""
+def cpu_peak_flops(dtype: torch.dtype, cache_dir: str, again: bool = False) -> float:
+    """Measured once per CPU model, thread count and dtype, then read from cache_dir; `again`
+    measures anew and replaces the cached figure (one taken while the machine was busy)."""
     key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|best-of-trials"
     path = Path(cache_dir) / "peak_flops.json"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if key not in known:
+    if key not in known or again:
         known[key] = measure_matmul_flops(dtype)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -2714,6 +2744,26 @@ def peak_flops(cfg: Config, device: torch.device, dtype: torch.dtype) -> float |
     if device.type == "cpu":
         return cpu_peak_flops(dtype, cfg.cache_dir)
     return None
+
+
+def model_flops_utilization(run: Run, flops: float) -> float | None:
+    """flops (per second, per rank) over the device's peak. Above 100% the peak is wrong, say
+    a CPU measured while it was busy: it is measured again (the cached figure replaced); if the
+    figure is still impossible, or cannot be measured again, MFU is unknown from then on."""
+    if not run.peak:
+        return None
+    if flops > run.peak and run.device.type == "cpu" and not run.cfg.peak_flops and not run.peak_checked:
+        run.peak_checked, before = True, run.peak
+        run.peak = cpu_peak_flops(run.dtype, run.cfg.cache_dir, again=True)
+        print0(f"measuring: MFU was above 100% against the peak of {before / 1e12:.3g} TFLOP/s, measured "
+               f"again: {run.peak / 1e12:.3g} TFLOP/s")
+    if flops > run.peak:
+        source = "--peak_flops" if run.cfg.peak_flops else "the peak"
+        print0(f"measuring: {flops / 1e12:.3g} TFLOP/s is above {source} of {run.peak / 1e12:.3g} TFLOP/s, "
+               f"so that peak is wrong; MFU is shown as unknown (give the device's peak with --peak_flops)")
+        run.peak = None
+        return None
+    return flops / run.peak
 
 
 def bits_per_byte(loss: float, tokens_per_byte: float) -> float:
@@ -2825,6 +2875,12 @@ def check_same_data(cfg: Config, ckpt: dict[str, Any], data: str) -> None:
     saved, path = ckpt.get("data_sha256"), Path(cfg.out_dir) / "ckpt.pt"
     if saved is None or saved == data:
         return
+    if not cfg.allow_data_change and ckpt.get("token_format", 5) < 6:
+        raise TinyLLMError(f"--resume: {path} was written by an older tinyllm, whose train/val split of "
+                           f"documents depended on the corpus's folder (now on each document's place in "
+                           f"the corpus), so val loss would be measured on other text; add "
+                           f"--allow_data_change to continue (the best val loss starts over), or train in "
+                           f"a new --out_dir")
     if not cfg.allow_data_change:
         raise TinyLLMError(f"--resume: the training data changed since {path} was written (its train "
                            f"or val tokens differ: a file edited or added to, another --data_path or "
@@ -3058,6 +3114,7 @@ class RunState:
     nonfinite_skips: int = 0  # steps skipped for a non-finite loss or gradient norm
     skips_in_a_row: int = 0
     saved_step: int = -1  # step of the last checkpoint written
+    best_step: int = -1  # step of the weights in ckpt_best.pt (-1: unknown, or none yet)
     grad_norm: torch.Tensor | None = None  # of the last step, kept on the device until logged
 
 
@@ -3083,6 +3140,7 @@ class Run:
     metrics: Metrics = field(default_factory=Metrics)
     progress: Progress = field(default_factory=lambda: Progress(None, 0, enabled=False))
     peak: float | None = None  # device FLOP/s for MFU
+    peak_checked: bool = False  # a CPU peak measured again after an MFU above 100%
     memory_kept: bool = False  # keep_freed_memory took effect
     lock: Any = None  # out_dir's lock, held while training
     data_sha256: str = ""  # of the train and val tokens: a resume checks it
@@ -3095,11 +3153,11 @@ class Run:
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "step": self.state.step, "best_val_loss": self.state.best_val,
                 "elapsed_s": self.state.elapsed, "overflow_skips": self.state.overflow_skips,
-                "nonfinite_skips": self.state.nonfinite_skips,
+                "nonfinite_skips": self.state.nonfinite_skips, "best_step": self.state.best_step,
                 "config": asdict(self.cfg), "vocab_size": self.model.vocab_size,
                 "tokenizer": self.tok.to_str(), "rng": rng_states(), "batch_rng": self.batch_gen.get_state(),
-                "data_sha256": self.data_sha256, "start_ids": self.splits["train"].start_ids,
-                "source_fingerprint": self.source_fingerprint}
+                "data_sha256": self.data_sha256, "token_format": TOKEN_CACHE_FORMAT,
+                "start_ids": self.splits["train"].start_ids, "source_fingerprint": self.source_fingerprint}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         load_weights(self.model, ckpt["model"])
@@ -3114,6 +3172,7 @@ class Run:
         state.elapsed = ckpt.get("elapsed_s", 0.0)
         state.overflow_skips = ckpt.get("overflow_skips", 0)
         state.nonfinite_skips = ckpt.get("nonfinite_skips", 0)
+        state.best_step = ckpt.get("best_step", -1)
         state.saved_step = state.step
         set_rng_states(ckpt["rng"])
         self.batch_gen.set_state(ckpt["batch_rng"])
@@ -3199,9 +3258,7 @@ def train(r: Resolved) -> list[dict[str, Any]]:
     try:
         describe_run(run)
         if from_source:  # where fine-tuning starts: the source model's loss on this data
-            best_weights, report = evaluate(run)
-            save_checkpoints(run, best_weights)
-            print0(report)
+            evaluate_and_save(run)
         run.progress = Progress(None if r.cfg.time_budget_s else r.cfg.max_steps, run.state.step,
                                 enabled=dist.rank == 0 and sys.stdout.isatty())
         with SignalCatcher() as catcher:
@@ -3247,9 +3304,7 @@ def train_loop(run: Run, catcher: SignalCatcher) -> None:
         if do_eval or do_sample:
             with run.progress.quiet():
                 if do_eval:
-                    best_weights, report = evaluate(run)
-                    save_checkpoints(run, best_weights)
-                    print0(report)
+                    evaluate_and_save(run)
                 if do_sample:
                     print_samples(sampling_model(run), run.tok, dataclasses.replace(cfg, num_samples=1),
                                   run.device, max_new_tokens=120, start_ids=run.splits["train"].start_ids)
@@ -3403,7 +3458,7 @@ def log_step(run: Run, loss: float, lr: float, seconds: float, steps: int) -> No
     per_step = tokens_per_step(cfg, run.dist.world_size)
     tok_s = per_step * steps / seconds
     flops = flops_per_token(run.model, context_at(state.step - 1, cfg)) * tok_s / run.dist.world_size
-    mfu = flops / run.peak if run.peak else None
+    mfu = model_flops_utilization(run, flops)
     run.metrics.record({"step": state.step, "tokens": state.step * per_step, "loss": loss, "lr": lr,
                         "grad_norm": state.grad_norm.item() if state.grad_norm is not None else None,
                         "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": state.elapsed,
@@ -3415,9 +3470,27 @@ def log_step(run: Run, loss: float, lr: float, seconds: float, steps: int) -> No
                      f"loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s{mfu_text.replace(' | ', ', ')}")
 
 
-def evaluate(run: Run) -> tuple[dict[str, torch.Tensor] | None, str]:
+def evaluate_and_save(run: Run) -> None:
+    """Evaluate, write the checkpoints, and say what is on disk now."""
+    best, report = evaluate(run)
+    written = save_checkpoints(run, best)
+    if best is not None:
+        saved = "saved to" if "ckpt_best.pt" in written else "not saved: could not write"
+        report += f" (best: {best.which} weights {saved} ckpt_best.pt)"
+    print0(report)
+
+
+@dataclass
+class Best:
+    """Weights whose val loss beats the best so far: what ckpt_best.pt should hold."""
+    val_loss: float
+    weights: dict[str, torch.Tensor]
+    which: str  # "live" or "ema"
+
+
+def evaluate(run: Run) -> tuple[Best | None, str]:
     """Val loss of the live weights (and of the EMA), recorded; returns the better one's weights
-    when they beat the best so far (for ckpt_best.pt), else None, and the line to print."""
+    when they beat the best on disk so far (for ckpt_best.pt), else None, and the line to print."""
     losses = estimate_loss(run.model, run.splits, run.cfg, run.device, run.dtype)
     per_byte = run.splits["val"].tokens_per_byte
     record = {"step": run.state.step, "train_loss": losses["train"], "val_loss": losses["val"],
@@ -3430,37 +3503,48 @@ def evaluate(run: Run) -> tuple[dict[str, torch.Tensor] | None, str]:
         candidates["ema"] = (record["ema_val_loss"], run.ema.model)
     which = min(candidates, key=lambda k: candidates[k][0])
     val, source = candidates[which]
-    is_best = val < run.state.best_val
-    run.state.best_val = min(run.state.best_val, val)
     run.metrics.record(record)
     ema = f" | ema val loss {record['ema_val_loss']:.4f}" if run.ema is not None else ""
-    best = f" (best: {which} weights saved to ckpt_best.pt)" if is_best else ""
     report = (f"eval step {run.state.step}: train loss {losses['train']:.4f} | val loss "
-              f"{losses['val']:.4f} | val bpb {record['val_bpb']:.3f}{ema}{best}")
-    return (saved_weights(source) if is_best else None), report
+              f"{losses['val']:.4f} | val bpb {record['val_bpb']:.3f}{ema}")
+    return (Best(val, saved_weights(source), which) if val < run.state.best_val else None), report
 
 
-def save_checkpoints(run: Run, best_weights: dict[str, torch.Tensor] | None) -> bool:
-    """ckpt.pt always (live weights, for resuming); ckpt_best.pt when `best_weights` is given.
-    A failed write (disk full, permissions) is reported and training goes on: the temporary
-    file is removed and the previous checkpoint stays as it was."""
+def save_checkpoints(run: Run, best: Best | None = None) -> set[str]:
+    """ckpt_best.pt when `best` is given, then ckpt.pt (live weights, for resuming), which records
+    the best val loss on disk; returns the files written. A failed write (disk full, permissions)
+    is reported and training goes on: the temporary file is removed, the previous file stays as
+    it was, and the state says which step is on disk (a best not saved is tried again)."""
+    state = run.state
+    if best is not None:
+        state.best_val, previous = best.val_loss, (state.best_val, state.best_step)
+        state.best_step = state.step
     if run.dist.rank != 0:
+        return {"ckpt.pt", "ckpt_best.pt"}
+    written = set()
+    if best is not None:
+        if write_checkpoint(run, "ckpt_best.pt", run.checkpoint(best.weights)):
+            written.add("ckpt_best.pt")
+        else:
+            state.best_val, state.best_step = previous
+    if write_checkpoint(run, "ckpt.pt", run.checkpoint()):
+        written.add("ckpt.pt")
+        state.saved_step = state.step
+    return written
+
+
+def write_checkpoint(run: Run, name: str, ckpt: dict[str, Any]) -> bool:
+    try:
+        atomic_write(run.out / name, lambda p: torch.save(ckpt, p))
         return True
-    files = {"ckpt.pt": run.checkpoint()}
-    if best_weights is not None:
-        files["ckpt_best.pt"] = run.checkpoint(best_weights)
-    for name, ckpt in files.items():
-        try:
-            atomic_write(run.out / name, lambda p, ckpt=ckpt: torch.save(ckpt, p))
-        except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on a full disk
-            what, kept = ("a checkpoint", f"checkpoint is kept (step {run.state.saved_step})") \
-                if name == "ckpt.pt" else ("ckpt_best.pt", "ckpt_best.pt is kept")
-            print(f"warning: could not write {what} to {run.out} ({write_failure(e, run.out)}); the "
-                  f"previous {kept}; free disk space or fix permissions", file=sys.stderr, flush=True)
-            return False
-        if name == "ckpt.pt":
-            run.state.saved_step = run.state.step
-    return True
+    except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on a full disk
+        latest = name == "ckpt.pt"
+        what, step = ("a checkpoint", run.state.saved_step) if latest else (name, run.state.best_step)
+        kept = f"the previous {'checkpoint' if latest else name} is kept (step {step})" if step >= 0 \
+            else f"there is no {name} yet"
+        print(f"warning: could not write {what} to {run.out} ({write_failure(e, run.out)}); {kept}; "
+              f"free disk space or fix permissions", file=sys.stderr, flush=True)
+        return False
 
 
 def write_failure(e: BaseException, folder: Path) -> str:
@@ -3490,18 +3574,29 @@ def stop_requested(run: Run, catcher: SignalCatcher) -> int:
 
 
 def stop_for_signal(run: Run, signum: int) -> None:
-    saved = save_checkpoints(run, None)
+    saved = "ckpt.pt" in save_checkpoints(run)
     name = signal.Signals(signum).name
-    where = f"saved {run.out / 'ckpt.pt'}" if saved else "the checkpoint could not be written"
+    where = f"saved {run.out / 'ckpt.pt'}" if saved else on_disk(run)
     raise TrainingStopped(f"interrupted by {name} at step {run.state.step}: {where}; continue with: "
                           f"python train_tinyllm.py --out_dir {run.out} --resume", status=128 + signum)
 
 
 def report_done(run: Run) -> None:
-    print0(f"done: step {run.state.step}, {run.state.elapsed:.0f}s of training, best val loss "
-           f"{run.state.best_val:.4f}; checkpoints in {run.out}")
-    if run.state.step < run.cfg.max_steps and not run.cfg.time_budget_s:
+    state = run.state
+    where = f"checkpoints in {run.out}" if state.saved_step == state.step else on_disk(run)
+    print0(f"done: step {state.step}, {state.elapsed:.0f}s of training, best val loss "
+           f"{state.best_val:.4f}; {where}")
+    if 0 <= state.saved_step < run.cfg.max_steps and not run.cfg.time_budget_s:
         print0(f"continue with: --out_dir {run.out} --resume")
+
+
+def on_disk(run: Run) -> str:
+    """What a run whose latest checkpoint could not be written has on disk, and from which step."""
+    state = run.state
+    if state.saved_step < 0:
+        return f"no checkpoint could be written to {run.out}"
+    best = f", ckpt_best.pt from step {state.best_step}" if state.best_step >= 0 else ""
+    return f"the checkpoint could not be written: {run.out / 'ckpt.pt'} is from step {state.saved_step}{best}"
 
 
 # ==============================================================================================
@@ -3656,8 +3751,9 @@ def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, floa
     step_s = median_seconds(lambda: train_step(run, cfg.learning_rate).item(), repeats, device)
     result = {"train_tokens_per_s": tokens_per_step(cfg) / step_s, "step_ms": 1000 * step_s,
               "peak_memory_mb": peak_memory_bytes(device) / 2**20}
-    result["mfu"] = flops_per_token(run.model, cfg.block_size) * result["train_tokens_per_s"] / run.peak \
-        if run.peak else float("nan")
+    flops = flops_per_token(run.model, cfg.block_size) * result["train_tokens_per_s"]
+    mfu = model_flops_utilization(run, flops)
+    result["mfu"] = float("nan") if mfu is None else mfu
     result.update(decode_benchmark(run.model, cfg, device, tok))
     print_benchmark(cfg, device, run.dtype, run.model, result)
     return result
@@ -4044,6 +4140,10 @@ def resolve(argv: list[str] | None) -> Resolved:
     for key in SERVE_KEYS:
         if key in explicit and mode != "serve":
             raise TinyLLMError(f"--{key} is for --serve; drop it or add --serve")
+    if "num_samples" in explicit and not MODES[mode].samples:
+        raise TinyLLMError(f"--num_samples is for --generate_only and the samples training prints; "
+                           f"--{MODES[mode].flag} prints none (an API request asks for n choices, --chat "
+                           f"replies once): drop --num_samples")
     path = checkpoint_to_use(cfg, mode)
     if cfg.init_from and mode != "train" and path is None:
         flag = dict.get(MODES, mode).flag
@@ -4086,22 +4186,24 @@ def check_entries(cfg: Config, mode: str, explicit: dict[str, Any]) -> Config:
                 print0(f"note: the checkpoint's config sets --{name} {value}, but {e}; using --{name} "
                        f"{f.default} instead", file=sys.stderr)
                 cfg = dataclasses.replace(cfg, **{name: f.default})
-    check_readers(cfg, MODES[mode].reads)
+    kinds = check_readers(cfg, MODES[mode].reads)
+    if "chat_template" in explicit and MODES[mode].reads == CORPUS_FLAGS and kinds <= {"text"}:  # no records
+        corpus = cfg.data_path or "(the default corpus)"
+        raise TinyLLMError(f"--chat_template is for conversations, but --data_path {corpus} holds plain "
+                           f"text; drop the flag or point it at conversations (JSON Lines)")
     return cfg
 
 
-def check_readers(cfg: Config, reads: tuple[str, ...]) -> None:
+def check_readers(cfg: Config, reads: tuple[str, ...]) -> set[str]:
     """The reader of every file the mode will read is here (reader_of): --eval_data when it is
     given and read first, else the corpus (files, directories and globs listed, URLs by the file
-    they become, nothing read or downloaded)."""
+    they become, nothing read or downloaded). Returns what the corpus's readers yield."""
     if reads and reads[0] not in CORPUS_FLAGS:
         if getattr(cfg, reads[0]):
-            reader_of(Path(getattr(cfg, reads[0])), f"--{reads[0]}")
-            return
+            return {reader_of(Path(getattr(cfg, reads[0])), f"--{reads[0]}").yields}
         reads = reads[1:]
-    for name in reads:
-        for path in resolve_data_path(getattr(cfg, name), f"--{name}", fetch=False):
-            reader_of(path, f"--{name}")
+    return {reader_of(path, f"--{name}").yields for name in reads
+            for path in resolve_data_path(getattr(cfg, name), f"--{name}", fetch=False)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4122,9 +4224,9 @@ def train_and_plot(r: Resolved) -> list[dict[str, Any]]:
 
 MODES.update({
     "train": Mode("", False, True, "interrupted before training started; nothing was lost", train_and_plot,
-                  reads=CORPUS_FLAGS),
+                  reads=CORPUS_FLAGS, samples=True),
     "generate": Mode("generate_only", True, True, "interrupted; generation stopped",
-                     generate_from_checkpoint),
+                     generate_from_checkpoint, samples=True),
     "chat": Mode("chat", True, True, "the chat ended", home="tinyllm_serve"),
     "serve": Mode("serve", True, True, "the server stopped", home="tinyllm_serve"),
     "eval": Mode("eval_only", True, True, "interrupted; nothing was written", evaluate_checkpoint,
