@@ -459,7 +459,9 @@ def test_the_chat_page_streams_replies_in_a_real_browser(models, monkeypatch):
                 reply = page.find_elements(By.CSS_SELECTOR, ".assistant")[-1].get_attribute("textContent")
                 conversation.append({"role": "user", "content": text})
                 tok = server.served.engine.tok
-                prompt = td.chat_prompt(tok, server.served.template, conversation)
+                # as the server reads messages: control markers typed (or replied) in them taken out
+                plain = [{**m, "content": td.plain_content(m["content"])} for m in conversation]
+                prompt = td.chat_prompt(tok, server.served.template, plain)
                 expected, _ = oracle(server, prompt, 24, tuple(tok.end_ids))
                 assert reply == expected
                 conversation.append({"role": "assistant", "content": reply})
