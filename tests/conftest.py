@@ -30,6 +30,18 @@ def make_corpus(path: Path, n_lines: int = 400) -> Path:
     return path
 
 
+def sharpen(path: Path) -> None:
+    """Random weights in a checkpoint, large enough that every token's logits depend on the whole
+    context: a reply decoded from another row's cache, or at another position, comes out
+    different (six steps of training leave a model that predicts nearly the same after anything)."""
+    ckpt = torch.load(path, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for w in ckpt["model"].values():
+        if w.dim() == 2:
+            w.copy_(torch.randn(w.shape, generator=generator) * 1.5 / w.size(1) ** 0.5)
+    torch.save(ckpt, path)
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     return make_corpus(tmp_path / "corpus.txt")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_corpus, tl, ts
+from conftest import TINY, make_corpus, sharpen, tl, ts
 
 openai = pytest.importorskip("openai", reason="the openai client is in requirements-dev.txt")
 
@@ -39,16 +39,6 @@ def models(tmp_path_factory) -> Path:
         sharpen(path)
     return folder
 
-
-def sharpen(path: Path) -> None:
-    """Random weights large enough that the logits depend on the whole context (six steps of
-    training leave a model that soon predicts end-of-text after anything)."""
-    ckpt = torch.load(path, weights_only=True)
-    generator = torch.Generator().manual_seed(0)
-    for w in ckpt["model"].values():
-        if w.dim() == 2:
-            w.copy_(torch.randn(w.shape, generator=generator) * 1.5 / w.size(1) ** 0.5)
-    torch.save(ckpt, path)
 
 
 @contextlib.contextmanager

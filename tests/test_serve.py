@@ -18,7 +18,7 @@ from urllib.request import urlopen
 
 import pytest
 import torch
-from conftest import TINY, make_corpus, td, tl, ts
+from conftest import TINY, make_corpus, sharpen, td, tl, ts
 
 openai = pytest.importorskip("openai", reason="the openai client is in requirements-dev.txt")
 
@@ -43,17 +43,6 @@ def models(tmp_path_factory):
             sharpen(path)
     return folder
 
-
-def sharpen(path: Path) -> None:
-    """Random weights large enough that every token's logits depend on the whole context: a
-    reply decoded from another row's cache, or at another position, comes out different
-    (six steps of training leave a model that predicts nearly the same after any context)."""
-    ckpt = torch.load(path, weights_only=True)
-    generator = torch.Generator().manual_seed(0)
-    for w in ckpt["model"].values():
-        if w.dim() == 2:
-            w.copy_(torch.randn(w.shape, generator=generator) * 1.5 / w.size(1) ** 0.5)
-    torch.save(ckpt, path)
 
 
 @contextlib.contextmanager
