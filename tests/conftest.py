@@ -1,5 +1,8 @@
 """Shared fixtures: tiny corpora made on the fly and a helper that runs main() in-process."""
 
+import contextlib
+import http.client
+import json
 import sys
 from pathlib import Path
 
@@ -40,6 +43,53 @@ def sharpen(path: Path) -> None:
         if w.dim() == 2:
             w.copy_(torch.randn(w.shape, generator=generator) * 1.5 / w.size(1) ** 0.5)
     torch.save(ckpt, path)
+
+
+@contextlib.contextmanager
+def serving(out: Path, *flags: str):
+    """--serve of the run in `out` on a free port, in this process, stopped on the way out."""
+    r = tl.resolve(["--serve", "--out_dir", str(out), "--port", "0", "--device", "cpu", *flags])
+    server = ts.start_server(tl.load_for_use(r))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def client(server, key: str = "none"):
+    """The official openai client on the server (imported here: tests that use it importorskip it)."""
+    import openai
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def raw(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+        ) -> tuple[int, dict]:
+    """A request as bytes, past any client: the status and the JSON body."""
+    host, port = server.http.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    status, data = response.status, response.read()
+    conn.close()
+    return status, json.loads(data) if data else {}
+
+
+def oracle(server, prompt: list[int], max_tokens: int, stop_ids: tuple[int, ...] | None = None
+           ) -> tuple[str, list[int]]:
+    """Greedy decoding through the plain uncached forward pass, one request alone; it stops where
+    every mode stops (the tokenizer's end_ids) unless told otherwise."""
+    engine = server.served.engine
+    stop_ids = engine.tok.end_ids if stop_ids is None else stop_ids
+    idx = torch.tensor([prompt])
+    new: list[int] = []
+    with torch.no_grad():
+        while len(new) < max_tokens and idx.size(1) < engine.capacity:
+            token = int(tl.next_logits_uncached(engine.model, idx).argmax(-1))
+            if token in stop_ids:
+                break
+            new.append(token)
+            idx = torch.cat([idx, torch.tensor([[token]])], dim=1)
+    return tl.reply_text(engine.tok, prompt, new), new
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ import json
 import os
 import random
 import shutil
+import urllib.request
 
 import pytest
 import torch
-from conftest import TINY, make_corpus, th, tl, ts
+from conftest import TINY, make_corpus, serving, th, tl
 
 
 def chat_records(n: int = 120) -> list[dict]:
@@ -79,10 +80,7 @@ def test_a_chat_model_stops_at_its_end_of_turn_in_every_mode(ender, tmp_path, ca
                       stop_ids=tok.end_ids)
     assert ids[0, 2:].tolist() == [tok.vocab["<|im_end|>"]]  # one token, then the reply is over
     # /v1/completions on a rendered prompt ends where /v1/chat/completions does
-    r = tl.resolve(["--serve", "--out_dir", str(out), "--port", "0", "--device", "cpu"])
-    server = ts.start_server(tl.load_for_use(r))
-    try:
-        import urllib.request
+    with serving(out) as server:
         with urllib.request.urlopen(server.url + "/v1/models", timeout=60) as response:
             name = json.load(response)["data"][0]["id"]
         body = json.dumps({"model": name, "prompt": "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n",
@@ -91,8 +89,6 @@ def test_a_chat_model_stops_at_its_end_of_turn_in_every_mode(ender, tmp_path, ca
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             choice = json.load(response)["choices"][0]
-    finally:
-        server.stop()
     assert choice["text"] == "" and choice["finish_reason"] == "stop"
     # the exports stop at the same tokens
     cfg = tl.build_config({"chat_template": tl.CHATML})

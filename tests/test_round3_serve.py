@@ -3,8 +3,6 @@ models too, the Bearer scheme in any case, CRLF prompts read as training read th
 max_tokens capped by the context (not by --max_new_tokens), messages that name only what is
 wrong, unknown /commands not sent to the model, and an out-of-vocabulary 400 an API client can act on."""
 
-import contextlib
-import http.client
 import io
 import json
 import random
@@ -12,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_corpus, sharpen, tl, ts
+from conftest import TINY, client, make_corpus, oracle, raw, serving, sharpen, tl, ts
 
 openai = pytest.importorskip("openai", reason="the openai client is in requirements-dev.txt")
 
@@ -39,45 +37,6 @@ def models(tmp_path_factory) -> Path:
         sharpen(path)
     return folder
 
-
-
-@contextlib.contextmanager
-def serving(out: Path, *flags: str):
-    r = tl.resolve(["--serve", "--out_dir", str(out), "--port", "0", "--device", "cpu", *flags])
-    server = ts.start_server(tl.load_for_use(r))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def client(server, key: str = "none") -> "openai.OpenAI":
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def raw(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None
-        ) -> tuple[int, dict]:
-    host, port = server.http.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
-    status, data = response.status, response.read()
-    conn.close()
-    return status, json.loads(data) if data else {}
-
-
-def greedy(server, prompt: list[int], max_tokens: int) -> tuple[str, list[int]]:
-    """The reply the plain uncached forward pass picks greedily, for one request alone."""
-    engine = server.served.engine
-    idx, new = torch.tensor([prompt]), []
-    with torch.no_grad():
-        while len(new) < max_tokens and idx.size(1) < engine.capacity:
-            token = int(tl.next_logits_uncached(engine.model, idx).argmax(-1))
-            if token in engine.tok.end_ids:
-                break
-            new.append(token)
-            idx = torch.cat([idx, torch.tensor([[token]])], dim=1)
-    return tl.reply_text(engine.tok, prompt, new), new
 
 
 def chat_piped(out: Path, data: bytes, monkeypatch, capsys, *flags: str) -> tuple[int, list[str], str]:
@@ -150,12 +109,12 @@ def test_the_bearer_scheme_is_read_in_any_case(models):
 def test_crlf_and_a_bom_in_prompts_read_as_training_read_the_corpus(models):
     with serving(models / "text") as server:
         tok = server.served.engine.tok
-        expected, _ = greedy(server, tok.encode("the cat\nsat on"), 5)
+        expected, _ = oracle(server, tok.encode("the cat\nsat on"), 5)
         api = client(server)
         for prompt in ("the cat\r\nsat on", "\ufeffthe cat\r\nsat on"):
             done = api.completions.create(model="text", prompt=prompt, temperature=0, max_tokens=5)
             assert done.choices[0].text == expected, prompt
-        expected, _ = greedy(server, tok.encode("the cat\r\nsat\n\non".replace("\r\n", "\n")), 5)
+        expected, _ = oracle(server, tok.encode("the cat\r\nsat\n\non".replace("\r\n", "\n")), 5)
         reply = api.chat.completions.create(model="text", temperature=0, max_tokens=5, messages=[
             {"role": "system", "content": "the cat\r\nsat"}, {"role": "user", "content": "on"}])
         assert reply.choices[0].message.content == expected
@@ -170,12 +129,12 @@ def test_max_tokens_is_capped_by_the_context_not_by_max_new_tokens(models):
         tok, capacity = server.served.engine.tok, server.served.engine.capacity
         prompt = tok.encode("the")
         api = client(server)
-        expected, new = greedy(server, prompt, 30)
+        expected, new = oracle(server, prompt, 30)
         assert len(new) == 30  # the sharpened model runs on: the cap is what is tested
         done = api.completions.create(model="text", prompt="the", temperature=0, max_tokens=30)
         assert (done.choices[0].text, done.usage.completion_tokens) == (expected, 30)
         default = api.completions.create(model="text", prompt="the", temperature=0)
-        assert (default.choices[0].text, default.usage.completion_tokens) == (greedy(server, prompt, 4)[0], 4)
+        assert (default.choices[0].text, default.usage.completion_tokens) == (oracle(server, prompt, 4)[0], 4)
         whole = api.completions.create(model="text", prompt="the", temperature=0, max_tokens=10 ** 6)
         assert whole.choices[0].finish_reason == "length"
         assert whole.usage.prompt_tokens + whole.usage.completion_tokens == capacity  # ends with the context

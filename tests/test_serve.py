@@ -1,7 +1,6 @@
 """--serve: the OpenAI-compatible API, checked with the official openai client, its concurrency
 (batched rows against the plain uncached decoding oracle), bad input, and the command line."""
 
-import contextlib
 import http.client
 import json
 import os
@@ -17,8 +16,8 @@ from pathlib import Path
 from urllib.request import urlopen
 
 import pytest
-import torch
-from conftest import TINY, make_corpus, sharpen, td, tl, ts
+from conftest import TINY, client, make_corpus, oracle, raw, sharpen, td, tl, ts
+from conftest import serving as serve_run
 
 openai = pytest.importorskip("openai", reason="the openai client is in requirements-dev.txt")
 
@@ -45,34 +44,8 @@ def models(tmp_path_factory):
 
 
 
-@contextlib.contextmanager
 def serving(out: Path, *flags: str):
-    r = tl.resolve(["--serve", "--out_dir", str(out), "--port", "0", "--device", "cpu",
-                    "--max_new_tokens", "64", *flags])
-    server = ts.start_server(tl.load_for_use(r))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def client(server, key: str = "none") -> "openai.OpenAI":
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def oracle(server, prompt: list[int], max_tokens: int, stop_ids: tuple[int, ...]) -> tuple[str, list[int]]:
-    """Greedy decoding through the plain uncached forward pass, one request alone."""
-    engine = server.served.engine
-    idx = torch.tensor([prompt])
-    new: list[int] = []
-    with torch.no_grad():
-        while len(new) < max_tokens and idx.size(1) < engine.capacity:
-            token = int(tl.next_logits_uncached(engine.model, idx).argmax(-1))
-            if token in stop_ids:
-                break
-            new.append(token)
-            idx = torch.cat([idx, torch.tensor([[token]])], dim=1)
-    return tl.reply_text(engine.tok, prompt, new), new
+    return serve_run(out, "--max_new_tokens", "64", *flags)
 
 
 def chat_oracle(server, text: str, max_tokens: int) -> tuple[str, list[int], list[int]]:
@@ -183,17 +156,6 @@ def test_seed_n_and_stop_strings(models):
         streamed = api.completions.create(model="text", prompt="the", temperature=0, max_tokens=30, stop=stop,
                                           stream=True)
         assert "".join(c.choices[0].text for c in streamed) == cut
-
-
-def raw(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None
-        ) -> tuple[int, dict]:
-    host, port = server.http.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
-    status, data = response.status, response.read()
-    conn.close()
-    return status, json.loads(data) if data else {}
 
 
 def chat_body(*messages: dict) -> bytes:
