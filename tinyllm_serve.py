@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import hmac
 import http
 import http.server
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from tinyllm_data import chat_prompt, plain_content
 from train_tinyllm import (
+    ARCH_KEYS,
     CHATML,
     GPT,
     MODES,
@@ -51,6 +53,7 @@ from train_tinyllm import (
     Resolved,
     SampleSettings,
     SignalCatcher,
+    StepStore,
     TextStreamer,
     TextTokenizer,
     TinyLLMError,
@@ -58,6 +61,9 @@ from train_tinyllm import (
     chat_template_of,
     check_known_chars,
     choose_next,
+    cpp_compiler,
+    cpu_name,
+    decode_compiles,
     decode_step,
     feed,
     first_line,
@@ -66,6 +72,9 @@ from train_tinyllm import (
     prepare_step,
     print0,
     sampling_copy,
+    sha256_hex,
+    step_store,
+    write_text_atomic,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +122,32 @@ def quantize_int8(model: GPT) -> GPT:
 QUANTIZERS.implement("int8", quantize_int8)
 
 
+class RowLinear(nn.Module):
+    """A linear layer for one row at a time, written as products and a sum over the inputs: the
+    compiler makes one streaming loop over the weights of it, which on CPUs without AMX reads
+    bf16 weights about twice as fast as its matrix-product kernels for one row (README:
+    Performance). Used in the ahead-of-time step for batch 1; it shares the layer's tensors."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+
+def with_row_linears(model: GPT) -> GPT:
+    """A copy of the model's modules (its tensors shared) with every nn.Linear a RowLinear."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    rows = copy.deepcopy(model, memo=shared)
+    for name, module in list(rows.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(rows.get_submodule(parent), attr, RowLinear(module))
+    return rows
+
+
 class FlatStep(nn.Module):
     """GPT.step over plain tensors (the token, the positions, every layer's keys then values), the
     form torch.export takes; `like` gives the cache's constant parts (slots, index grids)."""
@@ -127,63 +162,376 @@ class FlatStep(nn.Module):
         return self.model.step(idx, cache)
 
 
+Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
+
+
 class FrozenStep:
     """The decode step compiled ahead of time with the model's weights built in (AOTInductor, on
-    CPU), one library per batch size: the weights become constants that the compiler lays out
-    for its own matrix kernels (AMX or AVX-512 where the CPU has them; torch's own bf16 matmul of
-    one row is far slower), and a call runs no Python and checks no guards. For a model that
-    keeps its weights for the rest of the process: --generate_only, --chat, --serve, --benchmark.
-    Training's samples use the shared graph of compiled_step, since their weights change."""
+    CPU), one library per batch width and context: the weights become constants laid out for the
+    compiler's own kernels, and a call runs no Python and checks no guards. The libraries are
+    kept in a StepStore (see StoredStep): a later launch with the same model loads its library
+    in a second instead of compiling it again. For a model that keeps its weights for the rest
+    of the process: --generate_only, --chat, --serve, --benchmark (which keeps nothing)."""
     made = 0  # libraries compiled in this process
 
     @classmethod
-    def of(cls, model: GPT) -> FrozenStep:
+    def of(cls, model: GPT, store: StepStore | None = None) -> FrozenStep:
         """STEP_COMPILERS["aot"]: the model's step, one per model (compiled when a cache asks)."""
         if model not in FROZEN_STEPS:
-            FROZEN_STEPS[model] = cls(model)
+            FROZEN_STEPS[model] = cls(model, store)
         return FROZEN_STEPS[model]
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, store: StepStore | None):
         self.model = weakref.ref(model)  # FROZEN_STEPS keeps this while the model lives, no longer
-        self.runners: dict[tuple[int, int, torch.dtype], Callable[..., torch.Tensor]] = {}
+        self.store = store
+        self.runners: dict[tuple[int, int, torch.dtype], Step] = {}
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.prepare(cache)((idx, cache.pos_t, *cache.k, *cache.v))
+        return self.prepare(cache)(idx, cache)
 
-    def prepare(self, cache: KVCache) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
-        """The library for the cache's batch size, compiled now if it is new."""
+    def prepare(self, cache: KVCache) -> Step:
+        """The library for the cache's batch width, loaded or compiled now if it is new; where it
+        cannot be compiled, the eager step, with one line saying why."""
         key = (cache.batch, cache.capacity, cache.k[0].dtype)
         if key not in self.runners:
-            idx = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.pos_t.device)
-            self.runners[key] = self.compile((idx, cache.pos_t, *cache.k, *cache.v), cache)
+            try:
+                self.runners[key] = self.load_or_compile(cache)
+            except TinyLLMError as e:
+                print0(f"decoding eagerly: {e}", file=sys.stderr)
+                model = self.model()
+                self.runners[key] = lambda idx, c: model.step(idx, c)
         return self.runners[key]
 
+    def load_or_compile(self, cache: KVCache) -> Step:
+        store = self.store
+        if store is None:
+            return self.compile_for_now(cache)
+        entry = StoredStep(store, *step_key(self.model(), cache))
+        if (runner := entry.load()) is not None:
+            return runner
+        with contextlib.ExitStack() as held:
+            try:
+                store.folder.mkdir(parents=True, exist_ok=True)
+                held.enter_context(locked(store.folder / f"{entry.key}.lock"))
+            except OSError as e:  # a read-only or full cache_dir: the step still compiles, for this run
+                print0(f"decode step store: cannot write to {store.folder} ({first_line(e)}); the step is "
+                       f"compiled for this run only", file=sys.stderr)
+                return self.compile_for_now(cache)
+            if (runner := entry.load()) is not None:  # another process compiled it while we waited
+                return runner
+            seconds = self.compile(cache, entry.temp, f", kept in {store.folder} for later launches")
+            return entry.keep(seconds)
+
+    def compile_for_now(self, cache: KVCache) -> Step:
+        """The step compiled into a temporary package, loaded, and the package removed."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.compile(cache, Path(tmp) / "step.pt2", "")
+            return load_package(Path(tmp) / "step.pt2")
+
     @torch.no_grad()
-    def compile(self, args: tuple[torch.Tensor, ...], cache: KVCache
-                ) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
+    def compile(self, cache: KVCache, package: Path, kept: str) -> float:
+        """Compile the step for the cache's shapes into the AOTInductor package `package`."""
         import torch._inductor.config
-        print0(f"compiling the decode step for batch {cache.batch} with the weights built in "
-               f"(--compile_decode; AOTInductor, once per batch size)...", file=sys.stderr)
+        model = self.model()
+        weights = "int8" if any(isinstance(m, Int8Linear) for m in model.modules()) else \
+            str(model.wte.weight.dtype).removeprefix("torch.")
         start = time.perf_counter()
+        idx = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.pos_t.device)
+        args = (idx, cache.pos_t, *cache.k, *cache.v)
         tuned = {"max_autotune": True, "autotune_num_choices_displayed": 0,  # quietly
                  "max_autotune_report_choices_stats": False}
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+        with Ticking(f"compiling the decode step once for this model (batch {cache.batch}, context "
+                     f"{cache.capacity}, {weights} weights; AOTInductor{kept})") as ticking, \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, from inside it
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")
             try:
-                program = torch.export.export(FlatStep(self.model(), cache), args)
+                ticking.stage = "exporting the graph"
+                step = FlatStep(with_row_linears(model) if cache.batch == 1 else model, cache)
+                program = torch.export.export(step, args)
+                ticking.stage = "generating and compiling its C++"
                 with torch._inductor.config.patch(tuned):
-                    library = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/a.pt2")
-                runner = torch._inductor.aoti_load_package(library)
+                    torch._inductor.aoti_compile_and_package(program, package_path=str(package))
             except Exception as e:  # no C++ compiler, a full disk, an operation the exporter cannot take
-                raise TinyLLMError(f"--compile_decode could not compile the decode step ({first_line(e)}); "
-                                   f"run without --compile_decode") from None
+                package.unlink(missing_ok=True)
+                raise TinyLLMError(f"the decode step could not be compiled ({first_line(e)}); "
+                                   f"--no-compile_decode skips trying") from None
         FrozenStep.made += 1
-        print0(f"decode step compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        # the flat inputs straight to the library: the packaged call would first flatten and
-        # check them as a tree, for every token
-        loader = getattr(runner, "loader", None)
-        return (lambda flat: loader.run(list(flat))[0]) if loader else (lambda flat: runner(*flat))
+        seconds = time.perf_counter() - start
+        print0(f"decode step compiled in {seconds:.1f} s", file=sys.stderr)
+        return seconds
+
+
+def load_package(path: Path) -> Step:
+    """The step of an AOTInductor package, through torch's own loader, called with the flat list
+    of tensors: torch's packaged call would first flatten and check them as a tree, for every
+    token, and its Python loader first compiles probes of the CPU's vector units (a second) to
+    warn of a mismatch that the step's key already rules out."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    return lambda idx, cache: loader.run([idx, cache.pos_t, *cache.k, *cache.v])[0]
+
+
+class Ticking:
+    """A line saying what is being done, then how long it has taken: every second on a terminal,
+    every 15 s elsewhere (a log), on stderr, until the block ends."""
+
+    def __init__(self, what: str):
+        self.what, self.stage, self.done = what, "", threading.Event()
+        self.tty = sys.stderr.isatty()
+
+    def __enter__(self) -> Ticking:
+        print0(f"{self.what}...", file=sys.stderr)
+        self.start = time.perf_counter()
+        self.thread = threading.Thread(target=self.tick, daemon=True)
+        self.thread.start()
+        return self
+
+    def tick(self) -> None:
+        while not self.done.wait(1 if self.tty else 15):
+            line = f"  {self.stage}: {time.perf_counter() - self.start:.0f} s"
+            if self.tty:
+                sys.stderr.write(f"\r{line}\033[K")
+                sys.stderr.flush()
+            else:
+                print0(line, file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        self.thread.join()
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+STEP_FORMAT = 1  # what a stored step holds and how it is called; a new one makes older entries miss
+
+
+def step_key(model: GPT, cache: KVCache) -> tuple[str, dict[str, Any]]:
+    """A digest of everything that changes the compiled code, and those things, readable: the
+    weights' content, dtype and shape, the model's architecture and modules (int8 or not), the
+    cache's batch width, capacity and dtype, tinyllm's code, torch's version, the CPU and the
+    compiler."""
+    parts = {
+        "format": STEP_FORMAT,
+        "weights": weights_digest(model),
+        "architecture": {key: getattr(model.cfg, key) for key in ARCH_KEYS},
+        "modules": sha256_hex(repr(model)),
+        "weights_dtype": str(model.wte.weight.dtype),
+        "batch": cache.batch, "capacity": cache.capacity, "cache_dtype": str(cache.k[0].dtype),
+        "code": sha256_hex(*(Path(f).read_bytes() for f in (__file__, sys.modules[GPT.__module__].__file__))),
+        "torch": torch.__version__,
+        "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": sha256_hex(cpu_flags()),
+        "compiler": cpp_compiler(),
+        "threads": torch.get_num_threads(),  # max-autotune picks its kernels by timing them
+    }
+    parts = json.loads(json.dumps(parts, default=str))  # as the record reads back
+    return sha256_hex(json.dumps(parts, sort_keys=True))[:32], parts
+
+
+def weights_digest(model: GPT) -> str:
+    """sha256 of every tensor of the model (names, dtypes, shapes and bytes); a tensor shared by
+    two names (tied weights) is read once."""
+    h, seen = hashlib.sha256(), {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{seen.get(t.data_ptr(), '')}".encode())
+        if t.data_ptr() not in seen:
+            seen[t.data_ptr()] = name
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def cpu_flags() -> str:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        import platform
+        return platform.processor()
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class StoredStep:
+    """One compiled step in a StepStore: KEY.pt2, the AOTInductor package, and KEY.json, the
+    record of what it was compiled for, its size and its digest. Each is written whole and
+    renamed into place, the record last, so a reader sees an entry or none; an entry is checked
+    against its record before use, and one that fails (damaged, cut short, put there for another
+    model, unloadable) is removed and compiled again. Eviction goes by the record's time of last
+    use."""
+
+    def __init__(self, store: StepStore, key: str, parts: dict[str, Any]):
+        self.store, self.key, self.parts = store, key, parts
+        self.package = store.folder / f"{key}.pt2"
+        self.record = store.folder / f"{key}.json"
+        self.temp = store.folder / f"{key}.partial.pt2"  # torch wants the ending
+
+    def load(self) -> Step | None:
+        """The stored step, checked and loaded; None when there is none or it fails its checks."""
+        if not self.record.exists():
+            return None
+        start = time.perf_counter()
+        try:
+            problem = self.problem(json.loads(self.record.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            problem = f"has an unreadable record ({first_line(e)})"
+        runner = None
+        if not problem:
+            try:
+                runner = load_package(self.package)
+            except Exception as e:  # torch's loader raises RuntimeError, and worse for a foreign file
+                problem = f"does not load ({first_line(e)})"
+        if problem:
+            print0(f"decode step store: {self.package} {problem}; compiling it again", file=sys.stderr)
+            self.remove()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(self.record)  # used now
+        print0(f"decode step for batch {self.parts['batch']} loaded from {self.package} in "
+               f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        return runner
+
+    def problem(self, record: dict[str, Any]) -> str:
+        if record.get("key") != self.key or record.get("parts") != self.parts:
+            return "was compiled for another model or setup"
+        size = self.package.stat().st_size if self.package.exists() else None
+        if size != record["bytes"]:
+            return f"is {size or 0:,} bytes, not the {record['bytes']:,} its record says"
+        if file_digest(self.package) != record["sha256"]:
+            return "does not match its record's digest (damaged)"
+        return ""
+
+    def keep(self, seconds: float) -> Step:
+        """The step just compiled into self.temp, stored (and older ones evicted to make room)
+        unless it alone is over the limit or cannot be written, then used for this run only."""
+        size = self.temp.stat().st_size
+        gb = self.store.limit / 1e9
+        if size > self.store.limit:
+            runner = load_package(self.temp)
+            self.temp.unlink(missing_ok=True)
+            print0(f"decode step store: the compiled step ({size / 1e6:,.0f} MB) is over --decode_cache_gb "
+                   f"{gb:g}; it is used by this run only (raise --decode_cache_gb to keep it)",
+                   file=sys.stderr)
+            return runner
+        try:
+            record = {"key": self.key, "parts": self.parts, "bytes": size, "sha256": file_digest(self.temp),
+                      "compile_seconds": round(seconds, 1)}
+            os.replace(self.temp, self.package)
+            write_text_atomic(self.record, json.dumps(record, indent=1))
+        except OSError as e:
+            where = self.temp if self.temp.exists() else self.package
+            runner = load_package(where)
+            self.remove()
+            print0(f"decode step store: could not keep the compiled step in {self.store.folder} "
+                   f"({first_line(e)}); it is used by this run only", file=sys.stderr)
+            return runner
+        print0(f"decode step kept as {self.package} ({size / 1e6:,.0f} MB)", file=sys.stderr)
+        evict(self.store, self.key)
+        return load_package(self.package)
+
+    def remove(self) -> None:
+        for path in (self.record, self.package, self.temp):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def evict(store: StepStore, keep: str) -> None:
+    """Remove the least recently used stored steps (not `keep`) until the rest fit the limit, and
+    what compiles killed halfway left behind."""
+    entries = []
+    for package in packages(store.folder):
+        record = package.with_suffix(".json")
+        try:
+            used = (record if record.exists() else package).stat().st_mtime
+            entries.append((used, package.stat().st_size, package.stem))
+        except OSError:
+            continue
+    total, removed, freed = sum(size for _, size, _ in entries), 0, 0
+    for _, size, key in sorted(entries):
+        if total <= store.limit:
+            break
+        if key != keep and lock_is_free(store.folder / f"{key}.lock"):
+            for suffix in (".json", ".pt2"):
+                with contextlib.suppress(OSError):
+                    (store.folder / f"{key}{suffix}").unlink()
+            total, removed, freed = total - size, removed + 1, freed + size
+    for temp in store.folder.glob("*.partial.pt2"):
+        if lock_is_free(store.folder / f"{temp.name.split('.')[0]}.lock"):
+            temp.unlink(missing_ok=True)
+    if removed:
+        print0(f"decode step store: removed {removed} least recently used compiled step"
+               f"{'s' if removed > 1 else ''} ({freed / 1e6:,.0f} MB) to stay within --decode_cache_gb "
+               f"{store.limit / 1e9:g}", file=sys.stderr)
+
+
+def packages(folder: Path) -> list[Path]:
+    """The stored steps' packages in `folder` (not the ones being written)."""
+    return [p for p in folder.glob("*.pt2") if not p.name.endswith(".partial.pt2")]
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes on `path` (flock: released by the system when its holder
+    dies), waited for with a line saying so. Where there is no flock (Windows), none: entries
+    are still renamed into place whole, so two compiles of one step only cost time."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print0("waiting for another process that is compiling this decode step...", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def lock_is_free(path: Path) -> bool:
+    """Whether no process holds the lock on `path` (so what it guards may be removed); no file, no
+    holder."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        with open(path) as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def clear_decode_cache(r: Resolved) -> None:
+    """--clear_decode_cache: remove every stored step (its package, record, lock and any package
+    half written) in cache_dir; a step another process is compiling right now is left to it."""
+    folder = Path(r.cfg.cache_dir) / "decode_steps"
+    keys: dict[str, list[Path]] = {}
+    for path in folder.iterdir() if folder.is_dir() else []:
+        keys.setdefault(path.name.split(".")[0], []).append(path)
+    removed, freed, busy = 0, 0, 0
+    for key, paths in sorted(keys.items()):
+        if not lock_is_free(folder / f"{key}.lock"):
+            busy += 1
+            continue
+        for path in paths:
+            removed += path.name == f"{key}.pt2"
+            freed += path.stat().st_size
+            path.unlink()
+    left = f"; {busy} being compiled by another process now, left to it" if busy else ""
+    print0(f"removed {removed} compiled decode step{'' if removed == 1 else 's'} ({freed / 1e6:,.0f} MB) "
+           f"from {folder}{left}")
 
 
 FROZEN_STEPS: weakref.WeakKeyDictionary[GPT, FrozenStep] = weakref.WeakKeyDictionary()
@@ -214,8 +562,9 @@ class ChatSession:
 
     def __init__(self, use: Loaded, system: str = ""):
         self.use, self.tok = use, use.tok
-        self.model = sampling_copy(use.model, use.cfg, use.device)
-        self.step = decode_step(self.model, use.cfg.compile_decode, frozen=True)
+        compiled = decode_compiles(use.cfg, use.device, frozen=True)
+        self.model = sampling_copy(use.model, use.cfg, use.device, compiled)
+        self.step = decode_step(self.model, compiled, step_store(use.cfg))
         self.template = use.cfg.chat_template or CHATML
         self.system = system
         self.reset()
@@ -450,9 +799,9 @@ class Engine:
 
     def __init__(self, use: Loaded):
         self.tok, self.device = use.tok, use.device
-        self.model = sampling_copy(use.model, use.cfg, use.device)
-        self.compiled = use.cfg.compile_decode
-        self.step = decode_step(self.model, self.compiled, frozen=True)
+        self.compiled = decode_compiles(use.cfg, use.device, frozen=True)
+        self.model = sampling_copy(use.model, use.cfg, use.device, self.compiled)
+        self.step = decode_step(self.model, self.compiled, step_store(use.cfg))
         self.cache = self.model.new_cache(use.cfg.serve_batch, use.device,
                                           cache_dtype(self.model.wte.weight.dtype, use.device))
         prepare_step(self.step, self.cache)  # before the server listens, not in the first request
@@ -1182,4 +1531,5 @@ def chat_page() -> bytes:
 
 MODES.implement("chat", run=chat_in_terminal)
 MODES.implement("serve", run=serve)
+MODES.implement("clear_decode_cache", run=clear_decode_cache)
 STEP_COMPILERS.implement("aot", FrozenStep)

@@ -55,10 +55,12 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -222,7 +224,9 @@ class Config:
     out_dir: str = opt("out/tinyllm", "Run directory: checkpoints, tokenizer, configs, metrics.",
                        "data and I/O")
     cache_dir: str = opt("data/cache", "Where tokenizers and token files are cached, keyed by corpus "
-                                       "and tokenizer, so a second run skips the work.", "data and I/O")
+                                       "and tokenizer, so a second run skips the work; also the "
+                                       "compiled decode steps (decode_steps/, see --decode_cache_gb).",
+                         "data and I/O")
     resume: bool = opt(False, "Continue training from out_dir/ckpt.pt (model, optimizer, step, RNG).",
                        "data and I/O")
     allow_data_change: bool = opt(False, "With --resume: continue although the training data changed "
@@ -412,13 +416,21 @@ class Config:
                                 "stores every linear layer as int8 with one scale per output row "
                                 "(weight-only: a quarter of fp32's bytes to read per token). "
                                 "Checkpoints and exports keep full weights.", "generation", QUANTIZERS)
-    compile_decode: bool = opt(False, "Compile the one-token decode step. --generate_only, --chat, --serve "
-                                      "and --benchmark on CPU compile it ahead of time with the weights "
-                                      "built in (AOTInductor: tens of seconds at start, once per batch size, "
-                                      "then the fastest tokens); training's samples and GPUs use "
-                                      "torch.compile with the weights as inputs. The cache's shapes are "
-                                      "static, so advancing the position never recompiles; --serve steps "
-                                      "all --serve_batch rows every time, one compile.", "generation")
+    compile_decode: bool = opt(True, "Compile the one-token decode step of a model whose weights stay "
+                                     "(--generate_only, --chat, --serve; --benchmark times the compile "
+                                     "apart): on CPU ahead of time with the weights built in (AOTInductor, "
+                                     "a C++ compiler needed: without one, eager, said in one line), once per "
+                                     "model, batch width and context, kept in cache_dir/decode_steps for "
+                                     "later launches; on GPUs through torch.compile. Training's samples "
+                                     "decode eagerly (their weights change). The cache's shapes are static, "
+                                     "so advancing the position never recompiles; --serve steps all "
+                                     "--serve_batch rows every time, one compile.", "generation")
+    decode_cache_gb: float = opt(4.0, "Most disk the compiled decode steps in cache_dir/decode_steps may "
+                                      "take (each holds its weights: about 270 MB for a 135M model in bf16); "
+                                      "past it the least recently used go first. 0: compile at every "
+                                      "launch, keep nothing.", "generation")
+    clear_decode_cache: bool = opt(False, "Remove the compiled decode steps kept in cache_dir/decode_steps "
+                                          "and exit.", "generation")
     serve: bool = opt(False, "Serve a trained model over HTTP until Ctrl-C: an OpenAI-compatible API "
                              "(/v1/models, /v1/completions, /v1/chat/completions, streamed or not) and "
                              "a chat page at /. Concurrent requests are decoded together, up to "
@@ -467,6 +479,7 @@ class Config:
 # Keys that say what to do in this invocation, and where; they never carry over from a
 # checkpoint's config (a model trained on a GPU must sample on a laptop).
 RUN_KEYS = ("device", "resume", "allow_data_change", "overwrite", "generate_only", "chat", "ckpt",
+            "clear_decode_cache",
             "stop_at_step", "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir",
             "gguf_type", "serve", "host", "port", "api_key", "serve_batch")
 
@@ -2203,14 +2216,28 @@ class SampleSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     kv_cache: bool = True
-    compiled: bool = False  # the decode step through torch.compile
-    frozen: bool = False  # compiled with the weights built in: for a model whose weights stay
+    compiled: bool = False  # the decode step compiled (see decode_step): for a model whose weights stay
+    store: StepStore | None = None  # where compiled steps are kept between launches
 
     @classmethod
-    def from_config(cls, cfg: Config, max_new_tokens: int | None = None) -> SampleSettings:
+    def from_config(cls, cfg: Config, max_new_tokens: int | None = None, compiled: bool = False
+                    ) -> SampleSettings:
         return cls(cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
                    cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, cfg.kv_cache,
-                   cfg.compile_decode)
+                   compiled, step_store(cfg))
+
+
+@dataclass(frozen=True)
+class StepStore:
+    """Where compiled decode steps are kept between launches (one file per model, batch width and
+    context), and the most bytes they may take together."""
+    folder: Path
+    limit: int
+
+
+def step_store(cfg: Config) -> StepStore | None:
+    return StepStore(Path(cfg.cache_dir) / "decode_steps", int(cfg.decode_cache_gb * 1e9)) \
+        if cfg.decode_cache_gb else None
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -2307,22 +2334,58 @@ def compiled_step() -> Callable[[GPT, torch.Tensor, KVCache], torch.Tensor]:
     return torch.compile(GPT.step, fullgraph=True, dynamic=False)
 
 
-# the decode step compiled with the weights built in, for a model whose weights stay: class.of(model)
+# the decode step compiled with the weights built in, for a model whose weights stay: class.of(model, store)
 STEP_COMPILERS = Registry("--compile_decode", {"aot": Elsewhere("tinyllm_serve")})
 
 
-def decode_step(model: GPT, compiled: bool, frozen: bool = False
+def decode_compiles(cfg: Config, device: torch.device, frozen: bool) -> bool:
+    """Whether decoding compiles its step: asked (--compile_decode, the default), with the KV cache,
+    for a model whose weights stay (`frozen`: a compile costs more than training's samples
+    would win back before the weights change), where the device has a compiler; where it has
+    none, one line says so and decoding is eager."""
+    if not (cfg.compile_decode and cfg.kv_cache and frozen):
+        return False
+    missing = compiler_missing(device)
+    if missing:
+        say_once(f"decoding eagerly: {missing}; --no-compile_decode skips looking")
+    return not missing
+
+
+@functools.cache
+def compiler_missing(device: torch.device) -> str:
+    """Why the decode step cannot be compiled on the device, or "" when it can."""
+    if device.type == "cpu":
+        return "" if cpp_compiler() else (f"no C++ compiler was found to compile the decode step (install "
+                                          f"{default_cpp_compiler()}, or name one in CXX)")
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        return "" if has_triton() else "triton, which compiles the decode step on GPUs, is not installed"
+    return f"the decode step is compiled on CPUs and CUDA GPUs, not on {device.type}"
+
+
+def default_cpp_compiler() -> str:
+    return "clang++" if sys.platform == "darwin" else "g++"
+
+
+def cpp_compiler() -> str:
+    """The path of the C++ compiler inductor calls (CXX, else its platform's default), or "" where
+    there is none; found without importing the compiler (a second at start)."""
+    return shutil.which(os.environ.get("CXX") or default_cpp_compiler()) or ""
+
+
+def decode_step(model: GPT, compiled: bool, store: StepStore | None = None
                 ) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
-    """The one-token step: eager, compiled with the weights as inputs (shared by every model of the
-    same shapes), or, for a model whose weights stay (`frozen`) on CPU, compiled ahead of time
-    with them built in (STEP_COMPILERS; where that module is missing, torch.compile's instead)."""
+    """The one-token step: eager, or compiled for a model whose weights stay. On CPU it is compiled
+    ahead of time with the weights built in and kept in `store` for later launches
+    (STEP_COMPILERS; where that module is missing, through torch.compile at every launch); on
+    GPUs through torch.compile (inductor keeps its own caches)."""
     if not compiled:
         return model.step
-    if frozen and model.wte.weight.device.type == "cpu":
+    if model.wte.weight.device.type == "cpu":
         try:
-            return STEP_COMPILERS.entry("aot", "the decode step compiled ahead of time").of(model)
+            return STEP_COMPILERS.entry("aot", "the decode step compiled once per model").of(model, store)
         except TinyLLMError as e:
-            say_once(f"--compile_decode: compiling through torch.compile instead of ahead of time, since {e}")
+            say_once(f"--compile_decode: compiling through torch.compile at every launch, since {e}")
     return functools.partial(compiled_step(), model)
 
 
@@ -2365,7 +2428,7 @@ def generate(model: GPT, idx: torch.Tensor, settings: SampleSettings,
     model.eval()
     cache = model.new_cache(idx.size(0), idx.device, cache_dtype(model.wte.weight.dtype, idx.device)) \
         if settings.kv_cache else None
-    step = decode_step(model, settings.compiled, settings.frozen)
+    step = decode_step(model, settings.compiled, settings.store)
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
     stops = torch.tensor(stop_ids, device=idx.device) if stop_ids else None
     for _ in range(settings.max_new_tokens):
@@ -2441,18 +2504,70 @@ def encode_prompt(tok: TextTokenizer, prompt: str, start_ids: list[int] | None =
     return tok.encode(prompt) if prompt else (start_ids or tok.start_ids())
 
 
-def sampling_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """Generation reads every weight for every token, so it is bound by memory bandwidth:
-    weights in bf16 (where the device has it natively) halve that. fp16 only on CUDA."""
+def sampling_dtype(cfg: Config, device: torch.device, compiled: bool, model: GPT | None = None
+                   ) -> torch.dtype:
+    """The weights' dtype for decoding, which reads every weight for every token. The compiled
+    step: bf16 where the device has it natively (fp16 on CUDA), half of fp32's bytes, in kernels
+    the compiler writes for them. Eager on CPU, torch's own one-row bf16 matmul can be slower than
+    fp32 (on CPUs without AMX): the faster of the two for this model's shape, measured once
+    (eager_decode_dtype). An explicit --dtype is kept; int8 weights multiply bf16 activations."""
     dtype = pick_dtype(cfg, device)
-    return dtype if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type == "cuda") \
-        else torch.float32
+    if dtype == torch.float16 and device.type != "cuda":
+        return torch.float32
+    if (dtype == torch.bfloat16 and not compiled and device.type == "cpu" and cfg.dtype == "auto"
+            and cfg.quantize == "none" and model is not None):
+        return eager_decode_dtype(model, cfg.cache_dir)
+    return dtype
 
 
-def sampling_copy(model: GPT, cfg: Config, device: torch.device) -> GPT:
+def eager_decode_dtype(model: GPT, cache_dir: str) -> torch.dtype:
+    """fp32 or bf16, whichever decodes this model's shape faster eagerly on this CPU: measured once
+    per CPU, thread count and shape on a model of that shape (steps of the two interleaved, the
+    best of each), then read from cache_dir, as the CPU's peak is."""
+    shape = f"{model.num_params()} parameters|{model.cfg.n_layer}x{model.cfg.n_embd}|vocab {model.vocab_size}"
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{shape}"
+    path = Path(cache_dir) / "decode_dtype.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = "bfloat16" if faster_in_bf16(model) else "float32"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(known, indent=1))
+        except OSError:
+            pass  # a read-only cache only costs a measurement next time
+    return getattr(torch, known[key])
+
+
+@torch.no_grad()
+def faster_in_bf16(model: GPT, steps: int = 6) -> bool:
+    """Whether eager decode steps of a model of this one's shape run faster in bf16 than in fp32
+    (random weights: speed does not depend on their values)."""
+    best = {}
+    models = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.device("meta"):
+            m = GPT(model.cfg, model.vocab_size)
+        m = m.to_empty(device="cpu").to(dtype).eval()
+        for t in (*m.parameters(), *m.buffers()):
+            t.normal_(0, 0.02) if t.is_floating_point() else t.zero_()
+        models[dtype] = (m, m.new_cache(1, torch.device("cpu"), cache_dtype(dtype, torch.device("cpu"))))
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    for _ in range(steps):
+        for dtype, (m, cache) in models.items():
+            start = time.perf_counter()
+            m.step(idx, cache)
+            best[dtype] = min(best.get(dtype, math.inf), time.perf_counter() - start)
+            cache.advance(1)
+    return best[torch.bfloat16] < best[torch.float32]
+
+
+def sampling_copy(model: GPT, cfg: Config, device: torch.device, compiled: bool = False) -> GPT:
     """The model in the sampling dtype, quantized as --quantize asks: a copy when that differs
     from the model itself, so training never sees its weights rounded."""
-    dtype = sampling_dtype(cfg, device)
+    dtype = sampling_dtype(cfg, device, compiled, model)
     if has_lora(model):  # adapters folded in: one matmul per layer, as the exports have it
         # the frozen base is shared when its dtype is the sampling one, else copied once in that
         # dtype; merging makes new layers, so the live weights are never touched
@@ -2461,8 +2576,10 @@ def sampling_copy(model: GPT, cfg: Config, device: torch.device) -> GPT:
         sampler = PRETRAINED[""].merge(copy.deepcopy(model, memo=frozen)).to(dtype)
     elif dtype == model.wte.weight.dtype and cfg.quantize == "none":
         return model
-    else:
-        sampler = copy.deepcopy(model).to(dtype)
+    else:  # each tensor copied once, straight into the dtype
+        memo = {id(t): nn.Parameter(t.detach().to(dtype, copy=True), t.requires_grad) if t.is_floating_point()
+                else t.clone() for t in model.parameters()}
+        sampler = copy.deepcopy(model, memo=memo).to(dtype)
     return QUANTIZERS[cfg.quantize](sampler)
 
 
@@ -2474,12 +2591,13 @@ def print_samples(model: GPT, tok: TextTokenizer, cfg: Config, device: torch.dev
     copy in the sampling dtype, so training never sees its weights rounded. `frozen`: the
     weights stay for the rest of the process (see decode_step)."""
     prompt_ids = encode_prompt(tok, cfg.prompt, start_ids)
-    model = sampling_copy(model, cfg, device)
+    compiled = decode_compiles(cfg, device, frozen)
+    model = sampling_copy(model, cfg, device, compiled)
     generator = torch.Generator(device=device).manual_seed(cfg.seed if seed is None else seed)
-    settings = dataclasses.replace(SampleSettings.from_config(cfg, max_new_tokens), frozen=frozen)
+    settings = SampleSettings.from_config(cfg, max_new_tokens, compiled)
     n = cfg.num_samples
-    if settings.compiled and settings.kv_cache:
-        prepare_step(decode_step(model, True, frozen), model.new_cache(n, device, cache_dtype(
+    if compiled:
+        prepare_step(decode_step(model, True, settings.store), model.new_cache(n, device, cache_dtype(
             model.wte.weight.dtype, device)))
     print0(f"--- sample 1/{n} ---\n{cfg.prompt}", end="")
     idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
@@ -2838,7 +2956,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))  # torch maps its own zip format only
     except Exception as e:
         if holds_code(e, path):
             raise TinyLLMError(f"{path} was refused: it holds Python objects, not only tensors and "
@@ -3630,9 +3749,26 @@ def model_from_checkpoint(ckpt: dict[str, Any], cfg: Config, device: torch.devic
         model = pretrained.adapt(pretrained.model(cfg, base, device, 0), cfg)
         load_weights(model, ckpt["model"])
         return pretrained.merge(model)
-    model = GPT(cfg, ckpt["vocab_size"])
+    with weights_left_uninitialized():
+        model = GPT(cfg, ckpt["vocab_size"])
     model.load_state_dict(ckpt["model"])
     return model.to(device)
+
+
+@contextlib.contextmanager
+def weights_left_uninitialized() -> Iterator[None]:
+    """Modules built inside keep torch.empty's memory as their weights, for a model whose every
+    weight a checkpoint replaces next: random values for 100M parameters take more than a second
+    (and a model built on the meta device instead imports torch's compiler, as long again)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    kept = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in kept.items():
+            setattr(nn.init, name, function)
 
 
 def load_for_use(r: Resolved) -> Loaded:
@@ -3761,19 +3897,25 @@ def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, floa
 
 def decode_benchmark(model: GPT, cfg: Config, device: torch.device, tok: TextTokenizer) -> dict[str, float]:
     """Greedy decoding at batch 1 from the start tokens, what --generate_only runs: tokens/s with
-    the KV cache, in the sampling dtype and in int8 (compiled with --compile_decode), and without
-    the cache; then prefill tokens/s and the time to the first token of a 200-token prompt."""
-    result, prompt, graphs = {}, torch.tensor([tok.start_ids()], device=device), compile_count()
-    settings = SampleSettings(cfg.max_new_tokens, temperature=0, compiled=cfg.compile_decode, frozen=True)
+    the KV cache, in the sampling dtype and in int8 (compiled as --generate_only compiles it, the
+    compile timed apart and not kept: this model is new each run), and without the cache; then
+    prefill tokens/s and the time to the first token of a 200-token prompt; and llama.cpp's
+    tokens/s on this model's GGUF export, where llama-cpp-python is installed."""
+    result, prompt = {}, torch.tensor([tok.start_ids()], device=device)
+    compiled = decode_compiles(cfg, device, frozen=True)
+    settings = SampleSettings(cfg.max_new_tokens, temperature=0, compiled=compiled)
     for quantize in QUANTIZERS:
         try:
-            sampler = sampling_copy(model, dataclasses.replace(cfg, quantize=quantize), device)
+            sampler = sampling_copy(model, dataclasses.replace(cfg, quantize=quantize), device, compiled)
         except TinyLLMError as e:  # implemented beside this file, and not here: the row is left out
             print0(f"benchmark: no decode row for --quantize {quantize}, since {e}")
             continue
+        start = time.perf_counter()
         generate(sampler, prompt, dataclasses.replace(settings, max_new_tokens=2))  # warm-up; compiles
+        result[f"decode_warmup_s_{quantize}"] = time.perf_counter() - start
         seconds = median_seconds(lambda m=sampler: generate(m, prompt, settings), 3, device)
         result[f"decode_tokens_per_s_{quantize}"] = cfg.max_new_tokens / seconds
+        result[f"decode_dtype_{quantize}"] = str(sampler.wte.weight.dtype).removeprefix("torch.")
     sampler = sampling_copy(model, cfg, device)
     uncached = dataclasses.replace(settings, kv_cache=False, compiled=False)
     result["decode_tokens_per_s_no_cache"] = cfg.max_new_tokens / median_seconds(
@@ -3787,8 +3929,42 @@ def decode_benchmark(model: GPT, cfg: Config, device: torch.device, tok: TextTok
 
     with torch.no_grad():
         seconds = median_seconds(first_token, 5, device)
-    result.update(prefill_tokens_per_s=n / seconds, first_token_ms=1000 * seconds,
-                  decode_graphs=compile_count() - graphs)
+    result.update(prefill_tokens_per_s=n / seconds, first_token_ms=1000 * seconds, decode_compiled=compiled)
+    result.update(llama_cpp_benchmark(model, cfg, tok, prompt[0].tolist()))
+    return result
+
+
+def llama_cpp_benchmark(model: GPT, cfg: Config, tok: TextTokenizer, prompt: list[int]) -> dict[str, float]:
+    """llama.cpp's greedy tokens/s on this model exported to GGUF (f16 and q8_0), with as many
+    threads as torch has; nothing where llama-cpp-python or the export is missing, or the
+    model is one llama.cpp cannot run (said in one line)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for weights in ("f16", "q8_0"):
+            path = Path(tmp) / f"{weights}.gguf"
+            try:
+                EXPORTERS.entry("gguf", "benchmark's llama.cpp row").write(Loaded(
+                    dataclasses.replace(cfg, gguf_type=weights), path, 0, tok,
+                    copy.deepcopy(model).cpu().float().eval(), torch.device("cpu")), path)
+            except TinyLLMError as e:
+                print0(f"benchmark: no llama.cpp row, since {e}")
+                return result
+            llm = llama_cpp.Llama(str(path), n_threads=torch.get_num_threads(), n_ctx=cfg.block_size,
+                                  verbose=False)
+
+            def decode(llm: Any = llm) -> None:
+                for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+                    if i + 1 == cfg.max_new_tokens:
+                        break
+
+            decode()
+            result[f"llama_cpp_tokens_per_s_{weights}"] = cfg.max_new_tokens / median_seconds(
+                decode, 3, torch.device("cpu"))
+            llm.close()
     return result
 
 
@@ -3812,7 +3988,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model: GPT,
                     r: dict[str, float]) -> None:
-    plain = str(sampling_dtype(cfg, device)).removeprefix("torch.")  # the weights of --quantize none
     rows = [("model", f"{model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}"),
             ("device / dtype", f"{device} / {str(dtype).removeprefix('torch.')}"
                                f"{' / compiled' if cfg.compile else ''}"),
@@ -3820,13 +3995,16 @@ def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model
             ("training tokens/s", f"{r['train_tokens_per_s']:,.0f}"),
             ("MFU", f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "unknown (--peak_flops)"),
             ("peak memory", f"{r['peak_memory_mb']:,.0f} MiB"),
-            *[(f"decode tokens/s, {cfg.max_new_tokens} new, KV cache, {plain if q == 'none' else q} weights",
-               f"{r[f'decode_tokens_per_s_{q}']:,.0f}")
+            *[(f"decode tokens/s, {cfg.max_new_tokens} new, KV cache, "
+               f"{r[f'decode_dtype_{q}'] if q == 'none' else q} weights",
+               f"{r[f'decode_tokens_per_s_{q}']:,.0f}" + (
+                   f" (compiled in {r[f'decode_warmup_s_{q}']:.1f} s; --generate_only keeps it)"
+                   if r["decode_compiled"] else " (eager)"))
               for q in QUANTIZERS if f"decode_tokens_per_s_{q}" in r],
             (f"decode tokens/s, {cfg.max_new_tokens} new, no cache",
              f"{r['decode_tokens_per_s_no_cache']:,.0f}"),
-            ("decode step", f"compiled ({r['decode_graphs']} graphs)" if cfg.compile_decode
-             else "eager (--compile_decode compiles it)"),
+            *[(f"llama.cpp on this model's GGUF, {w}", f"{r[f'llama_cpp_tokens_per_s_{w}']:,.0f} tokens/s")
+              for w in ("f16", "q8_0") if f"llama_cpp_tokens_per_s_{w}" in r],
             (f"prefill, {r['prefill_tokens']} tokens",
              f"{r['prefill_tokens_per_s']:,.0f} tokens/s, first token after {r['first_token_ms']:.1f} ms")]
     width = max(len(name) for name, _ in rows)
@@ -3966,6 +4144,8 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
 def merge_config(explicit: dict[str, Any], base: dict[str, Any] | None = None) -> Config:
     """Defaults < base (a checkpoint's config) < the explicit --arch preset < explicit settings."""
     base = {k: v for k, v in (base or {}).items() if k in FIELDS and k not in RUN_KEYS}
+    if "decode_cache_gb" not in base:  # a checkpoint from before the decode step was compiled by
+        base.pop("compile_decode", None)  # default stored the old default (off), not a choice
     preset = PRESETS[explicit["arch"]] if "arch" in explicit else {}
     merged = {**base, **preset, **explicit}
     if "min_lr" not in merged and "learning_rate" in merged:  # a fine-tuning rate of 1e-4 gets 1e-5
@@ -4082,8 +4262,7 @@ def sampling_checks(cfg: Config) -> list[Check]:
         (not 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}"),
         (cfg.repetition_penalty <= 0, "--repetition_penalty must be positive (1 = off)"),
         (cfg.num_samples < 1, "--num_samples must be at least 1"),
-        (cfg.compile_decode and not cfg.kv_cache,
-         "--compile_decode compiles the KV-cache decode step; drop --no-kv_cache or --compile_decode"),
+        (cfg.decode_cache_gb < 0, "--decode_cache_gb must be 0 (keep nothing) or more"),
     ]
 
 
@@ -4131,7 +4310,10 @@ def resolve(argv: list[str] | None) -> Resolved:
     validate(cfg, (run_checks,))  # the mode first: it decides whether a checkpoint is read
     mode = (modes_asked(cfg) or ["train"])[0]
     MODES.entry(mode, f"--{dict.get(MODES, mode).flag}")  # one implemented beside: imported now, or refused
-    for key in ("quantize", "compile_decode"):
+    if explicit.get("compile_decode") and not cfg.kv_cache:
+        raise TinyLLMError("--compile_decode compiles the KV-cache decode step; drop --no-kv_cache or "
+                           "--compile_decode")
+    for key in ("quantize", "compile_decode", "decode_cache_gb"):
         if key in explicit and not MODES[mode].decodes:
             raise TinyLLMError(f"--{key} is for decoding and --eval_only; --{mode} does not decode (exports "
                                f"keep the checkpoint's full weights): drop --{key}")
@@ -4157,7 +4339,7 @@ def resolve(argv: list[str] | None) -> Resolved:
         if mode == "train":
             refuse_existing_run(cfg)
         return Resolved(mode, check_entries(cfg, mode, explicit))
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=mode != "train")  # a model's weights are read as they are copied
     cfg = merge_config(explicit, base=ckpt["config"])
     validate(cfg, SETTING_CHECKS)
     check_compatible(cfg, explicit, ckpt, path, resuming=mode == "train")
@@ -4235,6 +4417,8 @@ MODES.update({
                       reads=CORPUS_FLAGS),
     "plot": Mode("plot", False, False, "interrupted; loss.png was not changed", plot_run),
     "export": Mode("export", True, False, "interrupted; no export was written", home="tinyllm_hub"),
+    "clear_decode_cache": Mode("clear_decode_cache", False, False, "interrupted; some compiled steps may be "
+                               "left", home="tinyllm_serve"),
 })
 
 

@@ -116,7 +116,8 @@ def reverser(tmp_path_factory):
                     "--n_embd", "64", "--block_size", "32", "--batch_size", "32", "--max_steps", "800",
                     "--eval_interval", "800", "--eval_iters", "5", "--learning_rate", "3e-3",
                     "--warmup_steps", "20", "--sample_interval", "0", "--max_new_tokens", "8",
-                    "--log_interval", "400", "--device", "cpu", "--dtype", "float32"]) == 0
+                    "--log_interval", "400", "--device", "cpu", "--dtype", "float32",
+                    "--no-compile_decode"]) == 0
     return folder / "out", held_out
 
 
@@ -159,7 +160,7 @@ def test_the_cache_is_kept_across_turns_and_old_turns_make_room(tmp_path):
                     "--n_embd", "32",
                     "--block_size", "128", "--batch_size", "4", "--max_steps", "2", "--eval_iters", "1",
                     "--sample_interval", "0", "--device", "cpu", "--dtype", "float32"]) == 0
-    use = tl.load_for_use(tl.resolve(["--chat", "--out_dir", str(tmp_path / "out")]))
+    use = tl.load_for_use(tl.resolve(["--chat", "--out_dir", str(tmp_path / "out"), "--no-compile_decode"]))
     greedy = tl.SampleSettings(max_new_tokens=6, temperature=0.0)
     session = ts.ChatSession(use, system="abc")
     session.reply("abc def", greedy, torch.Generator())

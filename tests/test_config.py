@@ -98,9 +98,9 @@ def test_config_is_resolved_once_per_invocation(run_args, tmp_path, monkeypatch,
     real_load, real_validate = tl.load_checkpoint, tl.validate
     seen: dict[str, list] = {"loads": [], "checks": []}
 
-    def load(path):
+    def load(path, mmap=False):
         seen["loads"].append(path)
-        return real_load(path)
+        return real_load(path, mmap)
 
     def validate(cfg, groups=(tl.run_checks, *tl.SETTING_CHECKS)):
         seen["checks"] += [g.__name__ for g in groups]
@@ -126,7 +126,8 @@ def test_resume_validates_the_merged_config(run_args):
 
 def test_every_mode_has_an_entry():
     modes = {"--generate_only": "generate", "--chat": "chat", "--serve": "serve", "--eval_only": "eval",
-             "--benchmark": "benchmark", "--plot": "plot", "--export=hf": "export"}
+             "--benchmark": "benchmark", "--plot": "plot", "--export=hf": "export",
+             "--clear_decode_cache": "clear_decode_cache"}
     for flag, mode in modes.items():
         assert tl.modes_asked(tl.merge_config(tl.parse_args([flag]))) == [mode]
     assert set(tl.MODES) == {"train", *modes.values()}

@@ -1,6 +1,7 @@
 """Fast decoding: the static KV cache, the compiled decode step, int8 weights, batched samples."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -70,12 +71,20 @@ COMPILED_SWITCHES = [("rmsnorm", "swiglu", "rope", True, 5, True, 2),
                      ("layernorm", "gelu", "learned", False, 0, False, 0)]
 
 
+@pytest.fixture
+def through_torch_compile(monkeypatch):
+    """generate() decoding through torch.compile's step, as on GPUs (on CPU it is AOTInductor's)."""
+    monkeypatch.setattr(tl, "decode_step", lambda model, compiled, store=None:
+                        functools.partial(tl.compiled_step(), model) if compiled else model.step)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("switches", COMPILED_SWITCHES, ids=lambda s: "-".join(map(str, s)))
-def test_compiled_decode_step_is_the_eager_one_and_compiles_once(switches):
-    """In fp32 the compiled step picks the greedy tokens of the uncached oracle while the prompt
-    and output fit in block_size, and those of the eager cached path past it (where the cache
-    restarts); the position advancing 40 times, through two restarts, makes no new graph."""
+def test_compiled_decode_step_is_the_eager_one_and_compiles_once(switches, through_torch_compile):
+    """The step through torch.compile (GPUs' path): in fp32 it picks the greedy tokens of the
+    uncached oracle while the prompt and output fit in block_size, and those of the eager cached
+    path past it (where the cache restarts); the position advancing 40 times, through two
+    restarts, makes no new graph."""
     torch._dynamo.reset()
     model = tiny(*switches)
     idx = torch.randint(VOCAB, (2, 3), generator=torch.Generator().manual_seed(3))
@@ -90,7 +99,7 @@ def test_compiled_decode_step_is_the_eager_one_and_compiles_once(switches):
 
 
 @pytest.mark.slow
-def test_compiled_int8_decode_matches_eager_int8():
+def test_compiled_int8_decode_matches_eager_int8(through_torch_compile):
     torch._dynamo.reset()
     model = tl.QUANTIZERS["int8"](tiny().to(torch.bfloat16))
     idx = torch.randint(VOCAB, (1, 3), generator=torch.Generator().manual_seed(4))
@@ -112,14 +121,14 @@ def test_frozen_decode_step_is_the_eager_one_and_compiles_once_per_batch_size(sw
     model = tiny(*switches)
     idx = torch.randint(VOCAB, (2, 3), generator=torch.Generator().manual_seed(3))
     before = tl.compile_count()
-    fits = tl.SampleSettings(max_new_tokens=13, temperature=0, compiled=True, frozen=True)
+    fits = tl.SampleSettings(max_new_tokens=13, temperature=0, compiled=True)
     oracle = tl.generate(model, idx, tl.SampleSettings(max_new_tokens=13, temperature=0, kv_cache=False))
     assert torch.equal(tl.generate(model, idx, fits), oracle)
-    long = tl.SampleSettings(max_new_tokens=40, temperature=0, compiled=True, frozen=True)
+    long = tl.SampleSettings(max_new_tokens=40, temperature=0, compiled=True)
     eager = tl.generate(model, idx, tl.SampleSettings(max_new_tokens=40, temperature=0))
     assert torch.equal(tl.generate(model, idx, long), eager)
     assert tl.compile_count() - before == 1
-    assert isinstance(tl.decode_step(model, True, frozen=True), ts.FrozenStep)
+    assert isinstance(tl.decode_step(model, True), ts.FrozenStep)
 
 
 @pytest.mark.slow
@@ -127,16 +136,18 @@ def test_frozen_int8_step_matches_eager_int8_and_the_weights_stay_out_of_shared_
     model = tl.QUANTIZERS["int8"](tiny().to(torch.bfloat16))
     idx = torch.randint(VOCAB, (1, 3), generator=torch.Generator().manual_seed(4))
     eager = tl.generate(model, idx, tl.SampleSettings(max_new_tokens=20, temperature=0))
-    step = tl.decode_step(model, True, frozen=True)
-    assert step is tl.decode_step(model, True, frozen=True)  # one per model: its libraries are kept
+    step = tl.decode_step(model, True)
+    assert step is tl.decode_step(model, True)  # one per model: its libraries are kept
     with torch.no_grad():
         logits_eager = model.step(idx[:, -1:], model.new_cache(1, idx.device, torch.float32))
         frozen = step(idx[:, -1:], model.new_cache(1, idx.device, torch.float32))
     assert torch.allclose(frozen, logits_eager, atol=2e-2)
     assert torch.equal(tl.generate(model, idx, tl.SampleSettings(max_new_tokens=20, temperature=0,
-                                                                 compiled=True, frozen=True)), eager)
-    # training's samples (weights that change) get the shared graph, never a library of their own
-    assert not isinstance(tl.decode_step(model, True), ts.FrozenStep)
+                                                                 compiled=True)), eager)
+    # training's samples (weights that change) decode eagerly: no library of their own
+    cfg = tl.build_config({"device": "cpu"})
+    assert not tl.decode_compiles(cfg, torch.device("cpu"), frozen=False)
+    assert tl.decode_step(model, False) == model.step
 
 
 @pytest.mark.slow
@@ -151,21 +162,37 @@ def test_frozen_steps_of_models_of_one_shape_each_hold_their_own_weights():
         for model in models:
             eager = model.step(idx, model.new_cache(1, idx.device, torch.float32))
             cache = model.new_cache(1, idx.device, torch.float32)
-            frozen = tl.decode_step(model, True, frozen=True)(idx, cache)
+            frozen = tl.decode_step(model, True)(idx, cache)
             assert torch.allclose(frozen, eager, atol=1e-5)
             logits.append(frozen)
         assert not torch.allclose(*logits)
 
 
-def test_a_frozen_step_that_cannot_compile_is_one_clear_error(monkeypatch):
+def test_a_step_that_cannot_compile_decodes_eagerly_with_one_line(monkeypatch, capsys):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("C++ compiler not found\nlong details")
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
     model = tiny()
-    with pytest.raises(tl.TinyLLMError, match=r"--compile_decode could not compile the decode step "
-                                             r"\(C\+\+ compiler not found\); run without --compile_decode"):
-        tl.decode_step(model, True, frozen=True)(torch.tensor([[1]]), model.new_cache(1, torch.device("cpu"),
-                                                                                     torch.float32))
+    idx = torch.tensor([[1]])
+    with torch.no_grad():
+        logits = tl.decode_step(model, True)(idx, model.new_cache(1, torch.device("cpu"), torch.float32))
+        eager = model.step(idx, model.new_cache(1, torch.device("cpu"), torch.float32))
+    assert torch.equal(logits, eager)
+    err = capsys.readouterr().err
+    assert "decoding eagerly: the decode step could not be compiled (C++ compiler not found); " \
+           "--no-compile_decode skips trying" in err
+
+
+def test_without_a_cpp_compiler_decoding_is_eager_with_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    tl.compiler_missing.cache_clear()
+    try:
+        cfg = tl.build_config({"device": "cpu"})
+        assert not tl.decode_compiles(cfg, torch.device("cpu"), frozen=True)
+        assert "decoding eagerly: no C++ compiler was found" in capsys.readouterr().err
+    finally:
+        tl.compiler_missing.cache_clear()
+        tl.say_once.cache_clear()
 
 
 @pytest.mark.slow
