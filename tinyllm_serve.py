@@ -20,6 +20,7 @@ import math
 import os
 import queue
 import select
+import shutil
 import signal
 import socket
 import sys
@@ -29,6 +30,7 @@ import time
 import urllib.parse
 import warnings
 import weakref
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +86,12 @@ from train_tinyllm import (
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights for decoding: each output row is int8 values times one
     scale, max |w| / 127 of the row (symmetric and weight-only: activations keep their dtype).
-    On CPU, torch's int8-weight matmul reads the int8 values directly; elsewhere, and for shapes
-    that kernel gets wrong (it returns NaN or crashes unless the input width is a multiple of 16,
-    checked on torch 2.13), the weights are widened for each call: a quarter of the memory but
-    no faster."""
+    On CPU, torch's int8-weight matmul reads the int8 values directly, with bf16 activations: fp32
+    ones are rounded to bf16 for it, since its fp32 path is several times slower, and widening
+    the weights to fp32 for each call reads four times the bytes (README: Performance). Elsewhere,
+    and for shapes that kernel gets wrong (it returns NaN or crashes unless the input width is a
+    multiple of 16, checked on torch 2.13), the weights are widened for each call: a quarter of
+    the memory but no faster."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
@@ -100,9 +104,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.scale.to(x.dtype)
-        if self.packed_kernel and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, scale)
-            y = y.view(*x.shape[:-1], -1)  # (..., out)
+        if self.packed_kernel and x.device.type == "cpu":
+            half = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)).to(half), self.weight, scale.to(half))
+            y = y.view(*x.shape[:-1], -1).to(x.dtype)  # (..., out)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * scale
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -223,10 +228,11 @@ class FrozenStep:
             return entry.keep(seconds)
 
     def compile_for_now(self, cache: KVCache) -> Step:
-        """The step compiled into a temporary package, loaded, and the package removed."""
+        """The step compiled into a temporary package, its library loaded, and both removed."""
         with tempfile.TemporaryDirectory() as tmp:
             self.compile(cache, Path(tmp) / "step.pt2", "")
-            return load_package(Path(tmp) / "step.pt2")
+            unpack_library(Path(tmp) / "step.pt2", Path(tmp) / "step.so")
+            return load_library(Path(tmp) / "step.so")
 
     @torch.no_grad()
     def compile(self, cache: KVCache, package: Path, kept: str) -> float:
@@ -262,13 +268,25 @@ class FrozenStep:
         return seconds
 
 
-def load_package(path: Path) -> Step:
-    """The step of an AOTInductor package, through torch's own loader, called with the flat list
-    of tensors: torch's packaged call would first flatten and check them as a tree, for every
-    token, and its Python loader first compiles probes of the CPU's vector units (a second) to
-    warn of a mismatch that the step's key already rules out."""
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-    return lambda idx, cache: loader.run([idx, cache.pos_t, *cache.k, *cache.v])[0]
+def unpack_library(package: Path, library: Path) -> None:
+    """The compiled library (the step's code and, built in, its weights) out of an AOTInductor
+    package, to `library`: loaded from there, a later launch skips the package loader's copy
+    of it into a temporary folder (seconds for a 135M model)."""
+    with zipfile.ZipFile(package) as z:
+        names = [n for n in z.namelist() if n.endswith(".so")]
+        if len(names) != 1:
+            raise TinyLLMError(f"the compiled package holds {len(names)} libraries, not one")
+        with z.open(names[0]) as src, open(library, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+
+
+def load_library(path: Path) -> Step:
+    """The step of a compiled library, through torch's own runner for AOTInductor libraries,
+    called with the flat list of tensors: torch's packaged call would first flatten and check
+    them as a tree, for every token, and its Python loader first compiles probes of the CPU's
+    vector units (a second) to warn of a mismatch that the step's key already rules out."""
+    runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+    return lambda idx, cache: runner.run([idx, cache.pos_t, *cache.k, *cache.v])[0]
 
 
 class Ticking:
@@ -303,7 +321,7 @@ class Ticking:
             sys.stderr.flush()
 
 
-STEP_FORMAT = 1  # what a stored step holds and how it is called; a new one makes older entries miss
+STEP_FORMAT = 2  # what a stored step holds and how it is called; a new one makes older entries miss
 
 
 def step_key(model: GPT, cache: KVCache) -> tuple[str, dict[str, Any]]:
@@ -357,8 +375,8 @@ def file_digest(path: Path) -> str:
 
 
 class StoredStep:
-    """One compiled step in a StepStore: KEY.pt2, the AOTInductor package, and KEY.json, the
-    record of what it was compiled for, its size and its digest. Each is written whole and
+    """One compiled step in a StepStore: KEY.so, the library out of its AOTInductor package, and
+    KEY.json, the record of what it was compiled for, its size and its digest. Each is written whole and
     renamed into place, the record last, so a reader sees an entry or none; an entry is checked
     against its record before use, and one that fails (damaged, cut short, put there for another
     model, unloadable) is removed and compiled again. Eviction goes by the record's time of last
@@ -366,9 +384,10 @@ class StoredStep:
 
     def __init__(self, store: StepStore, key: str, parts: dict[str, Any]):
         self.store, self.key, self.parts = store, key, parts
-        self.package = store.folder / f"{key}.pt2"
+        self.library = store.folder / f"{key}.so"
         self.record = store.folder / f"{key}.json"
-        self.temp = store.folder / f"{key}.partial.pt2"  # torch wants the ending
+        self.temp = store.folder / f"{key}.partial.pt2"  # the compiler's package (torch wants the ending)
+        self.temp_library = store.folder / f"{key}.partial.so"
 
     def load(self) -> Step | None:
         """The stored step, checked and loaded; None when there is none or it fails its checks."""
@@ -382,59 +401,65 @@ class StoredStep:
         runner = None
         if not problem:
             try:
-                runner = load_package(self.package)
+                runner = load_library(self.library)
             except Exception as e:  # torch's loader raises RuntimeError, and worse for a foreign file
                 problem = f"does not load ({first_line(e)})"
         if problem:
-            print0(f"decode step store: {self.package} {problem}; compiling it again", file=sys.stderr)
+            print0(f"decode step store: {self.library} {problem}; compiling it again", file=sys.stderr)
             self.remove()
             return None
         with contextlib.suppress(OSError):
             os.utime(self.record)  # used now
-        print0(f"decode step for batch {self.parts['batch']} loaded from {self.package} in "
+        print0(f"decode step for batch {self.parts['batch']} loaded from {self.library} in "
                f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
         return runner
 
     def problem(self, record: dict[str, Any]) -> str:
         if record.get("key") != self.key or record.get("parts") != self.parts:
             return "was compiled for another model or setup"
-        size = self.package.stat().st_size if self.package.exists() else None
+        size = self.library.stat().st_size if self.library.exists() else None
         if size != record["bytes"]:
             return f"is {size or 0:,} bytes, not the {record['bytes']:,} its record says"
-        if file_digest(self.package) != record["sha256"]:
+        if file_digest(self.library) != record["sha256"]:
             return "does not match its record's digest (damaged)"
         return ""
 
     def keep(self, seconds: float) -> Step:
-        """The step just compiled into self.temp, stored (and older ones evicted to make room)
-        unless it alone is over the limit or cannot be written, then used for this run only."""
-        size = self.temp.stat().st_size
-        gb = self.store.limit / 1e9
-        if size > self.store.limit:
-            runner = load_package(self.temp)
+        """The step just compiled into the package self.temp, its library stored (and older ones
+        evicted to make room) unless it alone is over the limit or cannot be written, then used
+        for this run only."""
+        try:
+            unpack_library(self.temp, self.temp_library)
+        except (OSError, zipfile.BadZipFile) as e:
+            self.remove()
+            raise TinyLLMError(f"the compiled step could not be unpacked ({first_line(e)})") from None
+        finally:
             self.temp.unlink(missing_ok=True)
+        size = self.temp_library.stat().st_size
+        if size > self.store.limit:
+            runner = load_library(self.temp_library)  # loaded, the file can go
+            self.remove()
             print0(f"decode step store: the compiled step ({size / 1e6:,.0f} MB) is over --decode_cache_gb "
-                   f"{gb:g}; it is used by this run only (raise --decode_cache_gb to keep it)",
-                   file=sys.stderr)
+                   f"{self.store.limit / 1e9:g}; it is used by this run only (raise --decode_cache_gb to "
+                   f"keep it)", file=sys.stderr)
             return runner
         try:
-            record = {"key": self.key, "parts": self.parts, "bytes": size, "sha256": file_digest(self.temp),
-                      "compile_seconds": round(seconds, 1)}
-            os.replace(self.temp, self.package)
+            record = {"key": self.key, "parts": self.parts, "bytes": size,
+                      "sha256": file_digest(self.temp_library), "compile_seconds": round(seconds, 1)}
+            os.replace(self.temp_library, self.library)
             write_text_atomic(self.record, json.dumps(record, indent=1))
         except OSError as e:
-            where = self.temp if self.temp.exists() else self.package
-            runner = load_package(where)
+            runner = load_library(self.temp_library if self.temp_library.exists() else self.library)
             self.remove()
             print0(f"decode step store: could not keep the compiled step in {self.store.folder} "
                    f"({first_line(e)}); it is used by this run only", file=sys.stderr)
             return runner
-        print0(f"decode step kept as {self.package} ({size / 1e6:,.0f} MB)", file=sys.stderr)
+        print0(f"decode step kept as {self.library} ({size / 1e6:,.0f} MB)", file=sys.stderr)
         evict(self.store, self.key)
-        return load_package(self.package)
+        return load_library(self.library)
 
     def remove(self) -> None:
-        for path in (self.record, self.package, self.temp):
+        for path in (self.record, self.library, self.temp, self.temp_library):
             with contextlib.suppress(OSError):
                 path.unlink()
 
@@ -443,11 +468,11 @@ def evict(store: StepStore, keep: str) -> None:
     """Remove the least recently used stored steps (not `keep`) until the rest fit the limit, and
     what compiles killed halfway left behind."""
     entries = []
-    for package in packages(store.folder):
-        record = package.with_suffix(".json")
+    for library in libraries(store.folder):
+        record = library.with_suffix(".json")
         try:
-            used = (record if record.exists() else package).stat().st_mtime
-            entries.append((used, package.stat().st_size, package.stem))
+            used = (record if record.exists() else library).stat().st_mtime
+            entries.append((used, library.stat().st_size, library.stem))
         except OSError:
             continue
     total, removed, freed = sum(size for _, size, _ in entries), 0, 0
@@ -455,11 +480,11 @@ def evict(store: StepStore, keep: str) -> None:
         if total <= store.limit:
             break
         if key != keep and lock_is_free(store.folder / f"{key}.lock"):
-            for suffix in (".json", ".pt2"):
+            for suffix in (".json", ".so", ".pt2"):
                 with contextlib.suppress(OSError):
                     (store.folder / f"{key}{suffix}").unlink()
             total, removed, freed = total - size, removed + 1, freed + size
-    for temp in store.folder.glob("*.partial.pt2"):
+    for temp in store.folder.glob("*.partial.*"):
         if lock_is_free(store.folder / f"{temp.name.split('.')[0]}.lock"):
             temp.unlink(missing_ok=True)
     if removed:
@@ -468,9 +493,10 @@ def evict(store: StepStore, keep: str) -> None:
                f"{store.limit / 1e9:g}", file=sys.stderr)
 
 
-def packages(folder: Path) -> list[Path]:
-    """The stored steps' packages in `folder` (not the ones being written)."""
-    return [p for p in folder.glob("*.pt2") if not p.name.endswith(".partial.pt2")]
+def libraries(folder: Path) -> list[Path]:
+    """The stored steps' libraries in `folder` (not the ones being written), and packages an
+    earlier format kept, which no key finds any more but which count against the bound."""
+    return [p for p in (*folder.glob("*.so"), *folder.glob("*.pt2")) if ".partial." not in p.name]
 
 
 @contextlib.contextmanager
@@ -514,7 +540,7 @@ def lock_is_free(path: Path) -> bool:
 
 
 def clear_decode_cache(r: Resolved) -> None:
-    """--clear_decode_cache: remove every stored step (its package, record, lock and any package
+    """--clear_decode_cache: remove every stored step (its library, record, lock and any file
     half written) in cache_dir; a step another process is compiling right now is left to it."""
     folder = Path(r.cfg.cache_dir) / "decode_steps"
     keys: dict[str, list[Path]] = {}
@@ -526,7 +552,7 @@ def clear_decode_cache(r: Resolved) -> None:
             busy += 1
             continue
         for path in paths:
-            removed += path.name == f"{key}.pt2"
+            removed += path.name in (f"{key}.so", f"{key}.pt2")
             freed += path.stat().st_size
             path.unlink()
     left = f"; {busy} being compiled by another process now, left to it" if busy else ""

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,23 +26,25 @@ def tiny(seed: int = 0, **kw) -> tl.GPT:
 
 @pytest.fixture
 def fake_aot(monkeypatch):
-    """FrozenStep's compiler and torch's package loader replaced by stand-ins: a "package" is
-    FAKE and then `size` bytes; a step loaded from it is the model's eager step."""
+    """FrozenStep's compiler and torch's library runner replaced by stand-ins: a "package" is a
+    zip holding one "library", FAKE and then `size` bytes; a step loaded from it returns zeros."""
     made = {"compiles": 0, "loads": 0, "size": 1000}
 
     def compile(self, cache, package, kept):
         made["compiles"] += 1
-        package.write_bytes(b"FAKE" + bytes(made["size"] - 4))
+        with zipfile.ZipFile(package, "w") as z:
+            z.writestr("step/data/aotinductor/model/step.wrapper.cpp", "// the code")
+            z.writestr("step/data/aotinductor/model/step.wrapper.so", b"FAKE" + bytes(made["size"] - 4))
         return 0.1
 
     def load(path):
         if not Path(path).read_bytes().startswith(b"FAKE"):
-            raise RuntimeError("PytorchStreamReader failed reading zip archive: no central directory")
+            raise RuntimeError("Failed to load the compiled library: invalid ELF header")
         made["loads"] += 1
         return lambda idx, cache: torch.zeros(idx.size(0), 1, 40)
 
     monkeypatch.setattr(ts.FrozenStep, "compile", compile)
-    monkeypatch.setattr(ts, "load_package", load)
+    monkeypatch.setattr(ts, "load_library", load)
     return made
 
 
@@ -51,7 +54,7 @@ def prepare(model: tl.GPT, store: tl.StepStore, batch: int = 1):
 
 
 def entries(store: tl.StepStore) -> list[str]:
-    return sorted(p.name for p in store.folder.iterdir() if p.suffix in (".pt2", ".json"))
+    return sorted(p.name for p in store.folder.iterdir() if p.suffix in (".so", ".pt2", ".json"))
 
 
 def test_a_step_is_compiled_once_and_loaded_by_later_launches(fake_aot, tmp_path, capsys):
@@ -62,14 +65,14 @@ def test_a_step_is_compiled_once_and_loaded_by_later_launches(fake_aot, tmp_path
     err = capsys.readouterr().err
     assert "decode step kept as" in err
     key = ts.step_key(model, model.new_cache(1, CPU, torch.float32))[0]
-    assert entries(store) == [f"{key}.json", f"{key}.pt2"]
+    assert entries(store) == [f"{key}.json", f"{key}.so"]
     record = json.loads((store.folder / f"{key}.json").read_text())
     assert record["bytes"] == 1000 and record["parts"]["batch"] == 1
     assert record["parts"]["torch"] == torch.__version__
     prepare(model, store)
     prepare(tiny(), store)  # the same weights, built again: the same step
     assert fake_aot["compiles"] == 1
-    assert f"loaded from {store.folder / key}.pt2" in capsys.readouterr().err
+    assert f"loaded from {store.folder / key}.so" in capsys.readouterr().err
 
 
 def test_the_key_changes_with_what_changes_the_code():
@@ -98,14 +101,14 @@ def test_the_key_changes_with_what_changes_the_code():
     ("truncate", "is 500 bytes, not the 1,000 its record says"),
     ("foreign", "was compiled for another model or setup"),
     ("record", "has an unreadable record"),
-    ("unloadable", "does not load (PytorchStreamReader failed reading zip archive"),
+    ("unloadable", "does not load (Failed to load the compiled library: invalid ELF header)"),
     ("missing", "is 0 bytes, not the 1,000 its record says"),
 ])
 def test_a_damaged_or_foreign_entry_is_compiled_again_not_trusted(fake_aot, tmp_path, capsys, damage, says):
     store = tl.StepStore(tmp_path, 10_000)
     model = tiny()
     prepare(model, store)
-    package = next(store.folder.glob("*.pt2"))
+    package = next(store.folder.glob("*.so"))
     record = package.with_suffix(".json")
     if damage == "flip":
         package.write_bytes(b"FAKE" + b"\1" + bytes(995))
@@ -117,8 +120,8 @@ def test_a_damaged_or_foreign_entry_is_compiled_again_not_trusted(fake_aot, tmp_
         record.write_text(json.dumps(data))
     elif damage == "record":
         record.write_text('{"key": ')
-    elif damage == "unloadable":  # a file that matches its record but is no package
-        package.write_bytes(b"PK\3\4" + bytes(996))
+    elif damage == "unloadable":  # a file that matches its record but is no library
+        package.write_bytes(b"\x7fELF" + bytes(996))
         data = json.loads(record.read_text())
         data["sha256"] = ts.file_digest(package)
         record.write_text(json.dumps(data))
@@ -142,7 +145,7 @@ def test_the_store_stays_within_its_bound_least_recently_used_first(fake_aot, tm
         os.utime(store.folder / f"{keys[age]}.json", (time.time() - 100 + age, time.time() - 100 + age))
     prepare(models[0], store)  # used again: now the second is the oldest
     prepare(models[2], store)
-    assert entries(store) == sorted(f"{keys[i]}{s}" for i in (0, 2) for s in (".json", ".pt2"))
+    assert entries(store) == sorted(f"{keys[i]}{s}" for i in (0, 2) for s in (".json", ".so"))
     assert "removed 1 least recently used compiled step (0 MB) to stay within --decode_cache_gb" \
         in capsys.readouterr().err
     assert fake_aot["compiles"] == 3
@@ -171,7 +174,7 @@ def test_clear_decode_cache_removes_every_step_but_one_being_compiled(fake_aot, 
     store = tl.StepStore(cache_dir / "decode_steps", 10_000)
     for seed in range(3):
         prepare(tiny(seed), store)
-    (store.folder / "0123.partial.pt2").write_bytes(b"half")
+    (store.folder / "0123.partial.so").write_bytes(b"half")
     busy = store.folder / "busy.lock"
     with ts.locked(busy):
         (store.folder / "busy.partial.pt2").write_bytes(b"half")
@@ -227,4 +230,4 @@ def test_the_default_path_compiles_once_even_for_two_launches_at_once_and_later_
                                                                      "--dtype", "float32"))
     assert "loaded from" in later_err and "compiling" not in later_err
     assert together[0][0] == together[1][0] == later_out == eager
-    assert len(list((tmp_path / "cache" / "decode_steps").glob("*.pt2"))) == 1
+    assert len(list((tmp_path / "cache" / "decode_steps").glob("*.so"))) == 1
