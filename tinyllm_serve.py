@@ -190,6 +190,7 @@ class FrozenStep:
         self.model = weakref.ref(model)  # FROZEN_STEPS keeps this while the model lives, no longer
         self.store = store
         self.runners: dict[tuple[int, int, torch.dtype], Step] = {}
+        self.fell_back = False  # some batch width decodes eagerly, since its step could not be compiled
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return self.prepare(cache)(idx, cache)
@@ -201,10 +202,13 @@ class FrozenStep:
         if key not in self.runners:
             try:
                 self.runners[key] = self.load_or_compile(cache)
-            except TinyLLMError as e:
-                print0(f"decoding eagerly: {e}", file=sys.stderr)
-                model = self.model()
-                self.runners[key] = lambda idx, c: model.step(idx, c)
+            except (TinyLLMError, OSError, RuntimeError) as e:  # RuntimeError: torch cannot load the library
+                why = str(e) if isinstance(e, TinyLLMError) else (
+                    f"the compiled decode step could not be loaded ({first_line(e)}); "
+                    f"--no-compile_decode skips trying")
+                print0(f"decoding eagerly: {why}", file=sys.stderr)
+                self.fell_back = True
+                self.runners[key] = lambda idx, c, model=self.model: model().step(idx, c)
         return self.runners[key]
 
     def load_or_compile(self, cache: KVCache) -> Step:
@@ -396,7 +400,7 @@ class StoredStep:
         start = time.perf_counter()
         try:
             problem = self.problem(json.loads(self.record.read_text()))
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # AttributeError: not a dict
             problem = f"has an unreadable record ({first_line(e)})"
         runner = None
         if not problem:
@@ -406,7 +410,7 @@ class StoredStep:
                 problem = f"does not load ({first_line(e)})"
         if problem:
             print0(f"decode step store: {self.library} {problem}; compiling it again", file=sys.stderr)
-            self.remove()
+            self.remove(temps=False)  # a compile in progress (under the lock) owns those
             return None
         with contextlib.suppress(OSError):
             os.utime(self.record)  # used now
@@ -458,8 +462,8 @@ class StoredStep:
         evict(self.store, self.key)
         return load_library(self.library)
 
-    def remove(self) -> None:
-        for path in (self.record, self.library, self.temp, self.temp_library):
+    def remove(self, temps: bool = True) -> None:
+        for path in (self.record, self.library, *((self.temp, self.temp_library) if temps else ())):
             with contextlib.suppress(OSError):
                 path.unlink()
 

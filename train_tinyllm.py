@@ -2524,14 +2524,19 @@ def eager_decode_dtype(model: GPT, cache_dir: str) -> torch.dtype:
     """fp32 or bf16, whichever decodes this model's shape faster eagerly on this CPU: measured once
     per CPU, thread count and shape on a model of that shape (steps of the two interleaved, the
     best of each), then read from cache_dir, as the CPU's peak is."""
-    shape = f"{model.num_params()} parameters|{model.cfg.n_layer}x{model.cfg.n_embd}|vocab {model.vocab_size}"
+    arch = {key: getattr(model.cfg, key) for key in ARCH_KEYS}
+    shape = (f"{model.num_params()} parameters|{model.cfg.n_layer}x{model.cfg.n_embd}|"
+             f"vocab {model.vocab_size}|"
+             f"{sha256_hex(json.dumps(arch, sort_keys=True, default=str))[:16]}")
     key = f"{cpu_name()}|threads={torch.get_num_threads()}|{shape}"
     path = Path(cache_dir) / "decode_dtype.json"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if key not in known:
+    if not isinstance(known, dict):
+        known = {}
+    if known.get(key) not in ("float32", "bfloat16"):  # not measured yet, or a damaged file
         known[key] = "bfloat16" if faster_in_bf16(model) else "float32"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -3913,6 +3918,8 @@ def decode_benchmark(model: GPT, cfg: Config, device: torch.device, tok: TextTok
         start = time.perf_counter()
         generate(sampler, prompt, dataclasses.replace(settings, max_new_tokens=2))  # warm-up; compiles
         result[f"decode_warmup_s_{quantize}"] = time.perf_counter() - start
+        result[f"decode_compiled_{quantize}"] = compiled and not getattr(  # the compile may have fallen back
+            decode_step(sampler, compiled), "fell_back", False)
         seconds = median_seconds(lambda m=sampler: generate(m, prompt, settings), 3, device)
         result[f"decode_tokens_per_s_{quantize}"] = cfg.max_new_tokens / seconds
         result[f"decode_dtype_{quantize}"] = str(sampler.wte.weight.dtype).removeprefix("torch.")
@@ -3998,8 +4005,9 @@ def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model
             *[(f"decode tokens/s, {cfg.max_new_tokens} new, KV cache, "
                f"{r[f'decode_dtype_{q}'] if q == 'none' else q} weights",
                f"{r[f'decode_tokens_per_s_{q}']:,.0f}" + (
-                   f" (compiled in {r[f'decode_warmup_s_{q}']:.1f} s; --generate_only keeps it)"
-                   if r["decode_compiled"] else " (eager)"))
+                   f" (compiled in {r[f'decode_warmup_s_{q}']:.1f} s"
+                   f"{'; --generate_only keeps it' if device.type == 'cpu' else ''})"
+                   if r[f"decode_compiled_{q}"] else " (eager)"))
               for q in QUANTIZERS if f"decode_tokens_per_s_{q}" in r],
             (f"decode tokens/s, {cfg.max_new_tokens} new, no cache",
              f"{r['decode_tokens_per_s_no_cache']:,.0f}"),

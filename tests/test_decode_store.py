@@ -136,6 +136,36 @@ def test_a_damaged_or_foreign_entry_is_compiled_again_not_trusted(fake_aot, tmp_
     assert fake_aot["compiles"] == 2
 
 
+def test_a_record_that_is_not_an_object_is_compiled_again(fake_aot, tmp_path, capsys):
+    store = tl.StepStore(tmp_path, 10_000)
+    prepare(tiny(), store)
+    next(store.folder.glob("*.json")).write_text("[1, 2]")
+    prepare(tiny(), store)
+    assert "has an unreadable record" in capsys.readouterr().err and fake_aot["compiles"] == 2
+
+
+def test_a_library_torch_cannot_load_decodes_eagerly_with_one_line(fake_aot, monkeypatch, tmp_path, capsys):
+    def refuse(path):
+        raise RuntimeError("Failed to dlopen step.so: failed to map segment from shared object\nmore")
+    monkeypatch.setattr(ts, "load_library", refuse)
+    model = tiny()
+    frozen = ts.FrozenStep(model, tl.StepStore(tmp_path, 10_000))
+    idx = torch.tensor([[3]])
+    with torch.no_grad():
+        logits = frozen(idx, model.new_cache(1, CPU, torch.float32))
+        eager = model.step(idx, model.new_cache(1, CPU, torch.float32))
+    assert torch.equal(logits, eager) and frozen.fell_back
+    err = capsys.readouterr().err
+    assert "decoding eagerly: the compiled decode step could not be loaded (Failed to dlopen step.so: " \
+           "failed to map segment from shared object); --no-compile_decode skips trying" in err
+
+
+def test_a_damaged_decode_dtype_file_is_measured_again(tmp_path):
+    (tmp_path / "decode_dtype.json").write_text('["not", "a", "table"]')
+    assert tl.eager_decode_dtype(tiny(), str(tmp_path)) in (torch.float32, torch.bfloat16)
+    assert isinstance(json.loads((tmp_path / "decode_dtype.json").read_text()), dict)
+
+
 def test_the_store_stays_within_its_bound_least_recently_used_first(fake_aot, tmp_path, capsys):
     store = tl.StepStore(tmp_path, 2_500)  # room for two
     models = [tiny(seed) for seed in range(4)]
