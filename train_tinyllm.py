@@ -2529,21 +2529,10 @@ def eager_decode_dtype(model: GPT, cache_dir: str) -> torch.dtype:
              f"vocab {model.vocab_size}|"
              f"{sha256_hex(json.dumps(arch, sort_keys=True, default=str))[:16]}")
     key = f"{cpu_name()}|threads={torch.get_num_threads()}|{shape}"
-    path = Path(cache_dir) / "decode_dtype.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
-    if known.get(key) not in ("float32", "bfloat16"):  # not measured yet, or a damaged file
-        known[key] = "bfloat16" if faster_in_bf16(model) else "float32"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps(known, indent=1))
-        except OSError:
-            pass  # a read-only cache only costs a measurement next time
-    return getattr(torch, known[key])
+    name = measured_once(Path(cache_dir) / "decode_dtype.json", key,
+                         lambda: "bfloat16" if faster_in_bf16(model) else "float32",
+                         lambda value: value in ("float32", "bfloat16"))
+    return getattr(torch, name)
 
 
 @torch.no_grad()
@@ -2843,18 +2832,27 @@ def cpu_peak_flops(dtype: torch.dtype, cache_dir: str, again: bool = False) -> f
     """Measured once per CPU model, thread count and dtype, then read from cache_dir; `again`
     measures anew and replaces the cached figure (one taken while the machine was busy)."""
     key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|best-of-trials"
-    path = Path(cache_dir) / "peak_flops.json"
+    return measured_once(Path(cache_dir) / "peak_flops.json", key, lambda: measure_matmul_flops(dtype),
+                         lambda value: isinstance(value, (int, float)), again)
+
+
+def measured_once(path: Path, key: str, measure: Callable[[], Any], valid: Callable[[Any], bool],
+                  again: bool = False) -> Any:
+    """The figure `key` of the JSON table at `path`, measured and written there (atomically) when
+    it is missing, not `valid` (a damaged file) or asked for `again`."""
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if key not in known or again:
-        known[key] = measure_matmul_flops(dtype)
+    if not isinstance(known, dict):
+        known = {}
+    if again or not valid(known.get(key)):
+        known[key] = measure()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps(known, indent=1))
         except OSError:
-            pass  # a read-only cache only costs a re-measurement next time
+            pass  # a read-only cache only costs a measurement next time
     return known[key]
 
 
