@@ -167,6 +167,8 @@ OPTIMIZERS = Registry("--optimizer")  # (model, config, device) -> optimizers
 QUANTIZERS = Registry("--quantize", {"none": lambda model: model, "int8": Elsewhere("tinyllm_serve")})
 
 
+TASK_FORMATS = Registry("--task_format", dict.fromkeys(  # benchmark layouts, each a TaskFormat
+    ("hellaswag", "arc", "piqa", "winogrande", "mmlu", "plain", "lambada"), Elsewhere("tinyllm_evals")))
 EXPORTERS = Registry("--export", dict.fromkeys(  # formats, each an Exporter (its file, its writer)
     ("hf", "safetensors", "onnx", "torchscript", "tiktoken", "gguf"), Elsewhere("tinyllm_hub")))
 
@@ -447,9 +449,21 @@ class Config:
                               "a KV cache of block_size positions.", "generation")
     # evaluation, metrics and export
     eval_only: bool = opt(False, "Report loss, perplexity, bits per byte and next-token accuracy of "
-                                 "a checkpoint (on --eval_data, else the run's val split); no "
-                                 "training.", "evaluation, metrics and export")
+                                 "a checkpoint (on --eval_data, else the run's val split), or with "
+                                 "--eval_tasks its benchmark scores (and the loss too where "
+                                 "--eval_data is given); no training.", "evaluation, metrics and export")
     eval_data: str = opt("", "UTF-8 text file for --eval_only.", "evaluation, metrics and export")
+    eval_tasks: str = opt("", "Benchmarks, scored as lm-evaluation-harness scores its stock tasks: "
+                              "task files (JSON Lines or Parquet in a dataset's layout: HellaSwag, "
+                              "ARC, PIQA, Winogrande, LAMBADA, MMLU, or context/choices/gold), "
+                              "folders and globs, comma-separated; with --eval_only, and at each "
+                              "evaluation in training (metrics.jsonl, the eval line, loss.png).",
+                          "evaluation, metrics and export")
+    task_format: str = opt("auto", "The layout of the --eval_tasks files: auto finds it from the "
+                                   "first record's fields.", "evaluation, metrics and export",
+                           ("auto", TASK_FORMATS))
+    eval_tasks_limit: int = opt(0, "Score only the first N items of each --eval_tasks file (0: all).",
+                                "evaluation, metrics and export")
     benchmark: bool = opt(False, "Time the configured model here (training tokens/s and MFU, peak "
                                  "memory, generation tokens/s with and without the KV cache); "
                                  "writes nothing.", "evaluation, metrics and export")
@@ -481,7 +495,8 @@ class Config:
 RUN_KEYS = ("device", "resume", "allow_data_change", "overwrite", "generate_only", "chat", "ckpt",
             "clear_decode_cache",
             "stop_at_step", "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir",
-            "gguf_type", "serve", "host", "port", "api_key", "serve_batch")
+            "gguf_type", "serve", "host", "port", "api_key", "serve_batch", "eval_tasks", "task_format",
+            "eval_tasks_limit")
 
 
 SERVE_KEYS = ("host", "port", "api_key", "serve_batch")  # settings of --serve alone
@@ -853,6 +868,15 @@ class KVCache:
         view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
         view.pos_t, view.row_ids = self.pos_t[start:stop], self.row_ids[:stop - start]
         return view
+
+    def copy_rows(self, index: torch.Tensor, pos: torch.Tensor) -> KVCache:
+        """A new cache of the rows `index` (B2,) (a row may come several times), each at its
+        position in `pos` (B2,): every copy goes on from its row's text on its own (a benchmark's
+        choices after their shared context)."""
+        out = copy.copy(self)
+        out.k, out.v = [k[index] for k in self.k], [v[index] for v in self.v]
+        out.pos_t, out.row_ids = pos.clone(), torch.arange(len(index), device=index.device).view(-1, 1, 1)
+        return out
 
     def seek(self, pos: int) -> None:
         """Go to `pos`: what follows is written from there (and what was there is forgotten)."""
@@ -3625,11 +3649,26 @@ def evaluate(run: Run) -> tuple[Best | None, str]:
         candidates["ema"] = (record["ema_val_loss"], run.ema.model)
     which = min(candidates, key=lambda k: candidates[k][0])
     val, source = candidates[which]
+    tasks = task_scores(run) if run.cfg.eval_tasks else {}
+    record.update({f"{task}/{metric}": value for task, scores in tasks.items()
+                   for metric, value in scores.items() if metric in TASK_METRICS})
     run.metrics.record(record)
     ema = f" | ema val loss {record['ema_val_loss']:.4f}" if run.ema is not None else ""
+    benchmarks = "".join(f" | {task} {metric} {100 * scores[metric]:.1f}%" for task, scores in tasks.items()
+                         for metric in ("acc_norm" if "acc_norm" in scores else "acc",))
     report = (f"eval step {run.state.step}: train loss {losses['train']:.4f} | val loss "
-              f"{losses['val']:.4f} | val bpb {record['val_bpb']:.3f}{ema}")
+              f"{losses['val']:.4f} | val bpb {record['val_bpb']:.3f}{ema}{benchmarks}")
     return (Best(val, saved_weights(source), which) if val < run.state.best_val else None), report
+
+
+TASK_METRICS = ("acc", "acc_norm", "perplexity")  # what metrics.jsonl and loss.png keep of each task
+
+
+def task_scores(run: Run) -> dict[str, dict[str, float]]:
+    """The --eval_tasks on the live weights (the first --eval_tasks_limit items of each)."""
+    return sibling("tinyllm_evals", "--eval_tasks").evaluate_tasks(
+        run.model, run.tok, run.cfg.eval_tasks, run.cfg.task_format, run.cfg.eval_tasks_limit, run.device,
+        run.dtype, say=False)
 
 
 def save_checkpoints(run: Run, best: Best | None = None) -> set[str]:
@@ -3793,9 +3832,31 @@ def generate_from_checkpoint(r: Resolved) -> None:
     print_samples(use.model, use.tok, use.cfg, use.device, start_ids=use.start_ids, frozen=True)
 
 
-def evaluate_checkpoint(r: Resolved) -> dict[str, float]:
-    """--eval_only: loss, perplexity, bits per byte and accuracy of a checkpoint."""
+def evaluate_checkpoint(r: Resolved) -> dict[str, Any]:
+    """--eval_only: the benchmarks of --eval_tasks, and loss, perplexity, bits per byte and
+    accuracy of a checkpoint (on --eval_data; without --eval_tasks, else on the val split)."""
     use = load_for_use(r)
+    if use.cfg.eval_tasks:
+        scores = {"tasks": score_checkpoint_tasks(use)}
+        if not use.cfg.eval_data:
+            return scores
+        return {**scores, **loss_of_checkpoint(use)}
+    return loss_of_checkpoint(use)
+
+
+def score_checkpoint_tasks(use: Loaded) -> dict[str, dict[str, float]]:
+    """The --eval_tasks of a checkpoint, with the model in the sampling dtype for batched work
+    (bf16 where the device has it natively) and quantized as --quantize asks."""
+    model = sampling_copy(use.model, use.cfg, use.device, compiled=True)
+    weights = use.cfg.quantize if use.cfg.quantize != "none" else \
+        str(model.wte.weight.dtype).removeprefix("torch.")
+    print0(f"benchmarks of {use.path} (step {use.step}, {weights} weights):")
+    return sibling("tinyllm_evals", "--eval_tasks").evaluate_tasks(
+        model, use.tok, use.cfg.eval_tasks, use.cfg.task_format, use.cfg.eval_tasks_limit, use.device,
+        pick_dtype(use.cfg, use.device))
+
+
+def loss_of_checkpoint(use: Loaded) -> dict[str, float]:
     tokens, per_byte, name, mask = eval_tokens_for(use)
     if len(tokens) < use.cfg.block_size + 1:
         raise TinyLLMError(f"{name} has {len(tokens)} tokens; --eval_only needs at least block_size "
@@ -4024,7 +4085,8 @@ def plot_run(r: Resolved) -> None:
 
 
 def plot_metrics(out: Path) -> Path:
-    """out_dir/loss.png: training loss at each log step, val (and EMA val) loss at each eval."""
+    """out_dir/loss.png: training loss at each log step, val (and EMA val) loss at each eval, and
+    the --eval_tasks accuracies at each eval."""
     require("matplotlib", "--plot").use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
     records = read_metrics(out)
@@ -4037,7 +4099,15 @@ def plot_metrics(out: Path) -> Path:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(out.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    scores = sorted({k for r in records for k in r if k.endswith(("/acc", "/acc_norm"))})
+    if scores:  # --eval_tasks: accuracies on their own axis, dashed
+        right = ax.twinx()
+        for key in scores:
+            points = [(r["step"], 100 * r[key]) for r in records if r.get(key) is not None]
+            right.plot(*zip(*points), label=key, linestyle="--", marker="s", markersize=3)
+        right.set_ylabel("benchmark accuracy (%)")
+        right.legend(loc="upper right")
     fig.tight_layout()
     atomic_write(out / "loss.png", lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
@@ -4280,6 +4350,8 @@ def run_checks(cfg: Config) -> list[Check]:
         (len(modes_asked(cfg)) > 1, f"{', '.join(flags[:-1])} and {flags[-1]} are separate modes; give one"),
         (not 0 <= cfg.port <= 65535, f"--port {cfg.port} is no port; give 1-65535, or 0 for a free one"),
         (cfg.serve_batch < 1, f"--serve_batch {cfg.serve_batch} must be at least 1"),
+        (cfg.eval_tasks_limit < 0,
+         f"--eval_tasks_limit {cfg.eval_tasks_limit} must be 0 (every item) or more"),
         (not is_valid_device(cfg.device),
          f"--device {cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"),
     ]
@@ -4375,6 +4447,11 @@ def check_entries(cfg: Config, mode: str, explicit: dict[str, Any]) -> Config:
                        f"{f.default} instead", file=sys.stderr)
                 cfg = dataclasses.replace(cfg, **{name: f.default})
     kinds = check_readers(cfg, MODES[mode].reads)
+    if cfg.eval_tasks:
+        if mode not in ("train", "eval"):
+            raise TinyLLMError(f"--eval_tasks is for --eval_only and training; --{MODES[mode].flag} does not "
+                               f"score benchmarks")
+        sibling("tinyllm_evals", "--eval_tasks").task_files(cfg.eval_tasks)  # each file there before any work
     if "chat_template" in explicit and MODES[mode].reads == CORPUS_FLAGS and kinds <= {"text"}:  # no records
         corpus = cfg.data_path or "(the default corpus)"
         raise TinyLLMError(f"--chat_template is for conversations, but --data_path {corpus} holds plain "

@@ -15,6 +15,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tinyllm_data as td  # noqa: E402, F401  (tests import them from here: the card and its siblings)
+import tinyllm_evals as te  # noqa: E402, F401
 import tinyllm_hub as th  # noqa: E402, F401
 import tinyllm_serve as ts  # noqa: E402, F401
 import train_tinyllm as tl  # noqa: E402, F401

@@ -18,6 +18,7 @@ REGISTRY_FIELDS = {
     "optimizer": (tl.OPTIMIZERS, ()),
     "export": (tl.EXPORTERS, ("none",)),
     "quantize": (tl.QUANTIZERS, ()),
+    "task_format": (tl.TASK_FORMATS, ("auto",)),
 }
 
 
