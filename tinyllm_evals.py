@@ -392,8 +392,9 @@ def score_batch(model: GPT, batch: list[Group], lls: list[float], greedy: list[b
     with autocast(device, dtype):
         x = model.trunk(ids, cache)  # (B, P, C); padding sits after each row's end, unseen
         last = x[torch.arange(len(batch), device=device), lengths - 1]  # (B, C)
-        first = F.log_softmax(model.lm_head(model.norm_f(last)).float(), -1)  # (B, V)
-    rows = [(b, j) for b, g in enumerate(batch) for j in range(len(g.continuations))]
+        first = F.log_softmax(model.lm_head(model.norm_f(last)).float(), -1)  # (B, V): one row per context
+    rows = sorted(((b, j) for b, g in enumerate(batch) for j in range(len(g.continuations))),
+                  key=lambda bj: -len(batch[bj[0]].continuations[bj[1]]))  # runs of rows pad little
     conts = [batch[b].continuations[j] for b, j in rows]
     where = [batch[b].where[j] for b, j in rows]
     row_of = torch.tensor([b for b, _ in rows], device=device)
@@ -410,12 +411,17 @@ def score_batch(model: GPT, batch: list[Group], lls: list[float], greedy: list[b
     for lo, hi in row_chunks(prefixes, [len(c) - 1 for c in conts], model.cfg.block_size, model.vocab_size):
         inp = padded([c[:-1] for c in conts[lo:hi]], device)  # (R, rest)
         targets = padded([c[1:] for c in conts[lo:hi]], device, fill=-1)
+        counted = targets >= 0  # (R, rest): padding has no target
         with autocast(device, dtype):
-            logp = F.log_softmax(model.lm_head(model.norm_f(model.trunk(inp, more.rows(lo, hi)))).float(), -1)
-        counted = targets >= 0
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (R, rest)
-        sums = (picked * counted).sum(-1)
-        best = ((logp.argmax(-1) == targets) | ~counted).all(-1)
+            hidden = model.trunk(inp, more.rows(lo, hi))[counted]  # (N, C): the positions that count
+            logits = model.lm_head(model.norm_f(hidden)).float()  # (N, V)
+        wanted = targets[counted]
+        # log-softmax at the targets alone: their logits less the log of each position's total
+        picked = logits.gather(-1, wanted.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        row = counted.nonzero()[:, 0]  # each position's row
+        sums = torch.zeros(hi - lo, device=device).index_add_(0, row, picked)
+        missed = torch.zeros(hi - lo, device=device).index_add_(0, row, (logits.argmax(-1) != wanted).float())
+        best = missed == 0
         for r in range(hi - lo):
             lls[where[lo + r]] += sums[r].item()
             greedy[where[lo + r]] &= bool(best[r])

@@ -982,12 +982,13 @@ class Engine:
 
 # ---- Requests: OpenAI's fields, checked, to prompts and sampling settings ------------------
 
-# fields accepted only at the value that changes nothing: this server has no logprobs, tools,
-# penalties other than repetition_penalty, or structured output
+# fields accepted only at the value that changes nothing: this server has no tools, penalties
+# other than repetition_penalty, or structured output
 NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
-           "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
-           "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+           "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
            "response_format": ({"type": "text"},)}
+OWN_FIELDS = {False: ("prompt", "logprobs", "echo"), True: ("messages", "logprobs", "top_logprobs")}
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for
 
 
 IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")  # no effect on the text
@@ -1020,19 +1021,82 @@ def check_fields(body: dict[str, Any], own: tuple[str, ...]) -> None:
             raise ApiError(400, f"'{name}' is not supported by this server; leave it out", param=name)
 
 
-def sampling_of(body: dict[str, Any], cfg: Config) -> SampleSettings:
+def sampling_of(body: dict[str, Any], cfg: Config, zero_ok: bool = False) -> SampleSettings:
     """The request's sampling settings; what it leaves out comes from the server's settings.
     max_tokens has no cap of its own: the context is the cap (a reply that reaches its end stops
-    there, finish_reason "length"), and --max_new_tokens only the default."""
-    asked = api_value(body, "max_completion_tokens", int, None, lambda v: v >= 1, "an integer of at least 1")
-    asked = api_value(body, "max_tokens", int, asked, lambda v: v >= 1, "an integer of at least 1")
+    there, finish_reason "length"), and --max_new_tokens only the default; 0 (`zero_ok`: a
+    completion that echoes its prompt's log-probabilities) generates nothing."""
+    least = 0 if zero_ok else 1
+    need = f"an integer of at least {least}"
+    asked = api_value(body, "max_completion_tokens", int, None, lambda v: v >= least, need)
+    asked = api_value(body, "max_tokens", int, asked, lambda v: v >= least, need)
     return SampleSettings(
-        asked or cfg.max_new_tokens,
+        cfg.max_new_tokens if asked is None else asked,
         api_value(body, "temperature", float, cfg.temperature, lambda v: 0 <= v <= 2, "a number in [0, 2]"),
         api_value(body, "top_k", int, cfg.top_k, lambda v: v >= 0, "an integer of at least 0"),
         api_value(body, "top_p", float, cfg.top_p, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         api_value(body, "repetition_penalty", float, cfg.repetition_penalty, lambda v: 0.01 <= v <= 100,
                   "a number in [0.01, 100]"))
+
+
+def logprobs_asked(body: dict[str, Any], chat: bool) -> tuple[int | None, bool]:
+    """How many alternatives per token the request wants beside each token's log-probability
+    (None: no log-probabilities), and whether the prompt's own come first (completions' echo)."""
+    most = f"an integer from 0 to {MAX_LOGPROBS}"
+    if chat:
+        wanted = api_value(body, "logprobs", bool, False)
+        top = api_value(body, "top_logprobs", int, 0, lambda v: 0 <= v <= MAX_LOGPROBS, most)
+        if top and not wanted:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return (top if wanted else None), False
+    top = None if body.get("logprobs") is False else \
+        api_value(body, "logprobs", int, None, lambda v: 0 <= v <= MAX_LOGPROBS, most)
+    return top, api_value(body, "echo", bool, False)
+
+
+@torch.no_grad()
+def scored_tokens(model: GPT, ids: list[int], first: int, top: int, device: torch.device
+                  ) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
+    """(token, its log-probability after the tokens before it, the `top` likeliest tokens there
+    and theirs) for ids[first:], by the plain forward pass over all of them; the very first
+    token of a text has none (None)."""
+    out = []
+    if len(ids) > 1 and first < len(ids):
+        logits = model(torch.tensor([ids[:-1]], device=device))[0][0]
+        logp = torch.log_softmax(logits.float(), -1)  # (T - 1, V)
+    for t in range(first, len(ids)):
+        if t == 0:
+            out.append((ids[0], None, []))
+            continue
+        best = logp[t - 1].topk(top) if top else None
+        alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+        out.append((ids[t], logp[t - 1, ids[t]].item(), alternatives))
+    return out
+
+
+def completion_logprobs(tok: TextTokenizer, scored: list[tuple[int, float | None, list[tuple[int, float]]]]
+                        ) -> dict[str, Any]:
+    """/v1/completions' logprobs object: tokens, their log-probabilities, the top alternatives of
+    each (null where there are none: the text's first token) and where each token starts in the
+    text (its pieces' lengths added up: a token that is part of a character counts its own)."""
+    tokens = [tok.decode([i]) for i, _, _ in scored]
+    offsets = [0]
+    for piece in tokens[:-1]:
+        offsets.append(offsets[-1] + len(piece))
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in scored],
+            "top_logprobs": [None if lp is None else {tok.decode([a]): v for a, v in alts}
+                             for _, lp, alts in scored],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tok: TextTokenizer, scored: list[tuple[int, float | None, list[tuple[int, float]]]]
+                  ) -> dict[str, Any]:
+    """Chat's logprobs object: each reply token with its log-probability, bytes and top alternatives."""
+    def entry(i: int, lp: float) -> dict[str, Any]:
+        text = tok.decode([i])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode(errors="replace"))}
+    return {"content": [{**entry(i, lp), "top_logprobs": [entry(a, v) for a, v in alts]}
+                        for i, lp, alts in scored], "refusal": None}
 
 
 def stops_of(body: dict[str, Any]) -> list[str]:
@@ -1297,7 +1361,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def complete(self, body: dict[str, Any], chat: bool) -> None:
         """Check the request, queue its choices, then stream or return what the engine sends."""
         s = self.served
-        check_fields(body, ("messages",) if chat else ("prompt",))
+        check_fields(body, OWN_FIELDS[chat])
         model = api_value(body, "model", str, s.model_id)
         if model != s.model_id:
             raise ApiError(404, f"the model '{model}' does not exist; this server has '{s.model_id}'",
@@ -1305,7 +1369,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         stream = api_value(body, "stream", bool, False)
         options = api_value(body, "stream_options", dict, {})
         usage_chunk = api_value(options, "include_usage", bool, False)
-        settings = sampling_of(body, s.cfg)
+        top, echo = logprobs_asked(body, chat)
+        if stream and (top is not None or echo):
+            raise ApiError(400, "log-probabilities and echo come with whole responses; leave out 'stream'",
+                           param="stream")
+        settings = sampling_of(body, s.cfg, zero_ok=not chat)
         n = api_value(body, "n", int, 1, lambda v: 1 <= v <= MAX_CHOICES,
                       f"an integer from 1 to {MAX_CHOICES}")
         seed = api_value(body, "seed", int, None, lambda v: -2 ** 63 <= v < 2 ** 64, "an integer of 64 bits")
@@ -1330,15 +1398,38 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         with s.lock:  # counted first: a shutdown in between still waits for this reply
             s.active += 1
         try:
-            s.engine.submit(choices)
+            if settings.max_new_tokens:
+                s.engine.submit(choices)
+            else:  # nothing to generate (the prompt's scores alone): done at once
+                for c in choices:
+                    events.put((c.index, "", "length", 0))
             if stream:
                 self.stream(reply, events, cancelled, usage_chunk)
-            else:
-                self.send_json(200, reply.whole(self.collect(events, cancelled, len(choices))))
+                return
+            answer = reply.whole(self.collect(events, cancelled, len(choices)))
+            if top is not None or echo:
+                self.add_logprobs(answer, choices, top, echo, chat)
+            self.send_json(200, answer)
         finally:
             cancelled.set()  # whatever ended this request, its rows are freed
             with s.lock:
                 s.active -= 1
+
+    def add_logprobs(self, answer: dict[str, Any], choices: list[Completion], top: int | None, echo: bool,
+                     chat: bool) -> None:
+        """Each choice's log-probabilities (and, echoed, its prompt's text and scores first), from
+        one plain forward pass over prompt and reply with the weights that generated it."""
+        engine = self.served.engine
+        for out, c in zip(answer["choices"], choices):
+            scored = scored_tokens(engine.model, c.prompt + c.ids, 0 if echo else len(c.prompt), top or 0,
+                                   engine.device)
+            if chat:
+                out["logprobs"] = chat_logprobs(engine.tok, scored)
+                continue
+            if echo:
+                out["text"] = engine.tok.decode(c.prompt) + out["text"]
+            if top is not None:
+                out["logprobs"] = completion_logprobs(engine.tok, scored)
 
     def collect(self, events: queue.SimpleQueue[tuple[int, str, str | None, int]], cancelled: threading.Event,
                 count: int) -> Iterator[tuple[int, str, str | None, int]]:

@@ -3848,6 +3848,7 @@ def score_checkpoint_tasks(use: Loaded) -> dict[str, dict[str, float]]:
     """The --eval_tasks of a checkpoint, with the model in the sampling dtype for batched work
     (bf16 where the device has it natively) and quantized as --quantize asks."""
     model = sampling_copy(use.model, use.cfg, use.device, compiled=True)
+    keep_freed_memory(use.cfg, use.device)  # every batch allocates its activations anew, as a training step
     weights = use.cfg.quantize if use.cfg.quantize != "none" else \
         str(model.wte.weight.dtype).removeprefix("torch.")
     print0(f"benchmarks of {use.path} (step {use.step}, {weights} weights):")

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.request import urlopen
 
 import pytest
+import torch
 from conftest import TINY, client, make_corpus, oracle, raw, sharpen, td, tl, ts
 from conftest import serving as serve_run
 
@@ -158,6 +159,65 @@ def test_seed_n_and_stop_strings(models):
         assert "".join(c.choices[0].text for c in streamed) == cut
 
 
+def plain_logprobs(server, ids: list[int]) -> torch.Tensor:
+    """(T - 1, V) log-probabilities of each next token by the uncached forward pass (the oracle)."""
+    model = server.served.engine.model
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0].float(), -1)
+
+
+def test_completions_give_logprobs_of_the_reply_and_echo_the_prompts_own(models):
+    with serving(models / "text") as server:
+        tok = server.served.engine.tok
+        api = client(server)
+        done = api.completions.create(model="text", prompt="the cat", max_tokens=6, temperature=0,
+                                      logprobs=3)
+        prompt = tok.encode("the cat")
+        reply = tok.encode(done.choices[0].text)
+        lp = done.choices[0].logprobs
+        want = plain_logprobs(server, prompt + reply)
+        assert lp.tokens == [tok.decode([i]) for i in reply] and len(lp.top_logprobs) == len(reply)
+        for t, (value, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+            row = want[len(prompt) + t - 1]
+            assert value == pytest.approx(row[reply[t]].item(), abs=1e-4)
+            assert len(top) == 3 and max(top.values()) == pytest.approx(value, abs=1e-6)  # greedy: the top
+        echoed = api.completions.create(model="text", prompt="the cat sat", max_tokens=0, echo=True,
+                                        logprobs=1)
+        ids = tok.encode("the cat sat")
+        e = echoed.choices[0]
+        assert e.text == "the cat sat" and e.finish_reason == "length" and echoed.usage.completion_tokens == 0
+        assert e.logprobs.token_logprobs[0] is None and e.logprobs.top_logprobs[0] is None
+        want = plain_logprobs(server, ids)
+        assert e.logprobs.token_logprobs[1:] == pytest.approx([want[t - 1, ids[t]].item()
+                                                               for t in range(1, len(ids))], abs=1e-4)
+        assert e.logprobs.text_offset == [len(tok.decode(ids[:t])) for t in range(len(ids))]
+        plain = api.completions.create(model="text", prompt="the", max_tokens=3, temperature=0)
+        assert plain.choices[0].logprobs is None
+
+
+def test_chat_gives_logprobs_and_top_logprobs_of_the_reply(models):
+    with serving(models / "chat") as server:
+        tok = server.served.engine.tok
+        api = client(server)
+        done = api.chat.completions.create(model="chat", messages=[{"role": "user", "content": "cat dog"}],
+                                           max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+        _, prompt, new = chat_oracle(server, "cat dog", 8)
+        content = done.choices[0].logprobs.content
+        generated = [i for i in new if i not in tok.end_ids] or new
+        assert [c.token for c in content][:len(generated)] == [tok.decode([i]) for i in generated]
+        want = plain_logprobs(server, prompt + new)
+        for t, c in enumerate(content[:len(generated)]):
+            assert c.logprob == pytest.approx(want[len(prompt) + t - 1, new[t]].item(), abs=1e-4)
+            assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+            assert c.bytes == list(c.token.encode())
+        got, answer = raw(server, "POST", "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": "cat"}], "top_logprobs": 2}).encode())
+        assert got == 400 and answer["error"]["param"] == "top_logprobs"
+        got, answer = raw(server, "POST", "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": "cat"}], "max_tokens": 0}).encode())
+        assert got == 400 and answer["error"]["param"] == "max_tokens"
+
+
 def chat_body(*messages: dict) -> bytes:
     return json.dumps({"messages": list(messages)}).encode()
 
@@ -173,9 +233,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(models):
             ("POST", "/v1/completions", json.dumps({**good, "temperature": 3}).encode(), 400, "temperature"),
             ("POST", "/v1/completions", json.dumps({**good, "stream": "yes"}).encode(), 400, "stream"),
             ("POST", "/v1/completions", json.dumps({**good, "model": "gpt-4o"}).encode(), 404, "model"),
-            ("POST", "/v1/completions", json.dumps({**good, "max_tokens": 0}).encode(), 400, "max_tokens"),
+            ("POST", "/v1/completions", json.dumps({**good, "max_tokens": -1}).encode(), 400, "max_tokens"),
             ("POST", "/v1/completions", json.dumps({**good, "n": 17}).encode(), 400, "n"),
-            ("POST", "/v1/completions", json.dumps({**good, "logprobs": 3}).encode(), 400, "logprobs"),
+            ("POST", "/v1/completions", json.dumps({**good, "logprobs": 21}).encode(), 400, "logprobs"),
+            ("POST", "/v1/completions", json.dumps({**good, "echo": 1}).encode(), 400, "echo"),
+            ("POST", "/v1/completions", json.dumps({**good, "logprobs": 1, "stream": True}).encode(), 400,
+             "stream"),
             ("POST", "/v1/completions", json.dumps({**good, "colour": "red"}).encode(), 400, "colour"),
             ("POST", "/v1/completions", json.dumps({**good, "stop": ["a"] * 5}).encode(), 400, "stop"),
             ("POST", "/v1/completions", json.dumps({"prompt": long_prompt}).encode(), 400, "prompt"),
