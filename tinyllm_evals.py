@@ -373,9 +373,23 @@ def loglikelihoods(model: GPT, groups: list[Group], n: int, device: torch.device
     """Each request's log-likelihood (the sum over its continuation's tokens) and whether each of
     those tokens is the most likely one (greedy), in the requests' order."""
     lls, greedy = [0.0] * n, [True] * n
-    for batch in batches(groups):
+    rank, world = ranks()
+    for batch in batches(groups[rank::world]):  # under torchrun, each rank its share
         score_batch(model, batch, lls, greedy, device, dtype)
+    if world > 1:  # every rank gets every score: the others' are zeros here, and add up
+        import torch.distributed as dist
+        both = torch.tensor([lls, [float(not g) for g in greedy]], dtype=torch.float64, device=device)
+        dist.all_reduce(both)
+        lls, greedy = both[0].tolist(), [m == 0 for m in both[1].tolist()]
     return lls, greedy
+
+
+def ranks() -> tuple[int, int]:
+    """This process's rank and the number of processes, in a torchrun job's process group."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def score_batch(model: GPT, batch: list[Group], lls: list[float], greedy: list[bool],

@@ -3847,14 +3847,20 @@ def evaluate_checkpoint(r: Resolved) -> dict[str, Any]:
 def score_checkpoint_tasks(use: Loaded) -> dict[str, dict[str, float]]:
     """The --eval_tasks of a checkpoint, with the model in the sampling dtype for batched work
     (bf16 where the device has it natively) and quantized as --quantize asks."""
+    dist = init_distributed(use.cfg)  # under torchrun, the items are split over the ranks
     model = sampling_copy(use.model, use.cfg, use.device, compiled=True)
     keep_freed_memory(use.cfg, use.device)  # every batch allocates its activations anew, as a training step
     weights = use.cfg.quantize if use.cfg.quantize != "none" else \
         str(model.wte.weight.dtype).removeprefix("torch.")
-    print0(f"benchmarks of {use.path} (step {use.step}, {weights} weights):")
-    return sibling("tinyllm_evals", "--eval_tasks").evaluate_tasks(
-        model, use.tok, use.cfg.eval_tasks, use.cfg.task_format, use.cfg.eval_tasks_limit, use.device,
-        pick_dtype(use.cfg, use.device))
+    ranks = f", {dist.world_size} processes" if dist.enabled else ""
+    print0(f"benchmarks of {use.path} (step {use.step}, {weights} weights{ranks}):")
+    try:
+        return sibling("tinyllm_evals", "--eval_tasks").evaluate_tasks(
+            model, use.tok, use.cfg.eval_tasks, use.cfg.task_format, use.cfg.eval_tasks_limit, use.device,
+            pick_dtype(use.cfg, use.device))
+    finally:
+        if dist.enabled:
+            torch.distributed.destroy_process_group()
 
 
 def loss_of_checkpoint(use: Loaded) -> dict[str, float]:

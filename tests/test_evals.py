@@ -4,6 +4,7 @@ and, where lm-eval is installed, agreeing with lm-eval itself on an --export hf 
 
 import json
 import math
+import os
 import random
 import string
 import subprocess
@@ -241,6 +242,8 @@ def test_eval_only_scores_task_files_and_folders_and_refuses_bad_input_in_one_li
         assert tl.main([*argv, "--eval_tasks", bad]) == 2
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1
+    assert tl.main([*argv, "--eval_tasks", str(tmp_path / "lambada.jsonl"), "--quantize", "int8"]) == 0
+    assert "int8 weights" in capsys.readouterr().out
     assert tl.main([*argv, "--eval_tasks", str(tasks), "--eval_tasks_limit", "-1"]) == 2
     assert tl.main(["--generate_only", "--out_dir", str(out), "--eval_tasks", str(tasks)]) == 2
     assert "--eval_tasks is for --eval_only and training" in capsys.readouterr().err
@@ -258,6 +261,24 @@ def test_training_scores_the_tasks_at_each_evaluation_into_metrics_and_the_eval_
         assert tl.plot_metrics(out).stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_under_torchrun_the_items_are_split_over_the_ranks_and_the_scores_are_one_process_s(tmp_path):
+    task = write_jsonl(tmp_path / "plain.jsonl", plain_records(random.Random(8), 40))
+    out = tiny_run(tmp_path)
+    argv = ["--eval_only", "--out_dir", str(out), "--device", "cpu", "--dtype", "float32",
+            "--eval_tasks", str(task)]
+    alone = subprocess.run([sys.executable, str(ROOT / "train_tinyllm.py"), *argv], capture_output=True,
+                           text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train_tinyllm.py"), *argv], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert alone.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stdout
+    def figures(text: str) -> str:
+        return text.split("):", 2)[-1].strip()  # the scores, after the task's name and its time
+    assert figures(two.stdout) == figures(alone.stdout) and "acc_norm" in figures(two.stdout)
+
+
 # ---- lm-evaluation-harness itself ------------------------------------------------------------
 
 LM_EVAL_TASKS = {  # our layout -> the lm-eval task it is scored against, pointed at the same file
@@ -269,11 +290,28 @@ LM_EVAL_TASKS = {  # our layout -> the lm-eval task it is scored against, pointe
 }
 
 
+def lm_eval_scores(lm_eval, yamls: Path, model: str, args: str, tasks: list[str], **kw) -> dict:
+    """lm-eval's own acc and acc_norm of `tasks` (in `yamls`, which include its stock tasks by
+    path: its index of every other task is not built), run in this process."""
+    from lm_eval.tasks import TaskManager
+    manager = TaskManager(include_path=str(yamls), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, device="cpu", bootstrap_iters=0,
+                                  log_samples=False, task_manager=manager, **kw)
+    return out["results"]
+
+
 @pytest.mark.slow
-def test_scores_agree_with_lm_evaluation_harness_on_an_hf_export(tmp_path):
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
+def test_lm_evaluation_harness_agrees_on_an_hf_export_and_through_serve(tmp_path, monkeypatch):
+    """Our scores against lm-eval's: its stock tasks pointed at the same files, on an --export hf
+    of the model (200 items of each layout), and its local-completions model through --serve
+    (the prompt's log-probabilities: echo, logprobs, max_tokens 1), float32 both."""
+    for name, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "HF_HOME": str(tmp_path / "hf_home")}.items():
+        monkeypatch.setenv(name, value)
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval[hf,api])")
+    from conftest import serving
     stock = Path(lm_eval.__file__).parent / "tasks"
-    out = tiny_run(tmp_path, "--n_embd", "48", "--block_size", "64", "--max_steps", "30",
+    out = tiny_run(tmp_path, "--n_embd", "48", "--block_size", "128", "--max_steps", "30",
                    "--dtype", "float32")
     hf = tmp_path / "hf"
     assert tl.main(["--export", "hf", "--out_dir", str(out), "--export_dir", str(hf)]) == 0
@@ -292,22 +330,28 @@ def test_scores_agree_with_lm_evaluation_harness_on_an_hf_export(tmp_path):
             LM_EVAL_TASKS[name].format(stock=stock) + f"\ntask: ours_{name}\ndataset_path: json\n"
             f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    validation: {tmp_path / name}.jsonl\n"
             f"training_split: null\nvalidation_split: validation\ntest_split: null\n")
-    ours = tl.main(["--eval_only", "--out_dir", str(out), "--device", "cpu", "--dtype", "float32",
-                    "--eval_tasks", ",".join(str(tmp_path / f"{n}.jsonl") for n in makers)])
-    assert ours == 0
     r = tl.resolve(["--eval_only", "--out_dir", str(out), "--device", "cpu", "--dtype", "float32",
                     "--eval_tasks", ",".join(str(tmp_path / f"{n}.jsonl") for n in makers)])
     scores = tl.evaluate_checkpoint(r)["tasks"]
-    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf_home")}
-    done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                           f"pretrained={hf},dtype=float32", "--tasks", ",".join(f"ours_{n}" for n in makers),
-                           "--include_path", str(yamls), "--device", "cpu", "--batch_size", "16",
-                           "--output_path", str(tmp_path / "lm_eval_out")],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    theirs = json.loads(next((tmp_path / "lm_eval_out").rglob("results*.json")).read_text())["results"]
-    for name in makers:
-        for metric in ("acc", "acc_norm") if name != "winogrande" else ("acc",):
-            ours_value, their_value = scores[name][metric], theirs[f"ours_{name}"][f"{metric},none"]
-            assert abs(ours_value - their_value) <= 0.005, (name, metric, ours_value, their_value)
+
+    def agree(theirs: dict, names: list[str]) -> None:
+        for name in names:
+            for metric in ("acc", "acc_norm") if name != "winogrande" else ("acc",):
+                ours_value, their_value = scores[name][metric], theirs[f"ours_{name}"][f"{metric},none"]
+                assert abs(ours_value - their_value) <= 0.005, (name, metric, ours_value, their_value)
+
+    theirs = lm_eval_scores(lm_eval, yamls, "hf", f"pretrained={hf},dtype=float32",
+                            [f"ours_{n}" for n in makers], batch_size=16)
+    agree(theirs, list(makers))
+    served = ["plain", "arc"]  # the prompt's scores through the API, as a hosted model is evaluated
+    r = tl.resolve(["--eval_only", "--out_dir", str(out), "--device", "cpu", "--dtype", "float32",
+                    "--eval_tasks", ",".join(str(tmp_path / f"{n}.jsonl") for n in served),
+                    "--eval_tasks_limit", "100"])
+    scores = tl.evaluate_checkpoint(r)["tasks"]
+    with serving(out, "--dtype", "float32", "--no-compile_decode") as server:
+        args = (f"base_url={server.url}/v1/completions,model={server.served.model_id},tokenizer={hf},"
+                f"tokenizer_backend=huggingface,tokenized_requests=True,max_length=128,num_concurrent=1,"
+                f"max_retries=1")
+        theirs = lm_eval_scores(lm_eval, yamls, "local-completions", args, [f"ours_{n}" for n in served],
+                                batch_size=8, limit=100)
+    agree(theirs, served)

@@ -92,6 +92,16 @@ def test_cli_lora_run_small_checkpoint_merged_everywhere(run_args, base_run, tmp
     assert tl.main(["--export", "safetensors", "--out_dir", str(tmp_path / "lora")]) == 0
     exported = th.load_safetensors(tmp_path / "lora" / "export-safetensors" / "model.safetensors")
     assert exported["config"]["lora_rank"] == 0 and not any("lora" in k for k in exported["model"])
+    # benchmarks score the merged weights: the adapters' checkpoint as its merged export
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"context": "the cat", "choices": [w, "a mat"], "gold": 0}) + "\n"
+                            for w in ("sat", "ran far", "and dog", "on a")))
+    merged_file = tmp_path / "lora" / "export-safetensors" / "model.safetensors"
+    scores = [tl.evaluate_checkpoint(tl.resolve(["--eval_only", "--out_dir", str(tmp_path / "lora"),
+                                                 "--eval_tasks", str(task), *ckpt]))["tasks"]["task"]
+              for ckpt in ([], ["--ckpt", str(merged_file)])]
+    assert {k: v for k, v in scores[0].items() if k != "seconds"} == \
+        {k: v for k, v in scores[1].items() if k != "seconds"}
     r = tl.resolve(["--generate_only", "--out_dir", str(tmp_path / "lora"), "--ckpt",
                     str(tmp_path / "lora" / "ckpt.pt")])
     merged = tl.load_for_use(r).model
