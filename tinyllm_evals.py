@@ -326,16 +326,19 @@ def encode_pair(tok: TextTokenizer, context: str, continuation: str, start: list
     return ctx, whole[len(ctx):]
 
 
-def request_groups(tok: TextTokenizer, items: list[Item], window: int, start: list[int]
-                   ) -> tuple[list[Group], int]:
+def request_groups(tok: TextTokenizer, items: list[Item], window: int, start: list[int],
+                   render: Callable[[str], str] | None = None) -> tuple[list[Group], int]:
     """The requests of every item, grouped by the tokens they follow, and their count. What
     does not fit the window is cut from the left as lm-eval cuts it: the last window + 1 tokens
-    of context and continuation, the model fed all but the last."""
+    of context and continuation, the model fed all but the last. `render` (--task_chat) makes
+    each context a conversation up to the reply, which the continuation starts."""
     groups: list[Group] = []
     n = 0
     for item in items:
         first = n  # an item's choices share their context's group; items never do
         for context, continuation in item.requests():
+            if render is not None:
+                context, continuation = render(context), continuation.lstrip(" ")
             ctx, cont = encode_pair(tok, context, continuation, start)
             cont = cont[-window:] or start  # lm-eval scores no more than a window either
             if len(ctx) + len(cont) > window + 1:
@@ -528,9 +531,10 @@ def tasks_for(spec: str, forced: str, tok: TextTokenizer, limit: int) -> list[Ta
 
 
 def evaluate_tasks(model: GPT, tok: TextTokenizer, spec: str, forced: str, limit: int, device: torch.device,
-                   dtype: torch.dtype, say: bool = True) -> dict[str, dict[str, float]]:
+                   dtype: torch.dtype, say: bool = True, render: Callable[[str], str] | None = None
+                   ) -> dict[str, dict[str, float]]:
     """Every task of --eval_tasks scored on the model: {task: {metric: value}}, each line printed
-    when `say`, with the records that could not be scored."""
+    when `say`, with the records that could not be scored; `render`: as conversations."""
     start_ids = [tok.eot_id] if tok.eot_id is not None else tok.start_ids()
     was_training = model.training
     model.eval()
@@ -538,7 +542,7 @@ def evaluate_tasks(model: GPT, tok: TextTokenizer, spec: str, forced: str, limit
     try:
         for task in tasks_for(spec, forced, tok, limit):
             start = time.perf_counter()
-            groups, n = request_groups(tok, task.items, model.cfg.block_size, start_ids)
+            groups, n = request_groups(tok, task.items, model.cfg.block_size, start_ids, render)
             lls, greedy = loglikelihoods(model, groups, n, device, dtype)
             results[task.name] = task_metrics(task, lls, greedy)
             results[task.name]["seconds"] = time.perf_counter() - start

@@ -464,6 +464,11 @@ class Config:
                            ("auto", TASK_FORMATS))
     eval_tasks_limit: int = opt(0, "Score only the first N items of each --eval_tasks file (0: all).",
                                 "evaluation, metrics and export")
+    task_chat: bool = opt(False, "Score --eval_tasks as conversations (a chat model only): each context "
+                                 "the user's message through the chat template, each choice the "
+                                 "start of the reply. By default a task is plain text, as "
+                                 "lm-evaluation-harness's stock tasks give it.",
+                          "evaluation, metrics and export")
     benchmark: bool = opt(False, "Time the configured model here (training tokens/s and MFU, peak "
                                  "memory, generation tokens/s with and without the KV cache); "
                                  "writes nothing.", "evaluation, metrics and export")
@@ -496,7 +501,7 @@ RUN_KEYS = ("device", "resume", "allow_data_change", "overwrite", "generate_only
             "clear_decode_cache",
             "stop_at_step", "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir",
             "gguf_type", "serve", "host", "port", "api_key", "serve_batch", "eval_tasks", "task_format",
-            "eval_tasks_limit")
+            "eval_tasks_limit", "task_chat")
 
 
 SERVE_KEYS = ("host", "port", "api_key", "serve_batch")  # settings of --serve alone
@@ -3341,6 +3346,7 @@ def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], d
     dtype = pick_dtype(cfg, device)
     peak = peak_flops(cfg, device, dtype)  # on a CPU: measured once, then read from the cache
     seed_everything(cfg.seed)
+    task_renderer(cfg, tok)  # --task_chat on a model with no chat template: refused before any step
     vocab_size = ckpt["vocab_size"] if ckpt else tok.vocab_size  # a source's may exceed its tokenizer's
     model = PRETRAINED[""].model(cfg, source, device, tok.vocab_size) if source else \
         GPT(cfg, vocab_size).to(device)
@@ -3668,7 +3674,20 @@ def task_scores(run: Run) -> dict[str, dict[str, float]]:
     """The --eval_tasks on the live weights (the first --eval_tasks_limit items of each)."""
     return sibling("tinyllm_evals", "--eval_tasks").evaluate_tasks(
         run.model, run.tok, run.cfg.eval_tasks, run.cfg.task_format, run.cfg.eval_tasks_limit, run.device,
-        run.dtype, say=False)
+        run.dtype, say=False, render=task_renderer(run.cfg, run.tok))
+
+
+def task_renderer(cfg: Config, tok: TextTokenizer) -> Callable[[str], str] | None:
+    """--task_chat: a task's context as the user's turn of a conversation, up to the reply."""
+    if not cfg.task_chat:
+        return None
+    template = chat_template_of(cfg, tok)
+    if not template:
+        raise TinyLLMError("--task_chat is for chat models, and this one has no chat template; leave it out "
+                           "(or train the model on conversations)")
+    render_chat = sibling("tinyllm_data", "--task_chat").render_chat
+    return lambda context: render_chat(template, [{"role": "user", "content": context}],
+                                       generation_prompt=True)
 
 
 def save_checkpoints(run: Run, best: Best | None = None) -> set[str]:
@@ -3847,6 +3866,7 @@ def evaluate_checkpoint(r: Resolved) -> dict[str, Any]:
 def score_checkpoint_tasks(use: Loaded) -> dict[str, dict[str, float]]:
     """The --eval_tasks of a checkpoint, with the model in the sampling dtype for batched work
     (bf16 where the device has it natively) and quantized as --quantize asks."""
+    render = task_renderer(use.cfg, use.tok)
     dist = init_distributed(use.cfg)  # under torchrun, the items are split over the ranks
     model = sampling_copy(use.model, use.cfg, use.device, compiled=True)
     keep_freed_memory(use.cfg, use.device)  # every batch allocates its activations anew, as a training step
@@ -3857,7 +3877,7 @@ def score_checkpoint_tasks(use: Loaded) -> dict[str, dict[str, float]]:
     try:
         return sibling("tinyllm_evals", "--eval_tasks").evaluate_tasks(
             model, use.tok, use.cfg.eval_tasks, use.cfg.task_format, use.cfg.eval_tasks_limit, use.device,
-            pick_dtype(use.cfg, use.device))
+            pick_dtype(use.cfg, use.device), render=render)
     finally:
         if dist.enabled:
             torch.distributed.destroy_process_group()
@@ -4454,6 +4474,9 @@ def check_entries(cfg: Config, mode: str, explicit: dict[str, Any]) -> Config:
                        f"{f.default} instead", file=sys.stderr)
                 cfg = dataclasses.replace(cfg, **{name: f.default})
     kinds = check_readers(cfg, MODES[mode].reads)
+    if not cfg.eval_tasks and (cfg.task_chat or cfg.eval_tasks_limit or cfg.task_format != "auto"):
+        raise TinyLLMError("--task_chat, --task_format and --eval_tasks_limit go with --eval_tasks; give the "
+                           "task files, or leave them out")
     if cfg.eval_tasks:
         if mode not in ("train", "eval"):
             raise TinyLLMError(f"--eval_tasks is for --eval_only and training; --{MODES[mode].flag} does not "

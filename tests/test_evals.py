@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, te, tl
+from conftest import TINY, td, te, tl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat and dog ran far away then came back home to eat".split()
@@ -194,6 +194,22 @@ def test_encode_pair_moves_the_contexts_trailing_space_and_an_empty_context_star
     assert te.encode_pair(tok, "", " sat", [99]) == ([99], tok.encode(" sat"))
 
 
+def test_task_chat_makes_each_context_the_users_turn_and_each_choice_the_reply():
+    tok = char_tok()
+    tok.hf.add_special_tokens(list(tl.CHATML_TOKENS))
+    tok = tl.TextTokenizer(tok.hf)
+    item = te.plain({"context": "the cat", "choices": ["sat", "ran"], "gold": 0})
+    render = tl.task_renderer(tl.build_config({"task_chat": True}), tok)
+    groups, n = te.request_groups(tok, [item], 256, [tok.eot_id], render)
+    turn = td.render_chat(tl.CHATML, [{"role": "user", "content": "the cat"}], generation_prompt=True)
+    # the reply follows the assistant header; its newline moves to the continuation, by lm-eval's rule
+    assert n == 2 and len(groups) == 1 and groups[0].prefix == tok.encode(turn.rstrip())
+    assert [tok.decode(c) for c in groups[0].continuations] == ["\nsat", "\nran"]  # no space before the reply
+    assert tok.vocab_special["<|im_start|>"] in groups[0].prefix  # the markers as their special tokens
+    with pytest.raises(tl.TinyLLMError, match="--task_chat is for chat models"):
+        tl.task_renderer(tl.build_config({"task_chat": True}), char_tok())
+
+
 def test_metrics_are_lm_evals_acc_acc_norm_stderr_and_chance():
     items = [te.plain({"context": "c", "choices": ["a", "bbbb"], "gold": 1}),
              te.plain({"context": "c", "choices": ["a", "bb", "c"], "gold": 0})]
@@ -247,6 +263,10 @@ def test_eval_only_scores_task_files_and_folders_and_refuses_bad_input_in_one_li
     assert tl.main([*argv, "--eval_tasks", str(tasks), "--eval_tasks_limit", "-1"]) == 2
     assert tl.main(["--generate_only", "--out_dir", str(out), "--eval_tasks", str(tasks)]) == 2
     assert "--eval_tasks is for --eval_only and training" in capsys.readouterr().err
+    assert tl.main([*argv, "--eval_tasks_limit", "5"]) == 2
+    assert "go with --eval_tasks" in capsys.readouterr().err
+    assert tl.main([*argv, "--eval_tasks", str(tasks), "--task_chat"]) == 2  # a plain-text model
+    assert "--task_chat is for chat models" in capsys.readouterr().err
 
 
 def test_training_scores_the_tasks_at_each_evaluation_into_metrics_and_the_eval_line(tmp_path, capsys):
