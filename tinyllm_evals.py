@@ -360,12 +360,13 @@ LOGITS_PER_CHUNK = 1 << 25  # floats of continuation logits held at once (128 MB
 def batches(groups: list[Group]) -> Iterator[list[Group]]:
     """Groups, longest first (each batch pads little), in batches of about TOKENS_PER_BATCH."""
     batch: list[Group] = []
+    rows = 0  # the batch's contexts and continuations
     for g in sorted(groups, key=lambda g: -g.length):
-        rows = len(batch) + 1 + sum(len(b.continuations) for b in batch) + len(g.continuations)
-        if batch and rows * batch[0].length > TOKENS_PER_BATCH:
+        if batch and (rows + 1 + len(g.continuations)) * batch[0].length > TOKENS_PER_BATCH:
             yield batch
-            batch = []
+            batch, rows = [], 0
         batch.append(g)
+        rows += 1 + len(g.continuations)
     if batch:
         yield batch
 
@@ -416,10 +417,10 @@ def score_batch(model: GPT, batch: list[Group], lls: list[float], greedy: list[b
     where = [batch[b].where[j] for b, j in rows]
     row_of = torch.tensor([b for b, _ in rows], device=device)
     heads = torch.tensor([c[0] for c in conts], device=device)
-    head_ll = first[row_of, heads]
-    head_greedy = first[row_of].argmax(-1) == heads
+    head_ll = first[row_of, heads].tolist()  # one copy to the host, not one per row
+    head_greedy = (first[row_of].argmax(-1) == heads).tolist()
     for r, w in enumerate(where):
-        lls[w], greedy[w] = head_ll[r].item(), bool(head_greedy[r])
+        lls[w], greedy[w] = head_ll[r], head_greedy[r]
     rest = max(map(len, conts)) - 1
     if rest == 0:
         return
@@ -438,10 +439,9 @@ def score_batch(model: GPT, batch: list[Group], lls: list[float], greedy: list[b
         row = counted.nonzero()[:, 0]  # each position's row
         sums = torch.zeros(hi - lo, device=device).index_add_(0, row, picked)
         missed = torch.zeros(hi - lo, device=device).index_add_(0, row, (logits.argmax(-1) != wanted).float())
-        best = missed == 0
-        for r in range(hi - lo):
-            lls[where[lo + r]] += sums[r].item()
-            greedy[where[lo + r]] &= bool(best[r])
+        for w, total, best in zip(where[lo:hi], sums.tolist(), (missed == 0).tolist()):
+            lls[w] += total
+            greedy[w] &= best
 
 
 def row_chunks(prefixes: list[int], rests: list[int], window: int, vocab: int) -> Iterator[tuple[int, int]]:
