@@ -29,6 +29,8 @@ Beside it, each imported only when an invocation uses one of the entries declare
     tinyllm_data.py   JSON Lines and Parquet corpora, conversations and chat templates, tiktoken
     tinyllm_hub.py    transformers models in (--init_from) and every --export out, GGUF included
     tinyllm_serve.py  int8 weights, the decode step compiled ahead of time, --chat and --serve
+    tinyllm_evals.py  benchmark files scored as lm-evaluation-harness scores them (--eval_tasks)
+    tinyllm_tune.py   preference tuning (--objective dpo) and RL from a reward function (grpo)
 Importing it does nothing; main() runs it.
 """
 
@@ -195,6 +197,42 @@ CORPUS_FLAGS = ("data_path", "val_data")  # what training reads
 MODES = Registry("--mode")  # filled in beside main(), once every mode's function is defined
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a training step minimises (--objective). It brings its own data in place of the token
+    files (`inputs`: the tokenizer, "train" and "val" splits, the hash of their content), readies
+    the run after it is built (`prepare`: a reference model, say, from the --init_from source on
+    a resume), gives one micro-batch's loss and the figures to log beside it (`loss`), and the
+    evaluation (`evaluate`: its figures, the one ckpt_best.pt is chosen by, lower better, and the
+    line to print). `flags` are the settings only it reads; `tunes`: it needs --init_from;
+    `windows`: a micro-batch is --batch_size windows of the context (so tokens/s and MFU are
+    known); `reference`: whether the run needs its starting weights beside the tuned ones (a
+    resume then reads them from --init_from again); `checks`: its settings, as the other checks
+    are; `shown`: the figures the progress line shows; `best`: how the chosen figure reads."""
+    flags: tuple[str, ...] = ()
+    tunes: bool = False
+    windows: bool = False
+    unit: str = ""  # what --batch_size counts, where it is not windows
+    reference: Callable[[Config], bool] = lambda cfg: False
+    shown: tuple[str, ...] = ()
+    inputs: Callable[..., tuple[Any, dict[str, Any], str]] | None = None
+    prepare: Callable[..., None] = lambda run, source: None
+    loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    evaluate: Callable[..., tuple[float, dict[str, float], str]] | None = None
+    checks: Callable[[Config], list[tuple[bool, str]]] = lambda cfg: []
+    best: Callable[[float], str] = lambda score: f"val loss {score:.4f}"
+    home: str = ""
+
+
+DPO_FLAGS = ("dpo_beta", "dpo_loss", "dpo_label_smoothing", "simpo_gamma", "dpo_precompute_ref")
+GRPO_FLAGS = ("reward", "grpo_group", "grpo_completion_tokens", "grpo_clip", "grpo_iters", "grpo_kl")
+OBJECTIVES = Registry("--objective", {  # "lm" is filled in with the training parts
+    "lm": None,
+    "dpo": Objective(DPO_FLAGS, tunes=True, home="tinyllm_tune"),
+    "grpo": Objective(GRPO_FLAGS, tunes=True, home="tinyllm_tune"),
+})
+
+
 @dataclass
 class Resolved:
     """One invocation, resolved once: its mode, its config, and the checkpoint it starts from
@@ -349,6 +387,40 @@ class Config:
     label_smoothing: float = opt(0.0, "Label smoothing of the training loss (val loss is always plain "
                                       "cross-entropy).", "training")
     z_loss: float = opt(0.0, "Coefficient of log(Z)^2 added to the training loss; 0 = off.", "training")
+    objective: str = opt("lm", "What training minimises: lm, next-token prediction (on conversations, of "
+                               "the replies only); dpo, preference pairs (prompt, chosen, rejected; "
+                               "--dpo_loss); grpo, the --reward of completions sampled in groups. dpo "
+                               "and grpo tune the --init_from model, which is also their reference.",
+                         "training", OBJECTIVES)
+    dpo_beta: float = opt(0.1, "DPO's beta: how far the tuned model may move from the reference (with "
+                               "--dpo_loss simpo, the scale of the length-normalised log-probabilities; "
+                               "2 is usual there).", "training")
+    dpo_loss: str = opt("sigmoid", "--objective dpo's loss: sigmoid (DPO), ipo (IPO: squared, per token), "
+                                   "simpo (SimPO: log-probabilities per token and a margin --simpo_gamma, "
+                                   "no reference model).", "training", ("sigmoid", "ipo", "simpo"))
+    dpo_label_smoothing: float = opt(0.0, "Conservative DPO: the share of pairs taken to be mislabelled, in "
+                                          "[0, 0.5) (sigmoid and simpo).", "training")
+    simpo_gamma: float = opt(0.5, "SimPO's target margin between chosen and rejected (--dpo_loss simpo).",
+                             "training")
+    dpo_precompute_ref: bool = opt(False, "Compute the reference's log-probabilities of every pair once, "
+                                          "before the first step (kept in the checkpoint), instead of a "
+                                          "reference forward pass at every step (and, without LoRA, a frozen "
+                                          "copy of the weights).", "training")
+    reward: str = opt("", "--objective grpo's reward: FILE.py:FUNCTION, called as FUNCTION(prompt, "
+                          "completion, record) for each sampled completion, returning a finite number. It "
+                          "is your own code, run in this process.", "training")
+    grpo_group: int = opt(8, "Completions sampled per prompt, as one batch with the KV cache (at "
+                             "--temperature, --top_k, --top_p); advantages are the rewards normalised within "
+                             "the group. --batch_size counts completions: a multiple of this.", "training")
+    grpo_completion_tokens: int = opt(128, "Most tokens per sampled completion, fewer where the prompt "
+                                           "leaves less of block_size; a prompt is cut from its start to "
+                                           "leave at least this, or half the context.", "training")
+    grpo_clip: float = opt(0.2, "PPO's clip of the probability ratio to [1 - c, 1 + c]. With --grpo_iters 1 "
+                                "the ratio is 1 at every step and the clip does nothing.", "training")
+    grpo_iters: int = opt(1, "Optimizer steps per sampled batch (later ones reuse its completions and "
+                             "clip the ratio).", "training")
+    grpo_kl: float = opt(0.0, "Weight of the KL penalty to the reference (the starting weights); 0 = none, "
+                              "and no reference pass.", "training")
     amp: bool = opt(True, "Mixed precision autocast in the dtype chosen by --dtype.", "training")
     dtype: str = opt("auto", "auto: bfloat16 where the device has it natively (CUDA sm80+, CPUs with "
                              "AVX512-BF16/AMX), float16 with a GradScaler on older GPUs, else float32.",
@@ -2946,6 +3018,33 @@ def estimate_loss(model: GPT, splits: dict[str, TokenSplit], cfg: Config, device
     return out
 
 
+# ---- Objectives (OBJECTIVES): what a step minimises, and how a run is evaluated --------------
+# Next-token prediction is here; preference tuning and RL (dpo, grpo) are in tinyllm_tune.py.
+
+def next_token_loss(run: Run, batch: int, context: int, micro: int) -> tuple[torch.Tensor, dict]:
+    """One micro-batch of random windows of the train split: the mean cross-entropy of the
+    targets that count (a conversation's replies), as `run.train_model` computes it."""
+    x, y = get_batch(run.splits["train"], batch, context, run.batch_gen, run.device, run.dist)
+    _, loss = run.train_model(x, y, label_smoothing=run.cfg.label_smoothing, z_loss=run.cfg.z_loss)
+    return loss, {}
+
+
+def next_token_evaluation(run: Run, model: GPT, splits: tuple[str, ...] = ("train", "val")
+                          ) -> tuple[float, dict[str, float], str]:
+    """Plain cross-entropy of each split (estimate_loss), perplexity and bits per byte of val."""
+    losses = estimate_loss(model, {name: run.splits[name] for name in splits}, run.cfg, run.device, run.dtype)
+    record = {f"{name}_loss": loss for name, loss in losses.items()}
+    record |= {"val_ppl": perplexity(losses["val"]),
+               "val_bpb": bits_per_byte(losses["val"], run.splits["val"].tokens_per_byte)}
+    text = f"train loss {losses.get('train', float('nan')):.4f} | val loss {losses['val']:.4f} | val bpb " \
+           f"{record['val_bpb']:.3f}"
+    return losses["val"], record, text
+
+
+OBJECTIVES["lm"] = Objective(windows=True, inputs=prepare_inputs, loss=next_token_loss,
+                             evaluate=next_token_evaluation)
+
+
 # ---- Checkpoints (ckpt.pt) and the run directory -------------------------------------------
 
 CKPT_FORMAT = 1
@@ -3296,6 +3395,11 @@ class Run:
     lock: Any = None  # out_dir's lock, held while training
     data_sha256: str = ""  # of the train and val tokens: a resume checks it
     source_fingerprint: str = ""  # of the --init_from files: a LoRA checkpoint needs the same base
+    objective: Objective = field(default_factory=lambda: OBJECTIVES["lm"])
+    figures: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's, summed since the log
+    kept: dict[str, Any] = field(default_factory=dict)  # what the objective keeps in checkpoints
+    scratch: dict[str, Any] = field(default_factory=dict)  # what it carries between steps, and does not
+    reference: GPT | None = None  # the starting weights, frozen, for an objective that compares with them
 
     def checkpoint(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Everything needed to resume exactly, as plain data that loads with weights_only=True."""
@@ -3308,7 +3412,8 @@ class Run:
                 "config": asdict(self.cfg), "vocab_size": self.model.vocab_size,
                 "tokenizer": self.tok.to_str(), "rng": rng_states(), "batch_rng": self.batch_gen.get_state(),
                 "data_sha256": self.data_sha256, "token_format": TOKEN_CACHE_FORMAT,
-                "start_ids": self.splits["train"].start_ids, "source_fingerprint": self.source_fingerprint}
+                "start_ids": self.splits["train"].start_ids, "source_fingerprint": self.source_fingerprint,
+                "objective_state": self.kept}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         load_weights(self.model, ckpt["model"])
@@ -3327,6 +3432,7 @@ class Run:
         state.saved_step = state.step
         set_rng_states(ckpt["rng"])
         self.batch_gen.set_state(ckpt["batch_rng"])
+        self.kept = ckpt.get("objective_state") or {}
 
     def close(self) -> None:
         """Let go of what the run holds open: the progress bar, metric sinks, out_dir's lock."""
@@ -3357,7 +3463,8 @@ def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], d
               model=model, train_model=model, optimizers=make_optimizers(model, cfg, device),
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               ema=EMA(model, cfg.ema_decay) if cfg.ema else None,
-              batch_gen=torch.Generator().manual_seed(cfg.seed), peak=peak, memory_kept=memory_kept)
+              batch_gen=torch.Generator().manual_seed(cfg.seed), peak=peak, memory_kept=memory_kept,
+              objective=OBJECTIVES[cfg.objective])
     if ckpt is not None:
         run.restore(ckpt)
     run.train_model = wrap_model(model, cfg, dist, device)
@@ -3475,14 +3582,15 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     # forward and backward per micro-batch; DDP syncs gradients on the last one only
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(cfg.grad_accum_steps):
-        x, y = get_batch(run.splits["train"], batch, context, run.batch_gen, run.device, run.dist)
         sync = micro == cfg.grad_accum_steps - 1 or not run.dist.enabled
         with contextlib.nullcontext() if sync else model.no_sync():
-            with autocast(run.device, run.dtype):
-                _, loss = model(x, y, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss)
+            with autocast(run.device, run.dtype):  # the objective's loss of one micro-batch (--objective)
+                loss, figures = run.objective.loss(run, batch, context, micro)
             loss = loss / cfg.grad_accum_steps
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
+        for name, value in figures.items():  # what it logs beside the loss, averaged like it
+            run.figures[name] = run.figures.get(name, 0) + value.detach() / cfg.grad_accum_steps
     # set the learning rate, unscale fp16 gradients, and take the global gradient norm
     params = [p for p in run.model.parameters() if p.grad is not None]
     for optimizer in run.optimizers:
@@ -3521,8 +3629,8 @@ def start_run(r: Resolved, dist: Dist) -> Run:
     out = check_out_dir(cfg.out_dir)
     lock = lock_out_dir(out) if dist.rank == 0 and out.is_dir() else None  # an existing run: claim it first
     source = r.source.tokenizer if r.source else None
-    # every input is checked here, before out_dir exists
-    tok, splits, data = prepare_inputs(cfg, ckpt, dist, source)
+    # every input is checked here, before out_dir exists: token files, or the objective's own data
+    tok, splits, data = OBJECTIVES[cfg.objective].inputs(cfg, ckpt, dist, source)
     if dist.rank == 0 and lock is None:
         lock = lock_out_dir(prepare_out_dir(out))
         if not ckpt and not cfg.overwrite and (out / "ckpt.pt").is_file():  # another run got here first
@@ -3535,7 +3643,8 @@ def start_run(r: Resolved, dist: Dist) -> Run:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
     run = new_run(cfg, tok=tok, splits=splits, device=device, out=out, dist=dist, ckpt=ckpt, source=r.source)
     run.lock, run.data_sha256 = lock, data
-    run.source_fingerprint = r.source.fingerprint if r.source else ""
+    run.source_fingerprint = r.source.fingerprint if r.source else (ckpt or {}).get("source_fingerprint", "")
+    run.objective.prepare(run, r.source)  # e.g. its reference model, from the source on a resume
     r.source = None  # the model holds its weights now: the source's tensors (and mapped files) can go
     if ckpt and ckpt.get("data_sha256", data) != data:  # allowed by --allow_data_change: other val text
         run.state.best_val = float("inf")
@@ -3560,9 +3669,11 @@ def describe_run(run: Run) -> None:
            f"{'compiled' if cfg.compile else 'eager'}, {run.dist.world_size} process(es)"
            f"{', freed memory kept' if run.memory_kept else ''}")
     limit = f"{cfg.max_steps} steps" + (f" or {cfg.time_budget_s:g}s" if cfg.time_budget_s else "")
-    print0(f"training: {limit} of {tokens_per_step(cfg, run.dist.world_size):,} tokens ({cfg.batch_size} "
-           f"x {cfg.block_size} x {cfg.grad_accum_steps} accum x {run.dist.world_size} ranks); "
-           f"writing {run.out}")
+    per_step = f"{tokens_per_step(cfg, run.dist.world_size):,} tokens ({cfg.batch_size} x {cfg.block_size}" \
+        if run.objective.windows else f"{cfg.batch_size * cfg.grad_accum_steps * run.dist.world_size:,} " \
+        f"{run.objective.unit} ({cfg.batch_size}"
+    print0(f"training: {limit} of {per_step} x {cfg.grad_accum_steps} accum x {run.dist.world_size} ranks), "
+           f"--objective {cfg.objective}; writing {run.out}")
     peak = f"{run.peak / 1e12:.3g} TFLOP/s peak" if run.peak else "peak unknown (--peak_flops)"
     print0(f"measuring: {flops_per_token(run.model, cfg.block_size) / 1e6:.2f} MFLOPs per token, {peak}")
 
@@ -3607,19 +3718,27 @@ def mean_over_ranks(run: Run, value: torch.Tensor) -> float:
 
 def log_step(run: Run, loss: float, lr: float, seconds: float, steps: int) -> None:
     cfg, state = run.cfg, run.state
+    windows = run.objective.windows  # else tokens per step vary, and are not counted
     per_step = tokens_per_step(cfg, run.dist.world_size)
-    tok_s = per_step * steps / seconds
-    flops = flops_per_token(run.model, context_at(state.step - 1, cfg)) * tok_s / run.dist.world_size
-    mfu = model_flops_utilization(run, flops)
-    run.metrics.record({"step": state.step, "tokens": state.step * per_step, "loss": loss, "lr": lr,
+    tok_s = per_step * steps / seconds if windows else None
+    flops = flops_per_token(run.model, context_at(state.step - 1, cfg)) * tok_s / run.dist.world_size \
+        if windows else 0.0
+    mfu = model_flops_utilization(run, flops) if windows else None
+    figures = {name: mean_over_ranks(run, value) / steps for name, value in run.figures.items()}
+    run.figures.clear()
+    run.metrics.record({"step": state.step, "tokens": state.step * per_step if windows else None,
+                        "loss": loss, "lr": lr,
                         "grad_norm": state.grad_norm.item() if state.grad_norm is not None else None,
                         "tokens_per_s": tok_s, "mfu": mfu, "elapsed_s": state.elapsed,
-                        "overflow_skips": state.overflow_skips, "nonfinite_skips": state.nonfinite_skips})
+                        "overflow_skips": state.overflow_skips, "nonfinite_skips": state.nonfinite_skips}
+                       | figures)
     skips = f" | fp16 overflow skips {state.overflow_skips}" if run.scaler.is_enabled() else ""
     mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+    speed = f" | {tok_s:,.0f} tok/s{mfu_text}" if windows else ""
+    shown = "".join(f" | {name} {figures[name]:.3f}" for name in run.objective.shown if name in figures)
     run.progress.log(f"step {state.step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                     f"{1000 * seconds / steps:.1f} ms/step | {tok_s:,.0f} tok/s{mfu_text}{skips}",
-                     f"loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s{mfu_text.replace(' | ', ', ')}")
+                     f"{1000 * seconds / steps:.1f} ms/step{speed}{shown}{skips}",
+                     f"loss {loss:.4f}, lr {lr:.2e}{speed.replace(' | ', ', ')}{shown.replace(' | ', ', ')}")
 
 
 def evaluate_and_save(run: Run) -> None:
@@ -3643,27 +3762,22 @@ class Best:
 def evaluate(run: Run) -> tuple[Best | None, str]:
     """Val loss of the live weights (and of the EMA), recorded; returns the better one's weights
     when they beat the best on disk so far (for ckpt_best.pt), else None, and the line to print."""
-    losses = estimate_loss(run.model, run.splits, run.cfg, run.device, run.dtype)
-    per_byte = run.splits["val"].tokens_per_byte
-    record = {"step": run.state.step, "train_loss": losses["train"], "val_loss": losses["val"],
-              "val_ppl": perplexity(losses["val"]), "val_bpb": bits_per_byte(losses["val"], per_byte),
-              "elapsed_s": run.state.elapsed}
-    candidates = {"live": (losses["val"], run.model)}
+    score, figures, text = run.objective.evaluate(run, run.model)  # the objective's, val loss first
+    record = {"step": run.state.step, **figures, "elapsed_s": run.state.elapsed}
+    candidates = {"live": (score, run.model)}
     if run.ema is not None:
-        record["ema_val_loss"] = estimate_loss(run.ema.model, {"val": run.splits["val"]}, run.cfg,
-                                               run.device, run.dtype)["val"]
-        candidates["ema"] = (record["ema_val_loss"], run.ema.model)
+        candidates["ema"] = (run.objective.evaluate(run, run.ema.model, ("val",))[0], run.ema.model)
+        record["ema_val_score" if "val_loss" not in figures else "ema_val_loss"] = candidates["ema"][0]
     which = min(candidates, key=lambda k: candidates[k][0])
     val, source = candidates[which]
     tasks = task_scores(run) if run.cfg.eval_tasks else {}
     record.update({f"{task}/{metric}": value for task, scores in tasks.items()
                    for metric, value in scores.items() if metric in TASK_METRICS})
     run.metrics.record(record)
-    ema = f" | ema val loss {record['ema_val_loss']:.4f}" if run.ema is not None else ""
+    ema = f" | ema {run.objective.best(candidates['ema'][0])}" if run.ema is not None else ""
     benchmarks = "".join(f" | {task} {metric} {100 * scores[metric]:.1f}%" for task, scores in tasks.items()
                          for metric in ("acc_norm" if "acc_norm" in scores else "acc",))
-    report = (f"eval step {run.state.step}: train loss {losses['train']:.4f} | val loss "
-              f"{losses['val']:.4f} | val bpb {record['val_bpb']:.3f}{ema}{benchmarks}")
+    report = f"eval step {run.state.step}: {text}{ema}{benchmarks}"
     return (Best(val, saved_weights(source), which) if val < run.state.best_val else None), report
 
 
@@ -3764,8 +3878,8 @@ def stop_for_signal(run: Run, signum: int) -> None:
 def report_done(run: Run) -> None:
     state = run.state
     where = f"checkpoints in {run.out}" if state.saved_step == state.step else on_disk(run)
-    print0(f"done: step {state.step}, {state.elapsed:.0f}s of training, best val loss "
-           f"{state.best_val:.4f}; {where}")
+    print0(f"done: step {state.step}, {state.elapsed:.0f}s of training, best "
+           f"{run.objective.best(state.best_val)}; {where}")
     if 0 <= state.saved_step < run.cfg.max_steps and not run.cfg.time_budget_s:
         print0(f"continue with: --out_dir {run.out} --resume")
 
@@ -4449,7 +4563,8 @@ def resolve(argv: list[str] | None) -> Resolved:
     validate(cfg, SETTING_CHECKS)
     check_compatible(cfg, explicit, ckpt, path, resuming=mode == "train")
     lora = ckpt["config"].get("lora_rank")  # adapters, which need their base model
-    pretrained = PRETRAINED.entry("", f"the LoRA checkpoint {path}") if lora else None
+    reference = mode == "train" and OBJECTIVES[cfg.objective].reference(cfg)  # the weights it started from
+    pretrained = PRETRAINED.entry("", f"the LoRA checkpoint {path}") if lora or reference else None
     source = pretrained.base(ckpt, path, cfg.init_from) if pretrained else None
     return Resolved(mode, check_entries(cfg, mode, explicit), ckpt, path, source)
 
@@ -4474,6 +4589,7 @@ def check_entries(cfg: Config, mode: str, explicit: dict[str, Any]) -> Config:
                        f"{f.default} instead", file=sys.stderr)
                 cfg = dataclasses.replace(cfg, **{name: f.default})
     kinds = check_readers(cfg, MODES[mode].reads)
+    check_objective(cfg, mode, explicit)
     if not cfg.eval_tasks and (cfg.task_chat or cfg.eval_tasks_limit or cfg.task_format != "auto"):
         raise TinyLLMError("--task_chat, --task_format and --eval_tasks_limit go with --eval_tasks; give the "
                            "task files, or leave them out")
@@ -4487,6 +4603,27 @@ def check_entries(cfg: Config, mode: str, explicit: dict[str, Any]) -> Config:
         raise TinyLLMError(f"--chat_template is for conversations, but --data_path {corpus} holds plain "
                            f"text; drop the flag or point it at conversations (JSON Lines)")
     return cfg
+
+
+def check_objective(cfg: Config, mode: str, explicit: dict[str, Any]) -> None:
+    """--objective is training's, its settings are its own (those of another are refused), a
+    tuning objective starts from --init_from, and the objective checks the rest (Objective.checks)."""
+    if "objective" in explicit and mode != "train":
+        raise TinyLLMError(f"--objective is for training; --{MODES[mode].flag} does not train: drop it")
+    if mode != "train":
+        return
+    objective = OBJECTIVES[cfg.objective]
+    for name, other in OBJECTIVES.items():
+        owned = [f for f in other.flags if f in explicit and f not in objective.flags]
+        if name != cfg.objective and owned:
+            raise TinyLLMError(f"--{owned[0]} is for --objective {name}, and this run's is {cfg.objective}; "
+                               f"drop it or add --objective {name}")
+    if objective.tunes and not cfg.init_from:
+        raise TinyLLMError(f"--objective {cfg.objective} tunes a trained model, which is also its reference: "
+                           f"give --init_from (a tinyllm checkpoint, or a HuggingFace model directory)")
+    for bad, message in objective.checks(cfg):  # training's own: a checkpoint's sampling settings stay free
+        if bad:
+            raise TinyLLMError(message)
 
 
 def check_readers(cfg: Config, reads: tuple[str, ...]) -> set[str]:

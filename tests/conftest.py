@@ -18,6 +18,7 @@ import tinyllm_data as td  # noqa: E402, F401  (tests import them from here: the
 import tinyllm_evals as te  # noqa: E402, F401
 import tinyllm_hub as th  # noqa: E402, F401
 import tinyllm_serve as ts  # noqa: E402, F401
+import tinyllm_tune as tt  # noqa: E402, F401
 import train_tinyllm as tl  # noqa: E402, F401
 
 # A tiny config: 2 layers, 32 wide, a few steps; every test that trains starts from this.

@@ -19,6 +19,7 @@ REGISTRY_FIELDS = {
     "export": (tl.EXPORTERS, ("none",)),
     "quantize": (tl.QUANTIZERS, ()),
     "task_format": (tl.TASK_FORMATS, ("auto",)),
+    "objective": (tl.OBJECTIVES, ()),
 }
 
 

@@ -13,8 +13,9 @@ import torch
 from conftest import TINY, make_corpus, th, tl
 
 ROOT = Path(__file__).resolve().parents[1]
-SIBLINGS = ("tinyllm_data", "tinyllm_hub", "tinyllm_serve", "tinyllm_evals")
-LAYERS = {"train_tinyllm": 0, "tinyllm_data": 1, "tinyllm_evals": 1, "tinyllm_hub": 2, "tinyllm_serve": 2}
+SIBLINGS = ("tinyllm_data", "tinyllm_hub", "tinyllm_serve", "tinyllm_evals", "tinyllm_tune")
+LAYERS = {"train_tinyllm": 0, "tinyllm_data": 1, "tinyllm_evals": 1, "tinyllm_hub": 2, "tinyllm_serve": 2,
+          "tinyllm_tune": 2}
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
 
 
