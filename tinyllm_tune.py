@@ -557,24 +557,8 @@ def precompute_reference(run: Run) -> None:
     print0(f"reference: done in {time.time() - started:.1f}s; kept in the checkpoints")
 
 
-def shared_checks(cfg: Config) -> list[tuple[bool, str]]:
-    name = cfg.objective
-    return [
-        (
-            cfg.curriculum,
-            f"--curriculum grows the context of next-token windows; --objective {name} "
-            f"trains on whole prompts and responses: drop --curriculum",
-        ),
-        (
-            cfg.label_smoothing > 0 or cfg.z_loss > 0,
-            f"--label_smoothing and --z_loss shape the next-token loss; --objective {name} has its own: drop "
-            f"them{' (conservative DPO is --dpo_label_smoothing)' if name == 'dpo' else ''}",
-        ),
-    ]
-
-
 def pair_checks(cfg: Config) -> list[tuple[bool, str]]:
-    return shared_checks(cfg) + [
+    return [
         (cfg.dpo_beta <= 0, f"--dpo_beta must be positive, got {cfg.dpo_beta}"),
         (
             not 0 <= cfg.dpo_label_smoothing < 0.5,
@@ -886,7 +870,7 @@ def grpo_prepare(run: Run, source: Any) -> None:
 
 
 def grpo_checks(cfg: Config) -> list[tuple[bool, str]]:
-    return shared_checks(cfg) + [
+    return [
         (
             not cfg.reward,
             "--objective grpo needs --reward FILE.py:FUNCTION, the function that scores each completion",

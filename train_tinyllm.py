@@ -224,6 +224,8 @@ class Objective:
     home: str = ""
 
 
+LM_FLAGS = ("label_smoothing", "z_loss", "curriculum", "curriculum_start_block_size", "curriculum_steps",
+            "data_format", "text_field", "chat_loss", "raw_text", "memmap_dataset")  # windows of corpora
 DPO_FLAGS = ("dpo_beta", "dpo_loss", "dpo_label_smoothing", "simpo_gamma", "dpo_precompute_ref")
 GRPO_FLAGS = ("reward", "grpo_group", "grpo_completion_tokens", "grpo_clip", "grpo_iters", "grpo_kl")
 OBJECTIVES = Registry("--objective", {  # "lm" is filled in with the training parts
@@ -3041,7 +3043,7 @@ def next_token_evaluation(run: Run, model: GPT, splits: tuple[str, ...] = ("trai
     return losses["val"], record, text
 
 
-OBJECTIVES["lm"] = Objective(windows=True, inputs=prepare_inputs, loss=next_token_loss,
+OBJECTIVES["lm"] = Objective(LM_FLAGS, windows=True, inputs=prepare_inputs, loss=next_token_loss,
                              evaluate=next_token_evaluation)
 
 

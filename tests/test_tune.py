@@ -298,116 +298,31 @@ def test_bad_input_is_refused_in_one_line_before_any_step(base, capsys):
     root = base["root"]
     no_rejected = root / "bad.jsonl"
     no_rejected.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n" + base["pairs"].read_text())
+    pairs, prompts, reward = str(base["pairs"]), str(base["prompts"]), f"{base['reward']}:score"
+    dpo, grpo = ("--objective", "dpo", "--data_path", pairs), ("--objective", "grpo", "--data_path", prompts)
     cases = {
-        "no --init_from": (
-            [*SMALL, "--objective", "dpo", "--data_path", str(base["pairs"]), "--out_dir", str(root / "r0")],
-            "give --init_from",
-        ),
-        "no rejected": (
-            tune_args(base, "r1", "--objective", "dpo", "--data_path", str(no_rejected)),
-            "bad.jsonl line 1 has no 'rejected'",
-        ),
-        "a flag of another objective": (
-            tune_args(
-                base, "r2", "--objective", "dpo", "--data_path", str(base["pairs"]), "--grpo_group", "4"
-            ),
-            "--grpo_group is for --objective grpo",
-        ),
-        "no reward": (
-            tune_args(base, "r3", "--objective", "grpo", "--data_path", str(base["prompts"])),
-            "needs --reward",
-        ),
-        "no such function": (
-            tune_args(
-                base,
-                "r4",
-                "--objective",
-                "grpo",
-                "--data_path",
-                str(base["prompts"]),
-                "--reward",
-                f"{base['reward']}:missing",
-                *GROUPS,
-            ),
-            "has no function missing",
-        ),
-        "a reward file that fails": (
-            tune_args(
-                base,
-                "r5",
-                "--objective",
-                "grpo",
-                "--data_path",
-                str(base["prompts"]),
-                "--reward",
-                f"{no_rejected}.py:score",
-                *GROUPS,
-            ),
-            "there is no file",
-        ),
-        "greedy groups": (
-            tune_args(
-                base,
-                "r6",
-                "--objective",
-                "grpo",
-                "--data_path",
-                str(base["prompts"]),
-                "--reward",
-                f"{base['reward']}:score",
-                "--temperature",
-                "0",
-                *GROUPS,
-            ),
-            "--temperature 0",
-        ),
-        "batch not in groups": (
-            tune_args(
-                base,
-                "r7",
-                "--objective",
-                "grpo",
-                "--data_path",
-                str(base["prompts"]),
-                "--reward",
-                f"{base['reward']}:score",
-                "--grpo_group",
-                "3",
-            ),
-            "multiple of --grpo_group",
-        ),
-        "curriculum": (
-            tune_args(
-                base,
-                "r8",
-                "--objective",
-                "dpo",
-                "--data_path",
-                str(base["pairs"]),
-                "--curriculum",
-                "--curriculum_start_block_size",
-                "8",
-            ),
-            "drop --curriculum",
-        ),
-        "simpo and precompute": (
-            tune_args(
-                base,
-                "r9",
-                "--objective",
-                "dpo",
-                "--data_path",
-                str(base["pairs"]),
-                "--dpo_loss",
-                "simpo",
-                "--dpo_precompute_ref",
-            ),
-            "SimPO has no reference",
-        ),
-        "not training": (
-            ["--generate_only", "--out_dir", str(base["ckpt"].parent), "--objective", "dpo"],
-            "--objective is for training",
-        ),
+        "no --init_from": ([*SMALL, *dpo, "--out_dir", str(root / "r0")], "give --init_from"),
+        "no rejected": (tune_args(base, "r1", "--objective", "dpo", "--data_path", str(no_rejected)),
+                        "bad.jsonl line 1 has no 'rejected'"),
+        "a flag of another objective": (tune_args(base, "r2", *dpo, "--grpo_group", "4"),
+                                        "--grpo_group is for --objective grpo"),
+        "no reward": (tune_args(base, "r3", *grpo, *GROUPS), "needs --reward"),
+        "no such function": (tune_args(base, "r4", *grpo, "--reward", f"{base['reward']}:missing", *GROUPS),
+                             "has no function missing"),
+        "no reward file": (tune_args(base, "r5", *grpo, "--reward", f"{no_rejected}.py:score", *GROUPS),
+                           "there is no file"),
+        "greedy groups": (tune_args(base, "r6", *grpo, "--reward", reward, "--temperature", "0", *GROUPS),
+                          "--temperature 0"),
+        "batch not in groups": (tune_args(base, "r7", *grpo, "--reward", reward, "--grpo_group", "3"),
+                                "multiple of --grpo_group"),
+        "curriculum": (tune_args(base, "r8", *dpo, "--curriculum", "--curriculum_start_block_size", "8"),
+                       "--curriculum is for --objective lm, and this run's is dpo"),
+        "simpo and precompute": (tune_args(base, "r9", *dpo, "--dpo_loss", "simpo", "--dpo_precompute_ref"),
+                                 "SimPO has no reference"),
+        "a corpus setting": (tune_args(base, "r10", *dpo, "--text_field", "t"),
+                             "--text_field is for --objective lm"),
+        "not training": (["--generate_only", "--out_dir", str(base["ckpt"].parent), "--objective", "dpo"],
+                         "--objective is for training"),
     }
     for name, (argv, expected) in cases.items():
         assert tl.main(argv) == 2, name
@@ -543,54 +458,24 @@ def test_dpo_makes_a_tiny_model_prefer_the_chosen_style_then_resumes_exports_and
 
 
 @pytest.mark.slow
-def test_grpo_raises_the_mean_reward_of_a_tiny_model(base):
+def test_grpo_raises_the_mean_reward_of_a_tiny_model_and_resumes(base):
     """A verifiable task: the share of upper-case characters in the completion."""
     out = base["root"] / "grpo"
-    assert (
-        tl.main(
-            tune_args(
-                base,
-                "grpo",
-                "--objective",
-                "grpo",
-                "--data_path",
-                str(base["prompts"]),
-                "--reward",
-                f"{base['reward']}:score",
-                "--batch_size",
-                "16",
-                "--grpo_group",
-                "8",
-                "--grpo_completion_tokens",
-                "8",
-                "--temperature",
-                "1",
-                "--max_steps",
-                "30",
-                "--eval_interval",
-                "10",
-                "--log_interval",
-                "5",
-                "--eval_iters",
-                "8",
-                "--learning_rate",
-                "3e-3",
-                "--warmup_steps",
-                "3",
-                "--grpo_iters",
-                "2",
-                "--grpo_kl",
-                "0.01",
-            )
-        )
-        == 0
-    )
+    flags = ("--objective grpo --batch_size 16 --grpo_group 8 --grpo_completion_tokens 8 --temperature 1 "
+             "--max_steps 30 --eval_interval 10 --log_interval 5 --eval_iters 8 --learning_rate 3e-3 "
+             "--warmup_steps 3 --grpo_iters 2 --grpo_kl 0.01").split()
+    argv = tune_args(base, "grpo", *flags, "--data_path", str(base["prompts"]),
+                     "--reward", f"{base['reward']}:score")
+    assert tl.main([*argv, "--stop_at_step", "15"]) == 0
+    assert tl.main([*argv, "--resume"]) == 0
     evals = [r for r in records(out) if "val_reward" in r]
     print("grpo curve:", [(r["step"], round(r["val_reward"], 3)) for r in evals])
+    assert [r["step"] for r in evals] == [0, 10, 15, 20, 30]
     assert evals[-1]["val_reward"] > evals[0]["val_reward"] + 0.3
     logs = [r for r in records(out) if "reward" in r]
     assert all(k in logs[-1] for k in ("reward_std", "completion_length", "clip_ratio", "kl"))
     assert any(r["clip_ratio"] > 0 for r in logs)  # with --grpo_iters 2 the second step can clip
+    assert tl.main(["--export", "hf", "--out_dir", str(out)]) == 0
 
 
 def test_a_chat_model_is_tuned_on_conversational_pairs_with_lora_then_chats(base, monkeypatch, capsys):
@@ -688,6 +573,26 @@ def test_a_chat_model_is_tuned_on_conversational_pairs_with_lora_then_chats(base
         == 0
     )
     assert len(capsys.readouterr().out.splitlines()) == 1
+    # GRPO on the chat model: prompts as conversations ending with the user's turn, through its template
+    prompts = root / "chat_prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": w}], "answer": w.upper()}) + "\n"
+            for w in WORDS * 2
+        )
+    )
+    (root / "exact.py").write_text(
+        "def score(prompt, completion, record):\n"
+        "    return float(completion.strip() == record['answer']) + (prompt in WORDS)\n"
+        f"WORDS = {WORDS!r}\n"
+    )
+    flags = ("--objective grpo --batch_size 4 --grpo_group 4 --grpo_completion_tokens 6 --temperature 1 "
+             "--max_steps 2 --eval_interval 2 --eval_iters 1 --lora_rank 2 --grpo_kl 0.1").split()
+    assert tl.main([*SMALL, *flags, "--init_from", str(chat / "ckpt.pt"), "--data_path", str(prompts),
+                    "--out_dir", str(root / "chat_grpo"), "--reward", f"{root / 'exact.py'}:score"]) == 0
+    assert "adapters switched off" in capsys.readouterr().out  # LoRA: the KL's reference holds no copy
+    logs = [r for r in records(root / "chat_grpo") if "reward" in r]
+    assert logs and all(r["reward"] >= 1 and r["kl"] >= 0 for r in logs)  # the user's turn came as the prompt
 
 
 @pytest.mark.slow
@@ -772,3 +677,36 @@ def test_dpo_is_the_same_eager_compiled_and_under_torchrun_and_grpo_runs_there(b
     )
     assert grpo.returncode == 0, grpo.stderr[-3000:]
     assert "2 process(es)" in grpo.stdout and [r for r in records(base["root"] / "g-two") if "reward" in r]
+
+
+def test_simpo_and_conservative_dpo_are_trls_formulas():
+    """SimPO (per-token log-probabilities, margin gamma) and label-smoothed DPO against TRL's
+    CPOTrainer.cpo_loss, which implements both (CPO's sigmoid on the log-ratios is conservative DPO)."""
+    pytest.importorskip("trl", reason="TRL is not installed (pip install -r requirements-dev.txt)")
+    from trl.experimental.cpo import CPOTrainer
+
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (-torch.rand(5, generator=g) * 20 for _ in range(4))
+    lc, lr = torch.tensor([3.0, 5, 8, 2, 9]), torch.tensor([4.0, 4, 7, 6, 1])
+
+    def trl_loss(loss_type, chosen, rejected, beta, smoothing, gamma=0.0):
+        fake = types.SimpleNamespace(
+            alpha=0.0,
+            beta=beta,
+            label_smoothing=smoothing,
+            loss_type=loss_type,
+            simpo_gamma=gamma,
+            accelerator=types.SimpleNamespace(device="cpu"),
+        )
+        return CPOTrainer.cpo_loss(fake, chosen, rejected)
+
+    cfg = tl.Config(dpo_beta=2.0, dpo_loss="simpo", simpo_gamma=0.7, dpo_label_smoothing=0.1)
+    ours = tt.preference_losses(pc, pr, None, None, lc, lr, cfg)
+    theirs = trl_loss("simpo", pc / lc, pr / lr, 2.0, 0.1, 0.7)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-6)
+    cfg = tl.Config(dpo_beta=0.3, dpo_label_smoothing=0.25)
+    ours = tt.preference_losses(pc, pr, rc, rr, lc, lr, cfg)
+    theirs = trl_loss("sigmoid", pc - rc, pr - rr, 0.3, 0.25)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-6)
