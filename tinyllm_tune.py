@@ -56,14 +56,15 @@ from train_tinyllm import (
 # ----------------------------------------------------------------------------------------------
 
 
-def records_of(spec: str, flag: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """(file, line, record) for each record of the files `spec` names (as --data_path takes them);
-    a line that is not a JSON object is a TinyLLMError naming the file and the line."""
+def records_of(spec: str, flag: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for each record of the files `spec` names (as --data_path takes them), where
+    being its file and line (or Parquet row); a line that is not a JSON object is a TinyLLMError
+    naming the file and the line."""
     for path in resolve_data_path(spec, flag):
         if path.suffix == ".parquet":
             table = require("pyarrow.parquet", f"reading {path.name}", "pyarrow").read_table(path)
             for i, record in enumerate(table.to_pylist(), 1):
-                yield path.name, i, record
+                yield f"{path.name} row {i}", record
             continue
         if path.suffix not in (".jsonl", ".json"):
             raise TinyLLMError(
@@ -84,10 +85,10 @@ def records_of(spec: str, flag: str) -> Iterator[tuple[str, int, dict[str, Any]]
                     raise TinyLLMError(
                         f"{flag} {path.name} line {i} is not a JSON object; each line holds one record"
                     ) from None
-                yield path.name, i, record
+                yield f"{path.name} line {i}", record
 
 
-def split_records(cfg: Config) -> dict[str, list[tuple[str, int, dict[str, Any]]]]:
+def split_records(cfg: Config) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """Train and val records: --val_data's, else --val_fraction of --data_path's chosen by a hash of
     each record (at least one each way)."""
     train = list(records_of(cfg.data_path, "--data_path"))
@@ -99,7 +100,7 @@ def split_records(cfg: Config) -> dict[str, list[tuple[str, int, dict[str, Any]]
         return {"train": train, "val": val}
     if len(train) < 2:
         raise TinyLLMError(f"--data_path {cfg.data_path} holds one record; give at least two (or --val_data)")
-    held = [is_val_document(json.dumps(r, sort_keys=True), cfg.val_fraction) for _, _, r in train]
+    held = [is_val_document(json.dumps(r, sort_keys=True), cfg.val_fraction) for _, r in train]
     if not any(held):
         held[-1] = True
     if all(held):
@@ -182,6 +183,7 @@ class PairSplit:
     start_ids: list[int]
     sha256: str
     cut: int = 0  # pairs cut to fit the context
+    cut_responses: int = 0  # of which a response, too, was cut at its end
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -255,6 +257,8 @@ def pair_ids(
     tokenized whole (text ends with end-of-text; messages rendered through the chat template, the
     prompt with its generation prompt), each response starting where its tokens leave the prompt's."""
     if isinstance(prompt, list):
+        if not all(any(m["content"].strip() for m in r) for r in (chosen, rejected)):
+            raise TinyLLMError(f"{where}: a response is empty; give each pair two non-empty responses")
         if not template:
             raise TinyLLMError(
                 f"{where} holds messages, but this model has no chat template; train or start "
@@ -271,6 +275,8 @@ def pair_ids(
     else:
         if tok.eot is None:
             raise TinyLLMError("this tokenizer has no end-of-text token to end a response with")
+        if not chosen.strip() or not rejected.strip():
+            raise TinyLLMError(f"{where}: a response is empty; give each pair two non-empty responses")
         texts = [
             prompt,
             prompt + chosen + (tok.eot if not chosen.endswith(tok.eot) else ""),
@@ -279,10 +285,16 @@ def pair_ids(
     for text in texts:
         check_known_chars(tok, text, where)
     p, pc, pr = (tok.encode(t) for t in texts)
+    if pc == pr:
+        raise TinyLLMError(f"{where}: 'chosen' and 'rejected' are the same, a pair that prefers nothing; "
+                           f"fix or remove it")
     n = min(common_prefix(p, pc), common_prefix(p, pr))
     if n == len(pc) or n == len(pr):
         raise TinyLLMError(f"{where}: a response is empty; give each pair two non-empty responses")
-    return p[:n], pc[n:], pr[n:]
+    # an empty prompt: the responses follow what an empty prompt starts from (end-of-text), so that
+    # their first token is predicted too
+    start = tok.start_ids() if n == 0 else []
+    return start + p[:n], pc[n:], pr[n:]
 
 
 def pair_inputs(
@@ -293,24 +305,25 @@ def pair_inputs(
     template = chat_template_of(cfg, tok)  # "" for a model that is no chat model
     splits = {}
     for name, records in split_records(cfg).items():
-        pairs, cut, h = [], 0, hashlib.sha256()
-        for file, line, record in records:
-            where = f"{file} line {line}"
+        pairs, cut, cut_responses, h = [], 0, 0, hashlib.sha256()
+        for where, record in records:
             prompt, chosen, rejected = pair_ids(
                 tok, template, *pair_texts(record, where, bool(template)), where
             )
+            longest = max(len(chosen), len(rejected))
             prompt, (chosen, rejected), was_cut = cut_to_context(prompt, [chosen, rejected], cfg.block_size)
             cut += was_cut
+            cut_responses += longest > max(len(chosen), len(rejected))
             pairs.append(Pair(prompt, chosen, rejected))
             h.update(json.dumps([prompt, chosen, rejected]).encode())
-        splits[name] = PairSplit(pairs, tok.start_ids(), h.hexdigest(), cut)
-    cut = sum(s.cut for s in splits.values())
+        splits[name] = PairSplit(pairs, tok.start_ids(), h.hexdigest(), cut, cut_responses)
+    cut, cut_responses = sum(s.cut for s in splits.values()), sum(s.cut_responses for s in splits.values())
     print0(
         f"data: {len(splits['train']):,} train and {len(splits['val']):,} val preference pairs"
         f"{' (rendered through the chat template)' if template else ''}"
         + (
-            f"; {cut:,} longer than the context ({cfg.block_size} tokens) had "
-            f"their prompts cut from the start"
+            f"; {cut:,} longer than the context ({cfg.block_size} tokens) had their prompts cut from the "
+            f"start" + (f" ({cut_responses:,} also a response at its end)" if cut_responses else "")
             if cut
             else ""
         )
@@ -373,12 +386,17 @@ def adapters_off(model: torch.nn.Module) -> Iterator[None]:
 
 def reference_logps(run: Run, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T - 1) log-probabilities under the reference: the frozen copy, or with LoRA the model with
-    its adapters off."""
+    its adapters off; in eval mode either way (dropout would make the reference drift)."""
     with torch.no_grad():
         if run.reference is not None:
             return token_logps(run.reference, ids, mask)
-        with adapters_off(run.model):
-            return token_logps(run.model, ids, mask)
+        was_training = run.model.training
+        run.model.eval()
+        try:
+            with adapters_off(run.model):
+                return token_logps(run.model, ids, mask)
+        finally:
+            run.model.train(was_training)
 
 
 def preference_losses(
@@ -494,6 +512,8 @@ def pair_prepare(run: Run, source: Any) -> None:
         + (f", label smoothing {cfg.dpo_label_smoothing:g}" if cfg.dpo_label_smoothing else "")
         + (f", gamma {cfg.simpo_gamma:g}" if cfg.dpo_loss == "simpo" else "")
     )
+    if not cfg.dpo_precompute_ref:  # a table a resume brings is not this run's reference any more
+        run.kept.pop("ref_logps", None), run.kept.pop("ref_logps_data", None)
     if cfg.dpo_loss == "simpo":
         print0("reference: none (SimPO scores each response by its own log-probabilities per token)")
         return
@@ -587,6 +607,7 @@ OBJECTIVES.implement(
     evaluate=pair_evaluation,
     checks=pair_checks,
     unit="preference pairs",
+    plot=("DPO loss (--dpo_loss)", ("loss", "val_loss", "ema_val_loss")),
     shown=("rewards/accuracies", "rewards/margins"),
     reference=lambda cfg: cfg.dpo_loss != "simpo" and not cfg.dpo_precompute_ref and not cfg.lora_rank,
 )
@@ -650,17 +671,24 @@ def reward_of(fn: Callable[..., Any], prompt: Prompt, completion: str, spec: str
     the function returned (or raised)."""
     try:
         value = fn(prompt.text, completion, prompt.record)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # the user's code; Ctrl-C still stops the run
         raise TinyLLMError(
             f"--reward {spec} raised {type(e).__name__} ({first_line(e)}) on the record at "
             f"{prompt.where}; fix the function"
         ) from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite(value):
         raise TinyLLMError(
             f"--reward {spec} returned {str(value)[:40]!r} ({type(value).__name__}) for the record "
             f"at {prompt.where}; it must return a finite number"
         )
     return float(value)
+
+
+def finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def prompt_of(record: dict[str, Any], where: str, template: str) -> tuple[str, str]:
@@ -673,6 +701,8 @@ def prompt_of(record: dict[str, Any], where: str, template: str) -> tuple[str, s
         turns = [{"role": "user", "content": turns}]
     elif turns is None:
         raise TinyLLMError(f"{where} has no 'prompt' (or 'messages' whose last turn is the user's)")
+    elif not isinstance(turns, list):
+        raise TinyLLMError(f"{where}: the prompt is {type(turns).__name__}, not a string or a message list")
     messages = messages_of(turns, where)
     if messages[-1]["role"] != "user":
         raise TinyLLMError(
@@ -703,8 +733,7 @@ def prompt_inputs(
     splits = {}
     for name, records in split_records(cfg).items():
         prompts, cut, h = [], 0, hashlib.sha256()
-        for file, line, record in records:
-            where = f"{file} line {line}"
+        for where, record in records:
             text, given = prompt_of(record, where, template)
             check_known_chars(tok, text, where)
             ids = tok.encode(text)
@@ -714,6 +743,8 @@ def prompt_inputs(
             prompts.append(Prompt(ids[-room:], given, record, where))
             h.update(json.dumps([ids[-room:], record], sort_keys=True, default=str).encode())
         splits[name] = PromptSplit(prompts, tok.start_ids(), h.hexdigest(), reward, cut)
+    # the function tried once before the run directory is touched: on the first prompt, an empty completion
+    reward_of(reward, splits["train"].prompts[0], "", f"{cfg.reward} (tried on an empty completion first)")
     cut = sum(s.cut for s in splits.values())
     print0(
         f"data: {len(splits['train']):,} train and {len(splits['val']):,} val prompts"
@@ -787,6 +818,7 @@ def new_rollout(run: Run, batch: int) -> Rollout:
     figures = {
         "reward": torch.cat(rewards).mean(),
         "reward_std": torch.stack(spreads).mean(),
+        "zero_std_groups": (torch.stack(spreads) == 0).float().mean(),  # no signal: every advantage 0
         "completion_length": lengths.mean(),
     }
     rollout = Rollout(
@@ -858,10 +890,12 @@ def grpo_prepare(run: Run, source: Any) -> None:
         if cfg.grpo_iters == 1
         else f"{cfg.grpo_iters} steps per sampled batch, the ratio clipped to 1 +- {cfg.grpo_clip:g}"
     )
+    shortest = min(len(p.ids) for p in run.splits["train"].prompts)
+    most = min(cfg.grpo_completion_tokens, cfg.block_size - shortest)  # what the context leaves
+    short = " (the context leaves no more)" if most < cfg.grpo_completion_tokens else ""
     print0(
         f"grpo: {cfg.batch_size // cfg.grpo_group} prompt(s) x {cfg.grpo_group} completions per micro-batch, "
-        f"up to {cfg.grpo_completion_tokens} tokens each at temperature {cfg.temperature:g}; reward "
-        f"{cfg.reward}; {iters}"
+        f"up to {most} tokens each{short} at temperature {cfg.temperature:g}; reward {cfg.reward}; {iters}"
     )
     if cfg.grpo_kl:
         keep_reference(run, source, run.state.step == 0)
@@ -905,6 +939,7 @@ OBJECTIVES.implement(
     evaluate=grpo_evaluation,
     checks=grpo_checks,
     unit="completions",
+    plot=("reward", ("reward", "val_reward", "ema_val_reward")),
     shown=("reward", "completion_length", "clip_ratio"),
     best=lambda score: f"val reward {-score:.4f}",
     reference=lambda cfg: cfg.grpo_kl > 0 and not cfg.lora_rank,

@@ -204,11 +204,13 @@ class Objective:
     the run after it is built (`prepare`: a reference model, say, from the --init_from source on
     a resume), gives one micro-batch's loss and the figures to log beside it (`loss`), and the
     evaluation (`evaluate`: its figures, the one ckpt_best.pt is chosen by, lower better, and the
-    line to print). `flags` are the settings only it reads; `tunes`: it needs --init_from;
+    line to print). `flags` are the settings only it reads (a resume that changes one starts the
+    best over, where they shape the figure the best is chosen by); `tunes`: it needs --init_from;
     `windows`: a micro-batch is --batch_size windows of the context (so tokens/s and MFU are
     known); `reference`: whether the run needs its starting weights beside the tuned ones (a
     resume then reads them from --init_from again); `checks`: its settings, as the other checks
-    are; `shown`: the figures the progress line shows; `best`: how the chosen figure reads."""
+    are; `shown`: the figures the progress line shows; `best`: how the chosen figure reads;
+    `plot`: loss.png's axis and its train, val and EMA curves."""
     flags: tuple[str, ...] = ()
     tunes: bool = False
     windows: bool = False
@@ -221,6 +223,7 @@ class Objective:
     evaluate: Callable[..., tuple[float, dict[str, float], str]] | None = None
     checks: Callable[[Config], list[tuple[bool, str]]] = lambda cfg: []
     best: Callable[[float], str] = lambda score: f"val loss {score:.4f}"
+    plot: tuple[str, tuple[str, ...]] = ("cross-entropy (nats/token)", ("loss", "val_loss", "ema_val_loss"))
     home: str = ""
 
 
@@ -3650,6 +3653,12 @@ def start_run(r: Resolved, dist: Dist) -> Run:
     r.source = None  # the model holds its weights now: the source's tensors (and mapped files) can go
     if ckpt and ckpt.get("data_sha256", data) != data:  # allowed by --allow_data_change: other val text
         run.state.best_val = float("inf")
+    changed = [k for k in ("objective", *run.objective.flags) if ckpt and not run.objective.windows
+               and ckpt["config"].get(k, FIELDS[k].default) != getattr(cfg, k)]
+    if changed and run.state.best_val < float("inf"):  # the best was chosen by another loss or reward
+        run.state.best_val = float("inf")
+        print0(f"note: --{changed[0]} differs from the checkpoint's, so the val figures are not comparable "
+               f"with its best: the best starts over")
     run.metrics = Metrics.for_run(cfg, out, dist.rank)  # opens TensorBoard/W&B: after every refusal
     if ckpt:
         print0(f"resume: continuing {out / 'ckpt.pt'} from step {run.state.step}")
@@ -3768,8 +3777,9 @@ def evaluate(run: Run) -> tuple[Best | None, str]:
     record = {"step": run.state.step, **figures, "elapsed_s": run.state.elapsed}
     candidates = {"live": (score, run.model)}
     if run.ema is not None:
-        candidates["ema"] = (run.objective.evaluate(run, run.ema.model, ("val",))[0], run.ema.model)
-        record["ema_val_score" if "val_loss" not in figures else "ema_val_loss"] = candidates["ema"][0]
+        ema_score, ema_figures, _ = run.objective.evaluate(run, run.ema.model, ("val",))
+        candidates["ema"] = (ema_score, run.ema.model)
+        record |= {f"ema_{name}": value for name, value in ema_figures.items() if name.startswith("val_")}
     which = min(candidates, key=lambda k: candidates[k][0])
     val, source = candidates[which]
     tasks = task_scores(run) if run.cfg.eval_tasks else {}
@@ -4000,6 +4010,10 @@ def score_checkpoint_tasks(use: Loaded) -> dict[str, dict[str, float]]:
 
 
 def loss_of_checkpoint(use: Loaded) -> dict[str, float]:
+    if not use.cfg.eval_data and not OBJECTIVES[use.cfg.objective].windows:
+        raise TinyLLMError(f"{use.path} was tuned with --objective {use.cfg.objective} on --data_path "
+                           f"{use.cfg.data_path}, which holds no text to measure a loss on; give --eval_data "
+                           f"(a text file) or --eval_tasks")
     tokens, per_byte, name, mask = eval_tokens_for(use)
     if len(tokens) < use.cfg.block_size + 1:
         raise TinyLLMError(f"{name} has {len(tokens)} tokens; --eval_only needs at least block_size "
@@ -4233,13 +4247,14 @@ def plot_metrics(out: Path) -> Path:
     require("matplotlib", "--plot").use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
     records = read_metrics(out)
+    axis, keys = objective_of(out).plot
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, label in (("loss", "train (log steps)"), ("val_loss", "val"), ("ema_val_loss", "val, EMA")):
+    for key, label, marker in zip(keys, ("train (log steps)", "val", "val, EMA"), (None, "o", "o")):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None, markersize=3)
+            ax.plot(*zip(*points), label=label, marker=marker, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(axis)
     ax.set_title(out.name)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
@@ -4255,6 +4270,15 @@ def plot_metrics(out: Path) -> Path:
     atomic_write(out / "loss.png", lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
     return out / "loss.png"
+
+
+def objective_of(out: Path) -> Objective:
+    """The objective of the run in `out` (its effective_config.json), lm when it does not say."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        name = json.loads((out / "effective_config.json").read_text()).get("objective", "lm")
+        if name in OBJECTIVES:
+            return OBJECTIVES[name]
+    return OBJECTIVES["lm"]
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
@@ -4610,8 +4634,9 @@ def check_entries(cfg: Config, mode: str, explicit: dict[str, Any]) -> Config:
 def check_objective(cfg: Config, mode: str, explicit: dict[str, Any]) -> None:
     """--objective is training's, its settings are its own (those of another are refused), a
     tuning objective starts from --init_from, and the objective checks the rest (Objective.checks)."""
-    if "objective" in explicit and mode != "train":
-        raise TinyLLMError(f"--objective is for training; --{MODES[mode].flag} does not train: drop it")
+    tuning = [k for k in ("objective", *DPO_FLAGS, *GRPO_FLAGS) if k in explicit]
+    if tuning and mode != "train":
+        raise TinyLLMError(f"--{tuning[0]} is for training; --{MODES[mode].flag} does not train: drop it")
     if mode != "train":
         return
     objective = OBJECTIVES[cfg.objective]
