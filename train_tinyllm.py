@@ -433,6 +433,14 @@ class Config:
     compile: bool = opt(False, "torch.compile the training model (inductor; CPU and CUDA).", "training")
     ddp: bool = opt(False, "Run distributed; implied when launched by torchrun (RANK is set).",
                     "training")
+    fsdp: bool = opt(False, "Under torchrun: shard weights, gradients and optimizer state over the ranks "
+                            "(PyTorch FSDP2: each block, then the root) instead of DDP's whole copy on "
+                            "each; checkpoints are then sharded too (torch.distributed.checkpoint: each "
+                            "rank writes its own shard), and resume on any number of ranks, or none.",
+                     "training")
+    fsdp_reshard_after_forward: bool = opt(True, "With --fsdp: free each block's gathered weights after its "
+                                                 "forward (least memory) instead of keeping them for the "
+                                                 "backward (less communication).", "training")
     ema: bool = opt(False, "Keep an fp32 exponential moving average of the weights; evaluated beside "
                            "the live weights and used for sampling and ckpt_best.pt when better.",
                     "training")
@@ -578,7 +586,7 @@ RUN_KEYS = ("device", "resume", "allow_data_change", "overwrite", "generate_only
             "clear_decode_cache",
             "stop_at_step", "eval_only", "eval_data", "benchmark", "plot", "export", "export_dir",
             "gguf_type", "serve", "host", "port", "api_key", "serve_batch", "eval_tasks", "task_format",
-            "eval_tasks_limit", "task_chat")
+            "eval_tasks_limit", "task_chat", "fsdp", "fsdp_reshard_after_forward")
 
 
 SERVE_KEYS = ("host", "port", "api_key", "serve_batch")  # settings of --serve alone
@@ -715,9 +723,10 @@ def init_distributed(cfg: Config) -> Dist:
     MASTER_ADDR...): nccl on CUDA, gloo on CPU; single-node and multi-node alike."""
     place = Dist.from_environment()
     if place is None:
-        if cfg.ddp:
-            raise TinyLLMError("--ddp needs torchrun to start the processes: torchrun --standalone "
-                               "--nproc_per_node=N train_tinyllm.py ...")
+        if cfg.ddp or cfg.fsdp:
+            flag = "--fsdp" if cfg.fsdp else "--ddp"
+            raise TinyLLMError(f"{flag} needs torchrun to start the processes: torchrun --standalone "
+                               f"--nproc_per_node=N train_tinyllm.py ...")
         return SINGLE_PROCESS
     import torch.distributed as dist
     use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
@@ -2667,6 +2676,8 @@ def faster_in_bf16(model: GPT, steps: int = 6) -> bool:
 def sampling_copy(model: GPT, cfg: Config, device: torch.device, compiled: bool = False) -> GPT:
     """The model in the sampling dtype, quantized as --quantize asks: a copy when that differs
     from the model itself, so training never sees its weights rounded."""
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):  # --fsdp: sampled as it is, every
+        return model  # rank in step, each gathering a block's weights as it goes (a copy would be whole)
     dtype = sampling_dtype(cfg, device, compiled, model)
     if has_lora(model):  # adapters folded in: one matmul per layer, as the exports have it
         # the frozen base is shared when its dtype is the sampling one, else copied once in that
@@ -3064,7 +3075,7 @@ def find_checkpoint(cfg: Config) -> Path:
         return Path(cfg.ckpt)
     out = Path(cfg.out_dir)
     best = out / "ckpt_best.pt"
-    return best if best.is_file() else out / "ckpt.pt"
+    return best if best.exists() else out / "ckpt.pt"  # a file, or a folder of shards (--fsdp)
 
 
 def checkpoint_to_use(cfg: Config, mode: str) -> Path | None:
@@ -3072,7 +3083,7 @@ def checkpoint_to_use(cfg: Config, mode: str) -> Path | None:
     (Mode.loads) --ckpt, else out_dir's best, else its latest; None for a new run and the rest."""
     if mode == "train" and cfg.resume:
         path = Path(cfg.out_dir) / "ckpt.pt"
-        if not path.is_file():
+        if not path.exists():
             raise TinyLLMError(f"--resume: no checkpoint at {path}; train without --resume first, or "
                                f"point --out_dir at the run to continue")
         return path
@@ -3086,6 +3097,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     optimizer state)."""
     if path.suffix == ".safetensors" and path.is_file():
         return CHECKPOINT_FILES.entry(".safetensors", f"the checkpoint {path}")(path)
+    if path.is_dir() and (path / "state.pt").is_file():
+        return load_sharded(path)
     if not path.is_file():
         raise TinyLLMError(f"no checkpoint at {path}; train first (or give --ckpt PATH / the right "
                            f"--out_dir)")
@@ -3106,6 +3119,26 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
         raise TinyLLMError(f"{path} is not a tinyllm checkpoint (format {CKPT_FORMAT}); use a "
                            f"checkpoint written by train_tinyllm.py")
     return ckpt
+
+
+def load_sharded(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint (--fsdp) in one process, whole: its state.pt, and every rank's shards of
+    the weights and optimizer state put together by torch.distributed.checkpoint (tensors by
+    parameter name; Run.restore and model_from_checkpoint take them)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    try:
+        ckpt = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        tensors: dict[str, Any] = {}  # filled as torch's dcp_to_torch_save fills it, without writing a copy
+        _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except Exception as e:
+        raise TinyLLMError(f"{path} cannot be loaded as a sharded tinyllm checkpoint ({first_line(e)}); it "
+                           f"is incomplete or damaged: use another checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise TinyLLMError(f"{path} is not a tinyllm checkpoint (format {CKPT_FORMAT})")
+    return {**ckpt, "model": tensors["model"], "optimizer": tensors["optimizer"], "sharded": True}
 
 
 def holds_code(e: Exception, path: Path) -> bool:
@@ -3222,7 +3255,7 @@ def lock_out_dir(out: Path) -> Any:
 def refuse_existing_run(cfg: Config) -> None:
     """A new run never silently replaces the checkpoints of an earlier one."""
     ckpt = Path(cfg.out_dir) / "ckpt.pt"
-    if ckpt.is_file() and not cfg.overwrite and is_rank0():
+    if ckpt.exists() and not cfg.overwrite and is_rank0():
         raise TinyLLMError(f"--out_dir {cfg.out_dir} already holds a run ({ckpt}); add --resume to "
                            f"continue it, --overwrite to start over, or pick another --out_dir")
 
@@ -3406,11 +3439,20 @@ class Run:
     scratch: dict[str, Any] = field(default_factory=dict)  # what it carries between steps, and does not
     reference: GPT | None = None  # the starting weights, frozen, for an objective that compares with them
 
+    @property
+    def sharded(self) -> bool:
+        """--fsdp under torchrun: the model's weights are DTensors, each rank holding its shard."""
+        return self.cfg.fsdp and self.dist.enabled
+
     def checkpoint(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Everything needed to resume exactly, as plain data that loads with weights_only=True."""
-        return {"format": CKPT_FORMAT, "model": weights or saved_weights(self.model),
-                "optimizer": [o.state_dict() for o in self.optimizers],
-                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+        return {"model": weights or saved_weights(self.model),
+                "optimizer": [o.state_dict() for o in self.optimizers], **self.state_fields()}
+
+    def state_fields(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the weights and the optimizer state."""
+        return {"format": CKPT_FORMAT, "world_size": self.dist.world_size, "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
                 "step": self.state.step, "best_val_loss": self.state.best_val,
                 "elapsed_s": self.state.elapsed, "overflow_skips": self.state.overflow_skips,
                 "nonfinite_skips": self.state.nonfinite_skips, "best_step": self.state.best_step,
@@ -3421,9 +3463,12 @@ class Run:
                 "objective_state": self.kept}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
-        load_weights(self.model, ckpt["model"])
-        for optimizer, saved in zip(self.optimizers, ckpt["optimizer"], strict=True):
-            optimizer.load_state_dict(saved)
+        if self.sharded or ckpt.get("sharded"):  # by parameter name: any world size, sharded or not
+            restore_by_name(self, ckpt)
+        else:
+            load_weights(self.model, ckpt["model"])
+            for optimizer, saved in zip(self.optimizers, ckpt["optimizer"], strict=True):
+                optimizer.load_state_dict(saved)
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.load_state_dict(ckpt["ema"])
@@ -3447,6 +3492,28 @@ class Run:
             self.lock.close()
 
 
+def restore_by_name(run: Run, ckpt: dict[str, Any]) -> None:
+    """Weights and optimizer state from a checkpoint keyed by parameter name, into a model sharded
+    over any number of ranks or none (torch.distributed.checkpoint's state_dict API): a sharded
+    checkpoint's, or a whole one's, whose optimizer state (keyed by position) is named first."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    optimizer = ckpt["optimizer"] if ckpt.get("sharded") else named_optimizer_state(run, ckpt["optimizer"])
+    set_state_dict(run.model, run.optimizers, model_state_dict=ckpt["model"], optim_state_dict=optimizer,
+                   options=StateDictOptions(full_state_dict=True, strict=not has_lora(run.model)))
+
+
+def named_optimizer_state(run: Run, saved: list[dict[str, Any]]) -> dict[str, Any]:
+    """A whole checkpoint's optimizer state (one optimizer, tensors by their place in its groups)
+    keyed by parameter name, as the state_dict API takes it."""
+    if len(saved) != 1:
+        raise TinyLLMError(f"this checkpoint has {len(saved)} optimizers' state (--optimizer muon), which "
+                           f"--fsdp cannot take; resume it without --fsdp")
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    order = [names[id(p)] for group in run.optimizers[0].param_groups for p in group["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved[0]["param_groups"]]
+    return {"state": {order[i]: v for i, v in saved[0]["state"].items()}, "param_groups": groups}
+
+
 def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], device: torch.device,
             out: Path, dist: Dist = SINGLE_PROCESS, ckpt: dict[str, Any] | None = None,
             source: Source | None = None) -> Run:
@@ -3464,6 +3531,8 @@ def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], d
     if cfg.lora_rank:
         PRETRAINED[""].adapt(model, cfg)
     model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.fsdp and dist.enabled:  # before the optimizers: they step the shards
+        shard_model(model, cfg, dtype)
     run = Run(cfg=cfg, dist=dist, device=device, dtype=dtype, out=out, tok=tok, splits=splits,
               model=model, train_model=model, optimizers=make_optimizers(model, cfg, device),
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
@@ -3476,11 +3545,25 @@ def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], d
     return run
 
 
+def shard_model(model: GPT, cfg: Config, dtype: torch.dtype) -> None:
+    """--fsdp: each block, then the root (embedding, final norm, head), sharded over the ranks in
+    place (FSDP2's fully_shard): every weight becomes a DTensor of which each rank holds a slice,
+    gathered for a block's forward and backward. Under autocast the gathered weights are in its
+    dtype and gradients are averaged over the ranks in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
+        else MixedPrecisionPolicy()
+    for module in [*model.blocks, model]:
+        fully_shard(module, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    register_fsdp_forward_method(model, "step")  # the decode step gathers the root's weights as forward does
+
+
 def wrap_model(model: GPT, cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
     """The training handle: compiled (static shapes: one compile per curriculum stage), then
-    DDP-wrapped. Checkpoints, EMA, eval and sampling keep using the raw model."""
+    DDP-wrapped (FSDP shards the raw model in place: no wrapper). Checkpoints, EMA, eval and
+    sampling keep using the raw model."""
     wrapped: nn.Module = torch.compile(model, dynamic=False) if cfg.compile else model
-    if dist.enabled:
+    if dist.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
         wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda"
                                           else None)
@@ -3581,14 +3664,14 @@ def train_loop(run: Run, catcher: SignalCatcher) -> None:
 
 def train_step(run: Run, lr: float) -> torch.Tensor:
     """One optimizer step; returns the mean training loss as a device tensor."""
-    cfg, state, model = run.cfg, run.state, run.train_model
+    cfg, state = run.cfg, run.state
     context = context_at(state.step, cfg)
     batch = batch_at(context, cfg)
     # forward and backward per micro-batch; DDP syncs gradients on the last one only
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(cfg.grad_accum_steps):
         sync = micro == cfg.grad_accum_steps - 1 or not run.dist.enabled
-        with contextlib.nullcontext() if sync else model.no_sync():
+        with local_gradients(run, sync):
             with autocast(run.device, run.dtype):  # the objective's loss of one micro-batch (--objective)
                 loss, figures = run.objective.loss(run, batch, context, micro)
             loss = loss / cfg.grad_accum_steps
@@ -3602,11 +3685,12 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
         for group in optimizer.param_groups:
             group["lr"] = lr
         run.scaler.unscale_(optimizer)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # over the shards, with --fsdp
+    whole = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     # a non-finite norm (an fp16 overflow, or divergence) skips the update; after the sync the
     # norm is the same on every rank, so all ranks skip together. This is the step's host sync
     # (under fp16 the GradScaler adds its own).
-    skipped = not torch.isfinite(norm).item()
+    skipped = not torch.isfinite(whole).item()
     if not skipped:
         if cfg.grad_clip:  # clip, then step every optimizer (through the scaler under fp16)
             torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
@@ -3618,9 +3702,26 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     # the EMA follows every update that was made
     if not skipped and run.ema is not None:
         run.ema.update(run.model)
-    state.step, state.grad_norm = state.step + 1, norm
-    count_skip(run, skipped, norm)
+    state.step, state.grad_norm = state.step + 1, whole
+    count_skip(run, skipped, whole)
     return loss_sum
+
+
+@contextlib.contextmanager
+def local_gradients(run: Run, sync: bool) -> Iterator[None]:
+    """A micro-batch whose gradients are only added up on each rank, unless `sync` (the last of a
+    step's micro-batches, which averages them over the ranks): DDP's no_sync, FSDP's switch."""
+    if sync or not run.dist.enabled:
+        yield
+    elif run.sharded:
+        run.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            run.model.set_requires_gradient_sync(True)
+    else:
+        with run.train_model.no_sync():
+            yield
 
 
 def start_run(r: Resolved, dist: Dist) -> Run:
@@ -3628,7 +3729,7 @@ def start_run(r: Resolved, dist: Dist) -> Run:
     checked and prepared (tokenizer, token files); only then is a new out_dir created and
     locked, tokenizer.json and effective_config.json written, and the run built (resumed when r
     has a checkpoint) with its metrics."""
-    cfg, ckpt = r.cfg, r.ckpt
+    cfg, ckpt = keep_global_batch(r.cfg, r.ckpt, dist), r.ckpt
     r.ckpt = None  # restored into the run below: the loaded copy need not outlive it
     device = pick_device(cfg.device, dist.local_rank)
     out = check_out_dir(cfg.out_dir)
@@ -3638,7 +3739,7 @@ def start_run(r: Resolved, dist: Dist) -> Run:
     tok, splits, data = OBJECTIVES[cfg.objective].inputs(cfg, ckpt, dist, source)
     if dist.rank == 0 and lock is None:
         lock = lock_out_dir(prepare_out_dir(out))
-        if not ckpt and not cfg.overwrite and (out / "ckpt.pt").is_file():  # another run got here first
+        if not ckpt and not cfg.overwrite and (out / "ckpt.pt").exists():  # another run got here first
             lock.close()
             refuse_existing_run(cfg)
     if dist.rank == 0:
@@ -3665,6 +3766,24 @@ def start_run(r: Resolved, dist: Dist) -> Run:
     return run
 
 
+def keep_global_batch(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist) -> Config:
+    """A resume on another number of ranks than the checkpoint's keeps the global batch (and so
+    the schedule's tokens per step) by changing --grad_accum_steps; refused where it cannot."""
+    saved = (ckpt or {}).get("world_size", dist.world_size)
+    if saved == dist.world_size:
+        return cfg
+    batch, accum = ckpt["config"]["batch_size"], ckpt["config"]["grad_accum_steps"]
+    total, per_micro = batch * accum * saved, cfg.batch_size * dist.world_size
+    if total % per_micro:
+        raise TinyLLMError(f"--resume on {dist.world_size} process(es): the run's global batch of {total} "
+                           f"sequences ({batch} x {accum} accum x {saved} ranks) is "
+                           f"not a multiple of {per_micro} ({cfg.batch_size} x {dist.world_size}); resume on "
+                           f"a number of ranks that divides it")
+    print0(f"resume: {dist.world_size} process(es) instead of {saved}: --grad_accum_steps "
+           f"{cfg.grad_accum_steps} -> {total // per_micro} keeps the global batch of {total} sequences")
+    return dataclasses.replace(cfg, grad_accum_steps=total // per_micro)
+
+
 def describe_run(run: Run) -> None:
     cfg = run.cfg
     source = f", from {cfg.init_from}" if cfg.init_from else ""
@@ -3678,6 +3797,7 @@ def describe_run(run: Run) -> None:
     print0(f"engine: device {run.device}, {str(run.dtype).removeprefix('torch.')}"
            f"{' autocast' if run.dtype != torch.float32 else ''}, optimizer {cfg.optimizer}, "
            f"{'compiled' if cfg.compile else 'eager'}, {run.dist.world_size} process(es)"
+           f"{' (FSDP: weights, gradients and optimizer state sharded)' if run.sharded else ''}"
            f"{', freed memory kept' if run.memory_kept else ''}")
     limit = f"{cfg.max_steps} steps" + (f" or {cfg.time_budget_s:g}s" if cfg.time_budget_s else "")
     per_step = f"{tokens_per_step(cfg, run.dist.world_size):,} tokens ({cfg.batch_size} x {cfg.block_size}" \
@@ -3825,17 +3945,21 @@ def save_checkpoints(run: Run, best: Best | None = None) -> set[str]:
     if best is not None:
         state.best_val, previous = best.val_loss, (state.best_val, state.best_step)
         state.best_step = state.step
-    if run.dist.rank != 0:
+    if run.dist.rank != 0 and not run.sharded:
         return {"ckpt.pt", "ckpt_best.pt"}
+    write = write_sharded if run.sharded else lambda run, name, weights: write_checkpoint(
+        run, name, run.checkpoint(weights))
     written = set()
     if best is not None:
-        if write_checkpoint(run, "ckpt_best.pt", run.checkpoint(best.weights)):
+        if write(run, "ckpt_best.pt", best.weights):
             written.add("ckpt_best.pt")
         else:
             state.best_val, state.best_step = previous
-    if write_checkpoint(run, "ckpt.pt", run.checkpoint()):
+    if write(run, "ckpt.pt", None):
         written.add("ckpt.pt")
         state.saved_step = state.step
+    if not run.sharded and (run.out / "shards").is_dir():  # a sharded run resumed whole: its old shards
+        drop_unnamed_shards(run.out)
     return written
 
 
@@ -3851,6 +3975,61 @@ def write_checkpoint(run: Run, name: str, ckpt: dict[str, Any]) -> bool:
         print(f"warning: could not write {what} to {run.out} ({write_failure(e, run.out)}); {kept}; "
               f"free disk space or fix permissions", file=sys.stderr, flush=True)
         return False
+
+
+def write_sharded(run: Run, name: str, weights: dict[str, torch.Tensor] | None) -> bool:
+    """--fsdp: a checkpoint as a folder of shards, out_dir/shards/NAME-STEP-TIME: each rank writes
+    its own shard of the weights and optimizer state (torch.distributed.checkpoint; no rank
+    gathers the model), rank 0 the rest beside them (state.pt); then out_dir/NAME, a symlink, is
+    pointed at the folder in one rename, so it names a whole checkpoint or the previous one.
+    Every rank returns whether it was written (a failure anywhere is a failure everywhere)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optimizer_state = get_state_dict(run.model, run.optimizers)
+    stamp = int(agreed(run, time.time()) * 1000)  # one folder name for every rank
+    folder = run.out / "shards" / f"{name.removesuffix('.pt')}-{run.state.step}-{stamp}"
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    ok, failure = True, "it failed on another rank"
+    try:
+        dcp.save({"model": weights or model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+        if run.dist.rank == 0:
+            torch.save(run.state_fields(), tmp / "state.pt")
+    except (OSError, RuntimeError) as e:
+        ok, failure = False, write_failure(e, run.out)
+    ok = agreed_all(run, ok)
+    if ok and run.dist.rank == 0:
+        missing = [r for r in range(run.dist.world_size) if not (tmp / f"__{r}_0.distcp").is_file()]
+        if missing:
+            raise TinyLLMError(f"the shards of rank(s) {missing} are not in {tmp}: with --fsdp on several "
+                               f"machines, --out_dir must be a folder every machine sees (shared storage)")
+        os.replace(tmp, folder)
+        link = run.out / f".{name}.link{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path("shards") / folder.name, target_is_directory=True)
+        os.replace(link, run.out / name)  # one rename: the name is the old checkpoint, then the new
+        drop_unnamed_shards(run.out)
+    elif not ok and run.dist.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous {name} is kept" if (run.out / name).exists() else f"there is no {name} yet"
+        print(f"warning: could not write {name} to {run.out} ({failure}); {kept}; free disk space or fix "
+              f"permissions", file=sys.stderr, flush=True)
+    agreed_all(run, True)  # the others wait until the name points at the new folder
+    return ok
+
+
+def agreed_all(run: Run, flag: bool) -> bool:
+    """Whether `flag` holds on every rank (a barrier too)."""
+    t = torch.tensor([0 if flag else 1], device=run.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return not t.item()
+
+
+def drop_unnamed_shards(out: Path) -> None:
+    """Shard folders neither ckpt.pt nor ckpt_best.pt names any more (and half-written ones)."""
+    named = {(out / n).resolve() for n in ("ckpt.pt", "ckpt_best.pt") if (out / n).is_symlink()}
+    for folder in (out / "shards").iterdir():
+        if folder.resolve() not in named:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_failure(e: BaseException, folder: Path) -> str:
@@ -3894,6 +4073,26 @@ def report_done(run: Run) -> None:
            f"{run.objective.best(state.best_val)}; {where}")
     if 0 <= state.saved_step < run.cfg.max_steps and not run.cfg.time_budget_s:
         print0(f"continue with: --out_dir {run.out} --resume")
+    if run.dist.enabled:
+        print0(memory_per_rank(run))
+
+
+def memory_per_rank(run: Run) -> str:
+    """What rank 0 holds of the weights (the gradients hold as much of the trained ones) and of the
+    optimizer state: all of it with DDP, its shard with --fsdp; and its peak resident memory."""
+    import resource
+
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    weights = sum(local(p) for p in run.model.parameters())
+    trained = sum(local(p) for p in run.model.parameters() if p.requires_grad)
+    state = sum(local(v) for o in run.optimizers for s in o.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    return (f"memory of rank 0 of {run.dist.world_size}{' (sharded)' if run.sharded else ''}: weights "
+            f"{weights / 2**20:,.1f} MB, gradients {trained / 2**20:,.1f} MB, optimizer state "
+            f"{state / 2**20:,.1f} MB; peak resident {peak / 2**30:.2f} GB")
 
 
 def on_disk(run: Run) -> str:
@@ -4494,6 +4693,19 @@ def training_checks(cfg: Config) -> list[Check]:
          f"--curriculum_start_block_size must be in [1, block_size={cfg.block_size})"),
         (cfg.curriculum_steps < 0, "--curriculum_steps must be 0 (a third of max_steps) or positive"),
         (cfg.peak_flops < 0, "--peak_flops must be 0 (automatic) or positive"),
+        (cfg.fsdp and cfg.ddp, "--fsdp and --ddp are two ways to run distributed; give one"),
+        (cfg.fsdp and cfg.optimizer in ("muon", "adamw8bit"),
+         f"--optimizer {cfg.optimizer} is not supported with --fsdp (muon orthogonalizes whole matrices, "
+         f"which --fsdp splits over the ranks; adamw8bit's kernels take whole tensors): use adamw or lion"),
+        (cfg.fsdp and cfg.ema, "--ema with --fsdp is not supported yet (the EMA would need its own shards): "
+                               "drop --ema, or use --ddp"),
+        (cfg.fsdp and cfg.objective != "lm", f"--objective {cfg.objective} with --fsdp is not supported yet "
+                                             f"(its sampling and reference need whole weights): use --ddp"),
+        (cfg.fsdp and bool(cfg.eval_tasks), "--eval_tasks with --fsdp is not supported yet (ranks score "
+                                           "different items, which sharded weights cannot): score the "
+                                           "checkpoint with --eval_only --eval_tasks after training"),
+        (cfg.fsdp and cfg.lora_rank > 0, "--lora_rank with --fsdp is not supported yet: use --ddp (the "
+                                         "adapters are small) or full fine-tuning"),
     ]
 
 
