@@ -3986,6 +3986,8 @@ def write_sharded(run: Run, name: str, weights: dict[str, torch.Tensor] | None) 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_state, optimizer_state = get_state_dict(run.model, run.optimizers)
+    if has_lora(run.model):  # the adapters only, as a whole LoRA checkpoint holds (the base is --init_from)
+        model_state = {k: v for k, v in model_state.items() if ".lora_" in k}
     stamp = int(agreed(run, time.time()) * 1000)  # one folder name for every rank
     folder = run.out / "shards" / f"{name.removesuffix('.pt')}-{run.state.step}-{stamp}"
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -4704,8 +4706,6 @@ def training_checks(cfg: Config) -> list[Check]:
         (cfg.fsdp and bool(cfg.eval_tasks), "--eval_tasks with --fsdp is not supported yet (ranks score "
                                            "different items, which sharded weights cannot): score the "
                                            "checkpoint with --eval_only --eval_tasks after training"),
-        (cfg.fsdp and cfg.lora_rank > 0, "--lora_rank with --fsdp is not supported yet: use --ddp (the "
-                                         "adapters are small) or full fine-tuning"),
     ]
 
 

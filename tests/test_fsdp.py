@@ -60,12 +60,21 @@ def test_fsdp_is_ddp_sharded_and_resumes_on_any_world_size(tmp_path):
     done = torchrun(4, "--out_dir", str(ddp), "--resume", "--fsdp", "--max_steps", "22", "--batch_size", "1")
     assert "--grad_accum_steps 1 -> 2 keeps the global batch of 8 sequences" in done.stdout
     assert torch.load(ddp / "ckpt.pt" / "state.pt", weights_only=True)["step"] == 22
+    # LoRA: the frozen base sharded too; the checkpoint holds the adapters, read on their base
+    lora = tmp_path / "lora"
+    torchrun(2, *common, "--out_dir", str(lora), "--fsdp", "--init_from", str(tmp_path / "fsdp" / "ckpt.pt"),
+             "--lora_rank", "2", "--max_steps", "3", "--eval_interval", "3")
+    adapters = tl.load_checkpoint(lora / "ckpt.pt")["model"]
+    assert adapters and all(".lora_" in k for k in adapters)
+    assert tl.main(["--generate_only", "--out_dir", str(lora), "--max_new_tokens", "4",
+                    "--no-compile_decode"]) == 0
 
 
 def test_what_fsdp_cannot_do_is_refused_by_name(run_args, capsys):
     for extra, said in ((("--optimizer", "muon"), "--optimizer muon is not supported with --fsdp"),
                         (("--ema",), "--ema with --fsdp is not supported yet"),
                         (("--ddp",), "--fsdp and --ddp are two ways"),
+                        (("--optimizer", "adamw8bit"), "--optimizer adamw8bit is not supported with --fsdp"),
                         ((), "--fsdp needs torchrun")):
         assert tl.main(run_args("--fsdp", *extra)) == 2, extra
         assert said in capsys.readouterr().err, extra
