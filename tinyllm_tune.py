@@ -108,6 +108,14 @@ def split_records(cfg: Config) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     return {"train": [r for r, h in zip(train, held) if not h], "val": [r for r, h in zip(train, held) if h]}
 
 
+def checked_data(cfg: Config, ckpt: dict[str, Any] | None, splits: dict[str, Any]) -> str:
+    """The hash of both splits' content, which a resume checks against its checkpoint's."""
+    data = sha256_hex(splits["train"].sha256, splits["val"].sha256)
+    if ckpt:
+        check_same_data(cfg, ckpt, data)
+    return data
+
+
 def messages_of(value: Any, where: str) -> list[dict[str, str]]:
     """A list of {"role", "content"} messages (OpenAI's layout; ShareGPT's from/value too), or a
     TinyLLMError saying what is wrong with it."""
@@ -328,10 +336,7 @@ def pair_inputs(
             else ""
         )
     )
-    data = sha256_hex(splits["train"].sha256, splits["val"].sha256)
-    if ckpt:
-        check_same_data(cfg, ckpt, data)
-    return tok, splits, data
+    return tok, splits, checked_data(cfg, ckpt, splits)
 
 
 def padded_length(longest: int, context: int) -> int:
@@ -755,10 +760,7 @@ def prompt_inputs(
             else ""
         )
     )
-    data = sha256_hex(splits["train"].sha256, splits["val"].sha256)
-    if ckpt:
-        check_same_data(cfg, ckpt, data)
-    return tok, splits, data
+    return tok, splits, checked_data(cfg, ckpt, splits)
 
 
 @dataclass
