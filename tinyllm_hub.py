@@ -556,6 +556,8 @@ def load_source(path: Path) -> Source:
                 raise TinyLLMError(f"--init_from {path} is one file of a model directory; give the "
                                    f"directory, {path.parent}") from None
             raise
+    if (path / "state.pt").is_file():  # a sharded checkpoint (--fsdp): its folder of shards
+        return tinyllm_source(path)
     if not (path / "config.json").is_file():
         raise TinyLLMError(f"--init_from {path}: neither a tinyllm checkpoint (.pt) or export "
                            f"(.safetensors) nor a HF model directory with a config.json")
@@ -603,7 +605,8 @@ def tinyllm_source(path: Path) -> Source:
                   read=state.__getitem__, spec=lambda n: (tuple(state[n].shape), state[n].dtype),
                   names=names,
                   ignored=frozenset({"lm_head.weight"} if tied else ()),
-                  fingerprint=content_fingerprint([path]))
+                  fingerprint=content_fingerprint(sorted(f for f in path.iterdir() if f.is_file())
+                                                  if path.is_dir() else [path]))
 
 
 def lora_base(ckpt: dict[str, Any], path: Path, base: str) -> Source:

@@ -3126,6 +3126,7 @@ def load_sharded(path: Path) -> dict[str, Any]:
     the weights and optimizer state put together by torch.distributed.checkpoint (tensors by
     parameter name; Run.restore and model_from_checkpoint take them)."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
     try:
@@ -3133,7 +3134,7 @@ def load_sharded(path: Path) -> dict[str, Any]:
         tensors: dict[str, Any] = {}  # filled as torch's dcp_to_torch_save fills it, without writing a copy
         _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)),
                          planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise TinyLLMError(f"{path} cannot be loaded as a sharded tinyllm checkpoint ({first_line(e)}); it "
                            f"is incomplete or damaged: use another checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
@@ -3777,8 +3778,9 @@ def keep_global_batch(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist) -> C
     if total % per_micro:
         raise TinyLLMError(f"--resume on {dist.world_size} process(es): the run's global batch of {total} "
                            f"sequences ({batch} x {accum} accum x {saved} ranks) is "
-                           f"not a multiple of {per_micro} ({cfg.batch_size} x {dist.world_size}); resume on "
-                           f"a number of ranks that divides it")
+                           f"not a multiple of {per_micro} ({cfg.batch_size} x {dist.world_size}); "
+                           + (f"give a --batch_size that divides {total // dist.world_size}" if total %
+                              dist.world_size == 0 else "resume on a number of ranks that divides it"))
     print0(f"resume: {dist.world_size} process(es) instead of {saved}: --grad_accum_steps "
            f"{cfg.grad_accum_steps} -> {total // per_micro} keeps the global batch of {total} sequences")
     return dataclasses.replace(cfg, grad_accum_steps=total // per_micro)
@@ -3999,11 +4001,12 @@ def write_sharded(run: Run, name: str, weights: dict[str, torch.Tensor] | None) 
     except (OSError, RuntimeError) as e:
         ok, failure = False, write_failure(e, run.out)
     ok = agreed_all(run, ok)
+    missing = [r for r in range(run.dist.world_size) if not (tmp / f"__{r}_0.distcp").is_file()] \
+        if ok and run.dist.rank == 0 else []
+    if ok and not agreed_all(run, not missing):  # every rank stops with the same line
+        raise TinyLLMError(f"the shards of some ranks are not in rank 0's {tmp}: with --fsdp on several "
+                           f"machines, --out_dir must be a folder every machine sees (shared storage)")
     if ok and run.dist.rank == 0:
-        missing = [r for r in range(run.dist.world_size) if not (tmp / f"__{r}_0.distcp").is_file()]
-        if missing:
-            raise TinyLLMError(f"the shards of rank(s) {missing} are not in {tmp}: with --fsdp on several "
-                               f"machines, --out_dir must be a folder every machine sees (shared storage)")
         os.replace(tmp, folder)
         link = run.out / f".{name}.link{os.getpid()}"
         link.unlink(missing_ok=True)
@@ -4774,6 +4777,8 @@ def resolve(argv: list[str] | None) -> Resolved:
         if key in explicit and not MODES[mode].decodes:
             raise TinyLLMError(f"--{key} is for decoding and --eval_only; --{mode} does not decode (exports "
                                f"keep the checkpoint's full weights): drop --{key}")
+    if "fsdp_reshard_after_forward" in explicit and not cfg.fsdp:
+        raise TinyLLMError("--fsdp_reshard_after_forward is for --fsdp; drop it or add --fsdp")
     if "gguf_type" in explicit and cfg.export != "gguf":
         raise TinyLLMError("--gguf_type is for --export gguf; drop it or add --export gguf")
     for key in SERVE_KEYS:

@@ -2,13 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_corpus, tl
+from conftest import TINY, make_corpus, th, tl
 
 SCRIPT = str(Path(tl.__file__).resolve())
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -49,6 +50,12 @@ def test_fsdp_is_ddp_sharded_and_resumes_on_any_world_size(tmp_path):
                     "--no-compile_decode"]) == 0
     assert tl.main(["--eval_only", "--out_dir", str(fsdp)]) == 0
     assert tl.main(["--export", "safetensors", "--out_dir", str(fsdp)]) == 0
+    assert th.load_source((fsdp / "ckpt_best.pt").resolve()).family == "tinyllm"  # --init_from takes it
+    damaged = tmp_path / "damaged"
+    shutil.copytree((fsdp / "ckpt_best.pt").resolve(), damaged)
+    (damaged / "__1_0.distcp").unlink()
+    with pytest.raises(tl.TinyLLMError, match="cannot be loaded as a sharded tinyllm checkpoint"):
+        tl.load_checkpoint(damaged)
     assert tl.main(["--out_dir", str(fsdp), "--resume"]) == 0  # one process, no torchrun
     assert losses(fsdp) == pytest.approx(losses(ddp), abs=1e-5)
     whole, resumed = tl.load_checkpoint(ddp / "ckpt.pt"), tl.load_checkpoint(fsdp / "ckpt.pt")
@@ -80,8 +87,16 @@ def test_what_fsdp_cannot_do_is_refused_by_name(run_args, capsys):
         assert said in capsys.readouterr().err, extra
 
 
+def test_fsdp_settings_without_fsdp_are_refused(run_args, capsys):
+    assert tl.main(run_args("--no-fsdp_reshard_after_forward")) == 2
+    assert "--fsdp_reshard_after_forward is for --fsdp" in capsys.readouterr().err
+
+
 def test_a_resume_that_cannot_keep_the_global_batch_is_refused():
     ckpt = {"world_size": 2, "config": {"batch_size": 4, "grad_accum_steps": 1}}
-    with pytest.raises(tl.TinyLLMError, match="global batch of 8 sequences .* is not a multiple of 12"):
+    with pytest.raises(tl.TinyLLMError, match="global batch of 8 sequences .* is not a multiple of 12.*"
+                                              "resume on a number of ranks that divides it"):
         tl.keep_global_batch(tl.Config(batch_size=4), ckpt, tl.Dist(0, 0, 3))
+    with pytest.raises(tl.TinyLLMError, match="give a --batch_size that divides 2"):
+        tl.keep_global_batch(tl.Config(batch_size=4), ckpt, tl.Dist(0, 0, 4))
     assert tl.keep_global_batch(tl.Config(batch_size=2), ckpt, tl.Dist(0, 0, 1)).grad_accum_steps == 4
