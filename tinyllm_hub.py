@@ -62,6 +62,7 @@ from train_tinyllm import (
     holds_code,
     load_checkpoint,
     load_for_use,
+    local_part,
     lora_target_set,
     merge_config,
     mlp_hidden_size,
@@ -296,15 +297,18 @@ class TensorFiles:
             return tuple(entry.shape), entry.dtype
         return tuple(entry[3]), entry[2]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor, or only its `rows` (a safetensors file is read from where they start)."""
         entry = self.entries[name]
         if isinstance(entry, torch.Tensor):
-            return entry
+            return entry if rows is None else entry[rows]
         path, offset, dtype, shape = entry
-        tensor = torch.empty(shape, dtype=dtype)
+        start, stop, _ = (rows or slice(None)).indices(shape[0] if shape else 1)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        tensor = torch.empty([stop - start, *shape[1:]] if rows is not None else shape, dtype=dtype)
         view = tensor.reshape(-1).view(torch.uint8).numpy()
         with open(path, "rb") as f:
-            f.seek(offset)
+            f.seek(offset + start * row_bytes)
             if f.readinto(view) != view.nbytes:
                 raise TinyLLMError(f"--init_from: {path} is truncated at {name}; download it again")
         return tensor
@@ -505,6 +509,16 @@ class LoRALinear(nn.Linear):
         self.scale = alpha / rank
         self.lora_dropout = nn.Dropout(dropout)
 
+    @torch.no_grad()
+    def reset_adapters(self) -> None:
+        """The adapters as __init__ makes them, for a model built on the meta device: drawn whole
+        and each rank keeping its rows under --fsdp (ranks drawing their own would draw alike)."""
+        whole = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device=local_part(self.lora_A).device)
+        nn.init.kaiming_uniform_(whole, a=math.sqrt(5))
+        lo, hi = held_rows(self.lora_A)
+        local_part(self.lora_A).copy_(whole[lo:hi])
+        local_part(self.lora_B).zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return F.linear(x, self.weight, self.bias) + self.scale * update
@@ -602,7 +616,8 @@ def tinyllm_source(path: Path) -> Source:
     return Source(path=path, family="tinyllm", config=settings, context=cfg["block_size"],
                   vocab_size=ckpt["vocab_size"], tokenizer=ckpt["tokenizer"],
                   tensors={k: [k] for k in state if not (tied and k == "lm_head.weight")},
-                  read=state.__getitem__, spec=lambda n: (tuple(state[n].shape), state[n].dtype),
+                  read=lambda n, rows=None: state[n] if rows is None else state[n][rows],
+                  spec=lambda n: (tuple(state[n].shape), state[n].dtype),
                   names=names,
                   ignored=frozenset({"lm_head.weight"} if tied else ()),
                   fingerprint=content_fingerprint(sorted(f for f in path.iterdir() if f.is_file())
@@ -723,36 +738,66 @@ def check_source_shapes(cfg: Config, source: Source, vocab_size: int = 0) -> Non
                                f"rows of {ours}; the files do not belong together")
 
 
-def model_from_source(cfg: Config, source: Source, device: torch.device, vocab_size: int = 0) -> GPT:
+def model_from_source(cfg: Config, source: Source, device: torch.device, vocab_size: int = 0,
+                      prepare: Callable[[GPT], None] | None = None) -> GPT:
     """The model with the source's weights, built without random initialization and filled one
-    tensor at a time in place: no second copy of the weights is ever held. Embedding rows past
-    the source's (tokens added for ChatML) start as the mean of the others."""
+    tensor at a time in place: no second copy of the weights is ever held. `prepare` changes the
+    model on the meta device, before any weight exists: LoRA's adapters, and with --fsdp every
+    weight sharded over the ranks, each of which then reads only its own rows of each tensor (no
+    rank ever holds the whole model). Embedding rows past the source's (tokens added for ChatML)
+    start as the mean of the others."""
     check_source_shapes(cfg, source, vocab_size)
     with torch.device("meta"):
         model = GPT(cfg, max(vocab_size, source.vocab_size))
-    if cfg.tie_weights:  # to_empty would give the head a tensor of its own: tie it again after
+    if prepare is not None:
+        prepare(model)
+    untie = cfg.tie_weights and not hasattr(model.wte.weight, "to_local")  # FSDP keeps the tie itself
+    if untie:  # to_empty would give the head a tensor of its own: tie it again after
         model.lm_head.register_parameter("weight", None)
     model.to_empty(device=device)
-    if cfg.tie_weights:
+    if untie:
         model.lm_head.weight = model.wte.weight
     with torch.device(device):
         model.positions = POSITIONS[cfg.pos_encoding](cfg)  # rotary tables are computed, not loaded
     params = dict(model.named_parameters())
     with torch.no_grad():
         for ours, names in source.tensors.items():
-            row = 0
-            for name in names:
-                tensor = source.read(name)
-                tensor = tensor.t() if name in source.transposed else tensor
-                if ours == "positions.wpe.weight":
-                    tensor = tensor[:cfg.block_size]  # learned positions cropped to the context
-                params[ours][row:row + len(tensor)].copy_(tensor)
-                row += len(tensor)
-            if row < len(params[ours]):  # new tokens: an embedding like the average one
-                params[ours][row:] = params[ours][:row].mean(0)
+            fill_rows(params[ours], source, names, cfg.block_size if ours == "positions.wpe.weight" else 0)
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.reset_adapters()
     return model
 
 
+def fill_rows(param: torch.Tensor, source: Source, names: list[str], crop: int = 0) -> None:
+    """One of our parameters from the source tensors stacked along its rows, only the rows this
+    process holds of it (all, unless --fsdp sharded it) read; `crop`: at most so many rows of each
+    (learned positions, cut to the context). Rows past the source's start as their mean."""
+    mine, (lo, hi) = local_part(param), held_rows(param)
+    row = 0
+    for name in names:
+        shape, transposed = source.spec(name)[0], name in source.transposed
+        n = shape[1] if transposed else shape[0]
+        n = min(n, crop) if crop else n
+        a, b = max(lo, row), min(hi, row + n)
+        if a < b:
+            part = source.read(name).t()[a - row:b - row] if transposed else \
+                source.read(name, slice(a - row, b - row))
+            mine[a - lo:b - lo].copy_(part)
+        row += n
+    if row < param.shape[0] and max(lo, row) < hi:  # new tokens: an embedding like the average one
+        whole = mine if (lo, hi) == (0, param.shape[0]) else \
+            torch.cat([source.read(name) for name in names]).to(mine.dtype)
+        mine[max(lo, row) - lo:] = whole[:row].mean(0)
+
+
+def held_rows(param: torch.Tensor) -> tuple[int, int]:
+    """The rows of a parameter this process holds: all of them, or under --fsdp its shard's."""
+    if not hasattr(param, "to_local"):
+        return 0, param.shape[0]
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return offset[0], offset[0] + shape[0]
 
 
 # ----------------------------------------------------------------------------------------------

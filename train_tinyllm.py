@@ -1163,6 +1163,11 @@ def has_lora(model: nn.Module) -> bool:
     return any(".lora_" in name for name, _ in model.named_parameters())
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of a tensor: all of it, or under --fsdp its shard (a DTensor's)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def saved_weights(model: GPT) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of the model: every weight, or with LoRA the adapters only (the
     base is referenced by --init_from and its fingerprint)."""
@@ -2853,12 +2858,16 @@ def make_optimizers(model: GPT, cfg: Config, device: torch.device) -> list[torch
 
 class EMA:
     """An fp32 shadow copy of the model, pulled towards the live weights after every optimizer
-    step, in place (so it works whatever wraps the live model)."""
+    step, in place (so it works whatever wraps the live model). Under --fsdp the copy is `twin`'s:
+    a second model sharded as the live one is, each rank averaging its own shard."""
 
-    def __init__(self, model: GPT, decay: float):
+    def __init__(self, model: GPT, decay: float, twin: Callable[[GPT], GPT] | None = None):
         self.decay, self.updates = decay, 0
-        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}  # LoRA's base: shared
-        self.model = copy.deepcopy(model, memo=frozen).float().eval()
+        if twin is not None:
+            self.model = twin(model)
+        else:
+            frozen = {id(p): p for p in model.parameters() if not p.requires_grad}  # LoRA's base: shared
+            self.model = copy.deepcopy(model, memo=frozen).float().eval()
         self.model.requires_grad_(False)
 
     @torch.no_grad()
@@ -2867,13 +2876,19 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short runs average less
         pairs = [(mine, live) for mine, live in zip(self.model.parameters(), model.parameters())
                  if live.requires_grad]  # with LoRA, the adapters: the base is shared and frozen
-        torch._foreach_lerp_([mine for mine, _ in pairs], [live.float() for _, live in pairs], 1 - decay)
+        torch._foreach_lerp_([local_part(mine) for mine, _ in pairs],
+                             [local_part(live).float() for _, live in pairs], 1 - decay)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": saved_weights(self.model), "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_weights(self.model, state["model"])
+        if hasattr(self.model.wte.weight, "to_local"):  # --fsdp: each rank takes its shard of the whole
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(self.model, state["model"], options=StateDictOptions(
+                full_state_dict=True, strict=not has_lora(self.model)))
+        else:
+            load_weights(self.model, state["model"])
         self.updates = state["updates"]
 
 
@@ -3090,15 +3105,16 @@ def checkpoint_to_use(cfg: Config, mode: str) -> Path | None:
     return find_checkpoint(cfg) if dict.get(MODES, mode).loads else None
 
 
-def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: Path, mmap: bool = False, shards: bool = True) -> dict[str, Any]:
     """Load with weights_only=True: a checkpoint can never run code while it is read. A
     .safetensors export (no pickle at all) loads too, for sampling and evaluation. With `mmap`,
     tensors are read from the file only when used (--init_from needs the weights, not the
-    optimizer state)."""
+    optimizer state). A sharded checkpoint's tensors are read here unless not `shards` (training
+    reads them in Run.restore: under --fsdp each rank its own)."""
     if path.suffix == ".safetensors" and path.is_file():
         return CHECKPOINT_FILES.entry(".safetensors", f"the checkpoint {path}")(path)
     if path.is_dir() and (path / "state.pt").is_file():
-        return load_sharded(path)
+        return load_sharded(path) if shards else {**load_sharded_state(path), "shards": path}
     if not path.is_file():
         raise TinyLLMError(f"no checkpoint at {path}; train first (or give --ckpt PATH / the right "
                            f"--out_dir)")
@@ -3129,17 +3145,29 @@ def load_sharded(path: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    ckpt = load_sharded_state(path)
     try:
-        ckpt = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         tensors: dict[str, Any] = {}  # filled as torch's dcp_to_torch_save fills it, without writing a copy
         _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)),
                          planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as e:
         raise TinyLLMError(f"{path} cannot be loaded as a sharded tinyllm checkpoint ({first_line(e)}); it "
                            f"is incomplete or damaged: use another checkpoint") from None
+    ema = ckpt["ema"] and {"model": tensors["ema"], "updates": ckpt["ema"]["updates"]}
+    return {**ckpt, "model": tensors["model"], "optimizer": tensors.get("optimizer"), "ema": ema,
+            "sharded": True}
+
+
+def load_sharded_state(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint's state.pt: everything but the tensors."""
+    try:
+        ckpt = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TinyLLMError(f"{path} cannot be loaded as a sharded tinyllm checkpoint ({first_line(e)}); it "
+                           f"is incomplete or damaged: use another checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise TinyLLMError(f"{path} is not a tinyllm checkpoint (format {CKPT_FORMAT})")
-    return {**ckpt, "model": tensors["model"], "optimizer": tensors["optimizer"], "sharded": True}
+    return ckpt
 
 
 def holds_code(e: Exception, path: Path) -> bool:
@@ -3293,7 +3321,7 @@ class Pretrained:
     adapters put on it (--lora_rank), and `merge` them folded into its weights."""
     resolve: Callable[[dict[str, Any], str], Resolved]
     base: Callable[[dict[str, Any], Path, str], Source]
-    model: Callable[[Config, Source, torch.device, int], GPT]
+    model: Callable[..., GPT]  # (cfg, source, device, vocab_size, prepare: run on the meta model)
     adapt: Callable[[GPT, Config], GPT]
     merge: Callable[[GPT], GPT]
 
@@ -3464,15 +3492,20 @@ class Run:
                 "objective_state": self.kept}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
-        if self.sharded or ckpt.get("sharded"):  # by parameter name: any world size, sharded or not
-            restore_by_name(self, ckpt)
+        if "shards" in ckpt and self.sharded:  # each rank reads its own shards, on any world size
+            read_own_shards(self, ckpt["shards"], ckpt["ema"])
         else:
-            load_weights(self.model, ckpt["model"])
-            for optimizer, saved in zip(self.optimizers, ckpt["optimizer"], strict=True):
-                optimizer.load_state_dict(saved)
+            if "shards" in ckpt:  # one process: every rank's shards, put together
+                ckpt = load_sharded(ckpt["shards"])
+            if self.sharded or ckpt.get("sharded"):  # by parameter name: any world size, sharded or not
+                restore_by_name(self, ckpt)
+            else:
+                load_weights(self.model, ckpt["model"])
+                for optimizer, saved in zip(self.optimizers, ckpt["optimizer"], strict=True):
+                    optimizer.load_state_dict(saved)
+            if self.ema is not None and ckpt["ema"] is not None:
+                self.ema.load_state_dict(ckpt["ema"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt["ema"] is not None:
-            self.ema.load_state_dict(ckpt["ema"])
         state = self.state
         state.step, state.best_val = ckpt["step"], ckpt["best_val_loss"]
         # kept by later versions of the format: older checkpoints start them at zero
@@ -3497,10 +3530,58 @@ def restore_by_name(run: Run, ckpt: dict[str, Any]) -> None:
     """Weights and optimizer state from a checkpoint keyed by parameter name, into a model sharded
     over any number of ranks or none (torch.distributed.checkpoint's state_dict API): a sharded
     checkpoint's, or a whole one's, whose optimizer state (keyed by position) is named first."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    optimizer = ckpt["optimizer"] if ckpt.get("sharded") else named_optimizer_state(run, ckpt["optimizer"])
-    set_state_dict(run.model, run.optimizers, model_state_dict=ckpt["model"], optim_state_dict=optimizer,
-                   options=StateDictOptions(full_state_dict=True, strict=not has_lora(run.model)))
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    options = StateDictOptions(full_state_dict=True, strict=not has_lora(run.model))
+    set_model_state_dict(run.model, ckpt["model"], options=options)
+    saved = ckpt["optimizer"]  # none in a sharded checkpoint from before the first step, {} in a whole one
+    if saved and (ckpt.get("sharded") or any(o["state"] for o in saved)):
+        optimizer = saved if ckpt.get("sharded") else named_optimizer_state(run, saved)
+        set_optimizer_state_dict(run.model, run.optimizers, optimizer, options=options)
+
+
+def optimizer_state_of(run: Run) -> dict[str, Any] | None:
+    """The optimizers' state by parameter name (each rank its shards under --fsdp), or None before
+    the first step: torch would make it by taking a step at learning rate 0, which counts in Adam's
+    bias correction, so the run would no longer be the one a DDP run takes."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(run.model, run.optimizers) if any(o.state for o in run.optimizers) \
+        else None
+
+
+def read_own_shards(run: Run, path: Path, ema: dict[str, Any] | None) -> None:
+    """--fsdp resuming a sharded checkpoint: each rank reads only its own shard of the weights, the
+    optimizer state and the EMA (torch.distributed.checkpoint reshards one written on another
+    number of ranks); no rank holds the whole model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    lora = has_lora(run.model)
+    state = {"model": {k: v for k, v in get_model_state_dict(run.model).items() if ".lora_" in k or not lora}}
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        if any(k.startswith("optimizer.") for k in saved):  # none before the first step
+            state["optimizer"] = get_optimizer_state_dict(run.model, run.optimizers)
+        if run.ema is not None and ema is not None:
+            state["ema"] = saved_weights(run.ema.model)  # its own parameters: read in place
+        dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:
+        raise TinyLLMError(f"{path} cannot be loaded as a sharded tinyllm checkpoint ({first_line(e)}); it "
+                           f"is incomplete or damaged: use another checkpoint") from None
+    set_model_state_dict(run.model, state["model"], options=StateDictOptions(strict=not lora))
+    if "optimizer" in state:
+        set_optimizer_state_dict(run.model, run.optimizers, state["optimizer"])
+    if "ema" in state:
+        run.ema.updates = ema["updates"]
 
 
 def named_optimizer_state(run: Run, saved: list[dict[str, Any]]) -> dict[str, Any]:
@@ -3527,17 +3608,24 @@ def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], d
     seed_everything(cfg.seed)
     task_renderer(cfg, tok)  # --task_chat on a model with no chat template: refused before any step
     vocab_size = ckpt["vocab_size"] if ckpt else tok.vocab_size  # a source's may exceed its tokenizer's
-    model = PRETRAINED[""].model(cfg, source, device, tok.vocab_size) if source else \
-        GPT(cfg, vocab_size).to(device)
-    if cfg.lora_rank:
-        PRETRAINED[""].adapt(model, cfg)
+    sharded = cfg.fsdp and dist.enabled
+
+    def prepare(model: GPT) -> None:  # a source's on the meta device, so that --fsdp reads only shards
+        if cfg.lora_rank:
+            PRETRAINED[""].adapt(model, cfg)
+        if sharded:  # before the optimizers: they step the shards
+            shard_model(model, cfg, dtype)
+    if source:
+        model = PRETRAINED[""].model(cfg, source, device, tok.vocab_size, prepare)
+    else:
+        model = GPT(cfg, vocab_size).to(device)
+        prepare(model)
     model.grad_checkpointing = cfg.grad_checkpointing
-    if cfg.fsdp and dist.enabled:  # before the optimizers: they step the shards
-        shard_model(model, cfg, dtype)
     run = Run(cfg=cfg, dist=dist, device=device, dtype=dtype, out=out, tok=tok, splits=splits,
               model=model, train_model=model, optimizers=make_optimizers(model, cfg, device),
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-              ema=EMA(model, cfg.ema_decay) if cfg.ema else None,
+              ema=EMA(model, cfg.ema_decay, (lambda m: sharded_twin(m, cfg, dtype)) if sharded else None)
+              if cfg.ema else None,
               batch_gen=torch.Generator().manual_seed(cfg.seed), peak=peak, memory_kept=memory_kept,
               objective=OBJECTIVES[cfg.objective])
     if ckpt is not None:
@@ -3557,6 +3645,23 @@ def shard_model(model: GPT, cfg: Config, dtype: torch.dtype) -> None:
     for module in [*model.blocks, model]:
         fully_shard(module, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
     register_fsdp_forward_method(model, "step")  # the decode step gathers the root's weights as forward does
+
+
+def sharded_twin(model: GPT, cfg: Config, dtype: torch.dtype) -> GPT:
+    """--fsdp's EMA: a second model sharded as `model` is (built on the meta device: no rank holds
+    more than its shard), starting from a copy of each rank's shard of the live weights."""
+    with torch.device("meta"):
+        twin = GPT(model.cfg, model.vocab_size)
+    if has_lora(model):
+        PRETRAINED[""].adapt(twin, cfg)
+    shard_model(twin, cfg, dtype)
+    twin.to_empty(device=local_part(model.wte.weight).device)
+    with torch.no_grad():
+        for mine, live in zip(twin.parameters(), model.parameters(), strict=True):
+            local_part(mine).copy_(local_part(live))
+        for mine, live in zip(twin.buffers(), model.buffers(), strict=True):
+            mine.copy_(live)
+    return twin.eval()
 
 
 def wrap_model(model: GPT, cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
@@ -3781,9 +3886,12 @@ def keep_global_batch(cfg: Config, ckpt: dict[str, Any] | None, dist: Dist) -> C
                            f"not a multiple of {per_micro} ({cfg.batch_size} x {dist.world_size}); "
                            + (f"give a --batch_size that divides {total // dist.world_size}" if total %
                               dist.world_size == 0 else "resume on a number of ranks that divides it"))
-    print0(f"resume: {dist.world_size} process(es) instead of {saved}: --grad_accum_steps "
-           f"{cfg.grad_accum_steps} -> {total // per_micro} keeps the global batch of {total} sequences")
-    return dataclasses.replace(cfg, grad_accum_steps=total // per_micro)
+    accum = total // per_micro
+    how = f"--grad_accum_steps {cfg.grad_accum_steps} -> {accum}" if accum != cfg.grad_accum_steps else \
+        f"--batch_size {cfg.batch_size} x {dist.world_size} ranks"
+    print0(f"resume: {dist.world_size} process(es) instead of {saved}: {how} keeps the global batch of "
+           f"{total} sequences")
+    return dataclasses.replace(cfg, grad_accum_steps=accum)
 
 
 def describe_run(run: Run) -> None:
@@ -3986,8 +4094,8 @@ def write_sharded(run: Run, name: str, weights: dict[str, torch.Tensor] | None) 
     pointed at the folder in one rename, so it names a whole checkpoint or the previous one.
     Every rank returns whether it was written (a failure anywhere is a failure everywhere)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_state, optimizer_state = get_state_dict(run.model, run.optimizers)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    model_state, optimizer_state = get_model_state_dict(run.model), optimizer_state_of(run)
     if has_lora(run.model):  # the adapters only, as a whole LoRA checkpoint holds (the base is --init_from)
         model_state = {k: v for k, v in model_state.items() if ".lora_" in k}
     stamp = int(agreed(run, time.time()) * 1000)  # one folder name for every rank
@@ -3995,9 +4103,12 @@ def write_sharded(run: Run, name: str, weights: dict[str, torch.Tensor] | None) 
     tmp = folder.with_name(f".{folder.name}.tmp")
     ok, failure = True, "it failed on another rank"
     try:
-        dcp.save({"model": weights or model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+        ema = {"ema": saved_weights(run.ema.model)} if run.ema is not None else {}  # its own shards too
+        optimizer = {"optimizer": optimizer_state} if optimizer_state is not None else {}
+        dcp.save({"model": weights or model_state, **optimizer, **ema}, checkpoint_id=str(tmp))
         if run.dist.rank == 0:
-            torch.save(run.state_fields(), tmp / "state.pt")
+            fields = {**run.state_fields(), "ema": run.ema and {"updates": run.ema.updates}}  # weights: above
+            torch.save(fields, tmp / "state.pt")
     except (OSError, RuntimeError) as e:
         ok, failure = False, write_failure(e, run.out)
     ok = agreed_all(run, ok)
@@ -4088,8 +4199,7 @@ def memory_per_rank(run: Run) -> str:
     import resource
 
     def local(t: torch.Tensor) -> int:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size()
+        return local_part(t).numel() * t.element_size()
     weights = sum(local(p) for p in run.model.parameters())
     trained = sum(local(p) for p in run.model.parameters() if p.requires_grad)
     state = sum(local(v) for o in run.optimizers for s in o.state.values() for v in s.values()
@@ -4702,8 +4812,6 @@ def training_checks(cfg: Config) -> list[Check]:
         (cfg.fsdp and cfg.optimizer in ("muon", "adamw8bit"),
          f"--optimizer {cfg.optimizer} is not supported with --fsdp (muon orthogonalizes whole matrices, "
          f"which --fsdp splits over the ranks; adamw8bit's kernels take whole tensors): use adamw or lion"),
-        (cfg.fsdp and cfg.ema, "--ema with --fsdp is not supported yet (the EMA would need its own shards): "
-                               "drop --ema, or use --ddp"),
         (cfg.fsdp and cfg.objective != "lm", f"--objective {cfg.objective} with --fsdp is not supported yet "
                                              f"(its sampling and reference need whole weights): use --ddp"),
         (cfg.fsdp and bool(cfg.eval_tasks), "--eval_tasks with --fsdp is not supported yet (ranks score "
@@ -4801,7 +4909,7 @@ def resolve(argv: list[str] | None) -> Resolved:
         if mode == "train":
             refuse_existing_run(cfg)
         return Resolved(mode, check_entries(cfg, mode, explicit))
-    ckpt = load_checkpoint(path, mmap=mode != "train")  # a model's weights are read as they are copied
+    ckpt = load_checkpoint(path, mmap=mode != "train", shards=mode != "train")  # read as they are copied
     cfg = merge_config(explicit, base=ckpt["config"])
     validate(cfg, SETTING_CHECKS)
     check_compatible(cfg, explicit, ckpt, path, resuming=mode == "train")

@@ -98,9 +98,9 @@ def test_config_is_resolved_once_per_invocation(run_args, tmp_path, monkeypatch,
     real_load, real_validate = tl.load_checkpoint, tl.validate
     seen: dict[str, list] = {"loads": [], "checks": []}
 
-    def load(path, mmap=False):
+    def load(path, mmap=False, shards=True):
         seen["loads"].append(path)
-        return real_load(path, mmap)
+        return real_load(path, mmap, shards)
 
     def validate(cfg, groups=(tl.run_checks, *tl.SETTING_CHECKS)):
         seen["checks"] += [g.__name__ for g in groups]
