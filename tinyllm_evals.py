@@ -410,7 +410,7 @@ def score_batch(model: GPT, batch: list[Group], lls: list[float], greedy: list[b
     with autocast(device, dtype):
         x = model.trunk(ids, cache)  # (B, P, C); padding sits after each row's end, unseen
         last = x[torch.arange(len(batch), device=device), lengths - 1]  # (B, C)
-        first = F.log_softmax(model.lm_head(model.norm_f(last)).float(), -1)  # (B, V): one row per context
+        first = F.log_softmax(model.head(last), -1)  # (B, V): one row per context
     rows = sorted(((b, j) for b, g in enumerate(batch) for j in range(len(g.continuations))),
                   key=lambda bj: -len(batch[bj[0]].continuations[bj[1]]))  # runs of rows pad little
     conts = [batch[b].continuations[j] for b, j in rows]
@@ -432,7 +432,7 @@ def score_batch(model: GPT, batch: list[Group], lls: list[float], greedy: list[b
         counted = targets >= 0  # (R, rest): padding has no target
         with autocast(device, dtype):
             hidden = model.trunk(inp, more.rows(lo, hi))[counted]  # (N, C): the positions that count
-            logits = model.lm_head(model.norm_f(hidden)).float()  # (N, V)
+            logits = model.head(hidden)  # (N, V)
         wanted = targets[counted]
         # log-softmax at the targets alone: their logits less the log of each position's total
         picked = logits.gather(-1, wanted.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)

@@ -335,14 +335,19 @@ class Config:
     norm: str = opt("rmsnorm", "Normalization layer.", "model", NORMS, arch=True)
     norm_eps: float = opt(1e-5, "Epsilon of the normalization layers.", "model", arch=True)
     mlp: str = opt("swiglu", "Feed-forward block: gelu (exact), gelu_tanh (GPT-2's tanh "
-                             "approximation) or swiglu.", "model", MLPS, arch=True)
-    mlp_hidden: int = opt(0, "Feed-forward hidden size; 0 = 4*n_embd for gelu(_tanh), about 8/3*n_embd "
-                             "(rounded up to a multiple of 32) for swiglu.", "model", arch=True)
+                             "approximation), relu2 (ReLU squared) or swiglu.", "model", MLPS, arch=True)
+    mlp_hidden: int = opt(0, "Feed-forward hidden size; 0 = 4*n_embd for gelu(_tanh) and relu2, about "
+                             "8/3*n_embd (rounded up to a multiple of 32) for swiglu.", "model", arch=True)
     pos_encoding: str = opt("rope", "Position encoding: learned absolute embeddings or rotary.",
                             "model", POSITIONS, arch=True)
     rope_theta: float = opt(10000.0, "Base of the rotary frequencies.", "model", arch=True)
     qk_norm: bool = opt(False, "Normalize queries and keys per head before attention.", "model",
                         arch=True)
+    logit_softcap: float = opt(0.0, "Soft-cap the output logits to (-cap, cap) by cap * tanh(logits / cap); "
+                                    "0 = off.", "model", arch=True)
+    zero_init_out_proj: bool = opt(False, "Start the output projections of attention and MLP at zero, "
+                                          "so that each block starts as the identity (new runs only).",
+                                   "model")
     sliding_window: int = opt(0, "Each token attends to at most this many tokens, itself included; "
                                  "0 = full causal attention.", "model", arch=True)
     parallel_block: bool = opt(False, "Attention and MLP read the same normalized input and are "
@@ -847,6 +852,14 @@ class TanhGeluMLP(GeluMLP):
     approximate = "tanh"
 
 
+class ReLU2MLP(GeluMLP):
+    """ReLU squared (So et al., Primer, 2021; modded-nanogpt's MLP): GELU's layout, a cheaper and
+    sparser activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.relu(self.fc(x)).square())
+
+
 class SwiGLUMLP(nn.Module):
     @staticmethod
     def hidden_size(width: int) -> int:  # the parameters of a 4x GELU MLP, rounded up to a multiple of 32
@@ -863,7 +876,7 @@ class SwiGLUMLP(nn.Module):
         return self.out_proj(F.silu(self.gate(x)) * self.up(x))
 
 
-MLPS.update({"gelu": GeluMLP, "gelu_tanh": TanhGeluMLP, "swiglu": SwiGLUMLP})
+MLPS.update({"gelu": GeluMLP, "gelu_tanh": TanhGeluMLP, "relu2": ReLU2MLP, "swiglu": SwiGLUMLP})
 
 
 class LearnedPositions(nn.Module):
@@ -1085,7 +1098,9 @@ class GPT(nn.Module):
         self.grad_checkpointing = False  # a runtime choice, not part of the architecture
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("out_proj.weight"):  # residual projections: keep the stream's variance
+            if name.endswith("out_proj.weight") and cfg.zero_init_out_proj:  # each block the identity
+                nn.init.zeros_(p)
+            elif name.endswith("out_proj.weight"):  # residual projections: keep the stream's variance
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
@@ -1113,10 +1128,9 @@ class GPT(nn.Module):
         x = self.trunk(idx, cache)
         if cache is not None:
             cache.advance(idx.size(1))
-        x = self.norm_f(x)
         if targets is None:
-            return self.lm_head(x[:, -1:] if last_only else x), None
-        logits = self.lm_head(x).float()  # (B, T, V); the loss in fp32 even under autocast
+            return self.head(x[:, -1:] if last_only else x, fp32=False), None
+        logits = self.head(x)  # (B, T, V); the loss in fp32 even under autocast
         # the mean over the targets that count (IGNORE marks the rest): a batch with none gives 0
         learned = (targets != IGNORE).float()
         count = learned.sum().clamp(min=1)
@@ -1144,7 +1158,16 @@ class GPT(nn.Module):
     def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """float32 logits (B, V) after idx (B, T) at the cache's position, which stays: the decode
         step that generation compiles (the caller advances the cache)."""
-        return self.lm_head(self.norm_f(self.trunk(idx, cache)[:, -1])).float()
+        return self.head(self.trunk(idx, cache)[:, -1])
+
+    def head(self, x: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+        """The last block's output (..., C) -> logits (..., V), in float32 unless not `fp32` (then
+        in the output layer's dtype): final norm, output layer, and the soft cap where
+        --logit_softcap sets one (it bounds what the head can say)."""
+        logits = self.lm_head(self.norm_f(x))
+        logits = logits.float() if fp32 else logits
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
 
 # ---- LoRA's adapters, as training sees them (tinyllm_hub.py makes them: --lora_rank) -------
@@ -4736,6 +4759,8 @@ def model_checks(cfg: Config) -> list[Check]:
         (cfg.n_layer < 1, "--n_layer must be at least 1"),
         (cfg.n_head < 1, "--n_head must be at least 1"),
         (cfg.n_embd < 1, "--n_embd must be at least 1"),
+        (not cfg.logit_softcap >= 0 or math.isinf(cfg.logit_softcap),
+         "--logit_softcap must be 0 (off) or a positive number, such as 30"),
         (cfg.n_kv_head < 0, "--n_kv_head must be 0 (= n_head) or a positive divisor of n_head"),
         (cfg.head_dim < 0, "--head_dim must be 0 (n_embd / n_head) or positive"),
         (cfg.head_dim == 0 and cfg.n_embd % cfg.n_head != 0,
@@ -4808,6 +4833,9 @@ def training_checks(cfg: Config) -> list[Check]:
          f"--curriculum_start_block_size must be in [1, block_size={cfg.block_size})"),
         (cfg.curriculum_steps < 0, "--curriculum_steps must be 0 (a third of max_steps) or positive"),
         (cfg.peak_flops < 0, "--peak_flops must be 0 (automatic) or positive"),
+        (cfg.zero_init_out_proj and bool(cfg.init_from), "--zero_init_out_proj sets how a new model's "
+                                                         "weights start, and --init_from brings its own: "
+                                                         "drop one"),
         (cfg.fsdp and cfg.ddp, "--fsdp and --ddp are two ways to run distributed; give one"),
         (cfg.fsdp and cfg.optimizer in ("muon", "adamw8bit"),
          f"--optimizer {cfg.optimizer} is not supported with --fsdp (muon orthogonalizes whole matrices, "

@@ -152,6 +152,8 @@ REFUSED = {
     "norm": {"arch": "llama", "norm": "layernorm"},
     "pos_encoding": {"arch": "gpt2", "pos_encoding": "rope"},
     "mlp": {"arch": "llama", "mlp": "gelu"},
+    "logit_softcap": {"arch": "llama", "logit_softcap": 30.0},
+    "mlp relu2": {"arch": "gpt2", "mlp": "relu2"},
 }
 
 

@@ -35,12 +35,20 @@ def test_parameter_count_and_tying():
     assert tied.lm_head.weight is tied.wte.weight
 
 
-@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(map(str, s)))
+SPEEDRUN = [{"mlp": "relu2"}, {"logit_softcap": 2.0}, {"mlp": "relu2", "logit_softcap": 2.0, "qk": True},
+            {"zero_init_out_proj": True, "mlp": "gelu", "pos": "learned"}]
+
+
+@pytest.mark.parametrize("switches", [*SWITCHES, *SPEEDRUN], ids=lambda s: "-".join(map(str, s)))
 def test_causal_and_kv_cache_match(switches):
     """Changing a later token never changes earlier logits; cached decoding gives the same logits
     as full forward passes, and the same greedy tokens, for every switch combination."""
     torch.manual_seed(0)
-    model = tiny(*switches)
+    model = tiny(**switches) if isinstance(switches, dict) else tiny(*switches)
+    if model.cfg.zero_init_out_proj:  # blocks that start as the identity: give them something to do
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.add_(torch.randn_like(p) * 0.05) if name.endswith("out_proj.weight") else None
     idx = torch.randint(VOCAB, (2, 16))
     with torch.no_grad():
         logits = model(idx)[0]
@@ -136,3 +144,29 @@ def test_bf16_sampling_copy_keeps_rope_in_fp32_and_training_model_untouched(caps
     small = tl.GPT(tl.Config(n_layer=1, n_embd=32, block_size=16), tok.vocab_size)
     tl.print_samples(small, tok, tl.Config(dtype="bfloat16", max_new_tokens=5), torch.device("cpu"))
     assert small.wte.weight.dtype == torch.float32 and "sample 1/1" in capsys.readouterr().out
+
+
+def test_relu2_softcap_and_zero_init_compute_what_they_say():
+    torch.manual_seed(0)
+    relu2 = tiny(mlp="relu2").blocks[0].mlp
+    x = torch.randn(3, 32)
+    assert torch.allclose(relu2(x), relu2.out_proj(torch.relu(relu2.fc(x)) ** 2))
+    assert relu2.fc.out_features == 4 * 32  # GELU's width
+    plain = tiny()
+    capped = tiny(logit_softcap=0.5)
+    capped.load_state_dict(plain.state_dict())
+    idx = torch.randint(VOCAB, (2, 8))
+    with torch.no_grad():
+        raw, soft = plain(idx)[0], capped(idx)[0]
+        assert soft.abs().max() < 0.5 and torch.allclose(soft, 0.5 * torch.tanh(raw / 0.5))
+        assert not torch.allclose(soft, raw, atol=1e-3)
+        assert torch.allclose(capped(idx, idx)[1], torch.nn.functional.cross_entropy(
+            soft.flatten(0, 1), idx.flatten()), atol=1e-6)  # the loss is the capped logits'
+    zero = tiny(zero_init_out_proj=True)
+    outs = [p for n, p in zero.named_parameters() if n.endswith("out_proj.weight")]
+    assert len(outs) == 4 and all(not p.any() for p in outs)
+    embedded = zero.positions.embed(zero.wte(idx), None)
+    assert torch.equal(zero.trunk(idx, None), embedded)  # every block starts as the identity
+    loss = zero(idx, idx)[1]
+    loss.backward()
+    assert all(p.grad.abs().sum() > 0 for p in outs)  # and they learn from the first step

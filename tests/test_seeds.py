@@ -1,0 +1,35 @@
+"""docs/seeds.py: the harness that decides a change by seeds and an exact permutation p-value."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "docs" / "seeds.py"
+spec = importlib.util.spec_from_file_location("seeds", SCRIPT)
+seeds = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seeds)
+
+
+def test_the_permutation_p_value_is_exact():
+    assert seeds.permutation_p([1, 2, 3], [4, 5, 6]) == pytest.approx(2 / 20)  # the split and its mirror
+    assert seeds.permutation_p([1.0] * 5, [1.0] * 5) == 1.0
+    separated = seeds.permutation_p([1.50, 1.51, 1.52, 1.53, 1.54], [1.40, 1.41, 1.42, 1.43, 1.44])
+    assert separated == pytest.approx(2 / 252) and separated < 0.01  # 5 seeds can reach p < 0.01
+    overlapping = seeds.permutation_p([1.50, 1.41, 1.52, 1.53, 1.54], [1.40, 1.51, 1.42, 1.43, 1.44])
+    assert overlapping > 0.01
+    s = seeds.summary([1.5, 1.7], [1.2, 1.4])
+    assert s["difference"] == pytest.approx(-0.3) and s["std_a"] == pytest.approx(0.1414, abs=1e-4)
+
+
+def test_a_finished_run_is_read_from_its_last_evaluation(tmp_path):
+    assert seeds.final_figures(tmp_path) is None
+    rows = [{"step": 10, "val_loss": 2.0, "val_bpb": 3.0}, {"step": 11, "loss": 1.9},
+            {"step": 20, "val_loss": 1.5, "val_bpb": 2.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert seeds.final_figures(tmp_path) == {"val_loss": 1.5, "val_bpb": 2.5, "step": 20}
+    command = seeds.run_command("--config config/x.json", "--mlp relu2", 7, 90, tmp_path)
+    assert command[-10:] == ["--seed", "7", "--time_budget_s", "90", "--max_steps", str(10**9),
+                             "--sample_interval", "0", "--out_dir", str(tmp_path)][-10:]
+    assert "--mlp" in command and "relu2" in command
