@@ -757,8 +757,9 @@ def model_from_source(cfg: Config, source: Source, device: torch.device, vocab_s
     model.to_empty(device=device)
     if untie:
         model.lm_head.weight = model.wte.weight
-    with torch.device(device):
-        model.positions = POSITIONS[cfg.pos_encoding](cfg)  # rotary tables are computed, not loaded
+    with torch.device(device):  # rotary tables are computed, not loaded: into the module `prepare` saw
+        for name, table in POSITIONS[cfg.pos_encoding](cfg).named_buffers():
+            model.positions.get_buffer(name).copy_(table)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for ours, names in source.tensors.items():

@@ -3138,6 +3138,9 @@ def load_checkpoint(path: Path, mmap: bool = False, shards: bool = True) -> dict
         return CHECKPOINT_FILES.entry(".safetensors", f"the checkpoint {path}")(path)
     if path.is_dir() and (path / "state.pt").is_file():
         return load_sharded(path) if shards else {**load_sharded_state(path), "shards": path}
+    if path.is_dir() and any(path.glob("*.distcp")):
+        raise TinyLLMError(f"{path} holds shards but no state.pt: the sharded checkpoint is incomplete or "
+                           f"damaged; use another checkpoint")
     if not path.is_file():
         raise TinyLLMError(f"no checkpoint at {path}; train first (or give --ckpt PATH / the right "
                            f"--out_dir)")
@@ -3174,11 +3177,20 @@ def load_sharded(path: Path) -> dict[str, Any]:
         _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)),
                          planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as e:
-        raise TinyLLMError(f"{path} cannot be loaded as a sharded tinyllm checkpoint ({first_line(e)}); it "
+        raise TinyLLMError(f"{path} cannot be loaded as a sharded tinyllm checkpoint ({dcp_failure(e)}); it "
                            f"is incomplete or damaged: use another checkpoint") from None
     ema = ckpt["ema"] and {"model": tensors["ema"], "updates": ckpt["ema"]["updates"]}
     return {**ckpt, "model": tensors["model"], "optimizer": tensors.get("optimizer"), "ema": ema,
             "sharded": True}
+
+
+def dcp_failure(e: BaseException) -> str:
+    """What went wrong in torch.distributed.checkpoint: the first rank's own error, not the wrapper's."""
+    failures = getattr(e, "failures", None)  # rank -> (exception, its stack)
+    if not failures:
+        return first_line(e)
+    failure = next(iter(failures.values()))
+    return first_line(failure[0] if isinstance(failure, tuple) else failure)
 
 
 def load_sharded_state(path: Path) -> dict[str, Any]:
@@ -3598,7 +3610,7 @@ def read_own_shards(run: Run, path: Path, ema: dict[str, Any] | None) -> None:
             state["ema"] = saved_weights(run.ema.model)  # its own parameters: read in place
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:
-        raise TinyLLMError(f"{path} cannot be loaded as a sharded tinyllm checkpoint ({first_line(e)}); it "
+        raise TinyLLMError(f"{path} cannot be loaded as a sharded tinyllm checkpoint ({dcp_failure(e)}); it "
                            f"is incomplete or damaged: use another checkpoint") from None
     set_model_state_dict(run.model, state["model"], options=StateDictOptions(strict=not lora))
     if "optimizer" in state:
@@ -4201,8 +4213,9 @@ def stop_for_signal(run: Run, signum: int) -> None:
     saved = "ckpt.pt" in save_checkpoints(run)
     name = signal.Signals(signum).name
     where = f"saved {run.out / 'ckpt.pt'}" if saved else on_disk(run)
+    launch = "torchrun [its options] train_tinyllm.py" if run.dist.enabled else "python train_tinyllm.py"
     raise TrainingStopped(f"interrupted by {name} at step {run.state.step}: {where}; continue with: "
-                          f"python train_tinyllm.py --out_dir {run.out} --resume", status=128 + signum)
+                          f"{launch} --out_dir {run.out} --resume", status=128 + signum)
 
 
 def report_done(run: Run) -> None:
@@ -4900,8 +4913,8 @@ def resolve(argv: list[str] | None) -> Resolved:
     explicit = parse_args(argv)
     if explicit.get("chat_template"):
         explicit["chat_template"] = template_text(explicit["chat_template"])
-    if explicit.get("init_from"):  # absolute: a LoRA checkpoint finds its base by it from anywhere
-        explicit["init_from"] = str(Path(explicit["init_from"]).resolve())
+    if explicit.get("init_from"):  # absolute (links kept): a LoRA checkpoint finds its base from anywhere
+        explicit["init_from"] = os.path.abspath(explicit["init_from"])
     cfg = merge_config(explicit)
     validate(cfg, (run_checks,))  # the mode first: it decides whether a checkpoint is read
     mode = (modes_asked(cfg) or ["train"])[0]
@@ -4939,6 +4952,9 @@ def resolve(argv: list[str] | None) -> Resolved:
         return Resolved(mode, check_entries(cfg, mode, explicit))
     ckpt = load_checkpoint(path, mmap=mode != "train", shards=mode != "train")  # read as they are copied
     cfg = merge_config(explicit, base=ckpt["config"])
+    if mode == "train" and ckpt["config"].get("fsdp") and "fsdp" not in explicit and "RANK" in os.environ:
+        cfg = dataclasses.replace(cfg, fsdp=True)  # a model that needed sharding still needs it
+        print0("resume: --fsdp, as the checkpoint was trained (--no-fsdp resumes it under DDP)")
     validate(cfg, SETTING_CHECKS)
     check_compatible(cfg, explicit, ckpt, path, resuming=mode == "train")
     lora = ckpt["config"].get("lora_rank")  # adapters, which need their base model

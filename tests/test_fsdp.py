@@ -64,7 +64,8 @@ def test_fsdp_is_ddp_sharded_and_resumes_on_any_world_size(tmp_path):
     (damaged / "__1_0.distcp").unlink()
     with pytest.raises(tl.TinyLLMError, match="cannot be loaded as a sharded tinyllm checkpoint"):
         tl.load_checkpoint(damaged)
-    torchrun(2, "--out_dir", str(fsdp), "--resume")  # each rank reads its own shards
+    done = torchrun(2, "--out_dir", str(fsdp), "--resume")  # each rank reads its own shards
+    assert "resume: --fsdp, as the checkpoint was trained" in done.stdout and "(FSDP:" in done.stdout
     assert tl.main(["--out_dir", str(alone), "--resume"]) == 0  # one process, no torchrun
     for out in (fsdp, alone):
         assert losses(out) == pytest.approx(losses(ddp), abs=1e-5)
@@ -75,7 +76,10 @@ def test_fsdp_is_ddp_sharded_and_resumes_on_any_world_size(tmp_path):
         for name, w in whole["model"].items():
             assert torch.allclose(w, resumed["model"][name], atol=1e-5), name
             assert torch.allclose(whole["ema"]["model"][name], resumed["ema"]["model"][name], atol=1e-5), name
-    assert not [p for p in (fsdp / "shards").iterdir() if p.name.startswith("ckpt-")]  # the old shards went
+    kept = [p for p in (fsdp / "shards").iterdir() if p.name.startswith("ckpt-")]
+    assert kept == [(fsdp / "ckpt.pt").resolve()]  # the older shards went
+    assert (alone / "ckpt.pt").is_file()  # resumed whole: its old shards went
+    assert not [p for p in (alone / "shards").iterdir() if p.name.startswith("ckpt-")]
     # a DDP checkpoint (and its EMA) resumed under --fsdp on 4 ranks, the global batch of 8 kept
     done = torchrun(4, "--out_dir", str(ddp), "--resume", "--fsdp", "--max_steps", "22", "--batch_size", "1")
     assert "--grad_accum_steps 1 -> 2 keeps the global batch of 8 sequences" in done.stdout
@@ -84,25 +88,26 @@ def test_fsdp_is_ddp_sharded_and_resumes_on_any_world_size(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_starts_from_a_transformers_model_each_rank_reading_its_shard(tmp_path):
-    """--init_from a transformers directory (a random tiny Qwen3, tied embeddings) with LoRA: --fsdp,
-    its weights and adapters made per shard on the meta device, gives --ddp's losses (the first
+    """--init_from a transformers directory (a random tiny GPT-2: tied embeddings, Conv1D weights
+    stored transposed, learned positions cut to the context) with LoRA and an EMA: --fsdp, its
+    weights and adapters made per shard on the meta device, gives --ddp's losses (the first
     evaluation and checkpoint come before any step, whose optimizer state must not be made by a
-    step of its own); the sharded LoRA checkpoint holds the adapters, read on their base."""
+    step of its own); only the adapters train, and the sharded checkpoint holds them alone."""
     import transformers
     torch.manual_seed(0)
     hf = tmp_path / "hf"
-    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
-    ).save_pretrained(hf)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=300, n_layer=2, n_head=4, n_embd=32, n_positions=64)).save_pretrained(hf)
     corpus = make_corpus(tmp_path / "corpus.txt")
     (hf / "tokenizer.json").write_text(tl.train_bpe_tokenizer(iter([corpus.read_text()]), 300).to_str())
     common = ["--data_path", str(corpus), "--cache_dir", str(tmp_path / "cache"), *TINY, "--dtype", "float32",
-              "--init_from", str(hf), "--lora_rank", "4", "--n_head", "4"]
+              "--init_from", str(hf), "--lora_rank", "4", "--ema"]
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     torchrun(2, *common, "--out_dir", str(ddp))
-    torchrun(2, *common, "--out_dir", str(fsdp), "--fsdp")
+    done = torchrun(2, *common, "--out_dir", str(fsdp), "--fsdp")
+    assert "4,096 trainable parameters" in done.stdout  # the adapters of 2 blocks, no positions
     assert len(losses(fsdp)) == 6 and losses(fsdp) == pytest.approx(losses(ddp), abs=1e-5)
+    assert ema_losses(fsdp) == pytest.approx(ema_losses(ddp), abs=1e-5)
     adapters = tl.load_checkpoint(fsdp / "ckpt.pt")["model"]
     assert adapters and all(".lora_" in k for k in adapters)
     assert tl.main(["--generate_only", "--out_dir", str(fsdp), "--max_new_tokens", "4",
