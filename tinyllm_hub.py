@@ -918,7 +918,7 @@ EXPORTED_FIELDS: dict[str, Any] = {
     **dict.fromkeys(("tokenizer", "bpe_vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
                      "block_size", "bias", "norm", "norm_eps", "mlp", "mlp_hidden", "pos_encoding",
                      "rope_theta", "qk_norm", "tie_weights"), "mapped"),
-    "parallel_block": False, "sliding_window": 0, "logit_softcap": 0.0,
+    "parallel_block": False, "sliding_window": 0, "logit_softcap": 0.0, "unet_skips": False,
 }
 
 

@@ -348,6 +348,10 @@ class Config:
     zero_init_out_proj: bool = opt(False, "Start the output projections of attention and MLP at zero, "
                                           "so that each block starts as the identity (new runs only).",
                                    "model")
+    unet_skips: bool = opt(False, "U-net skip connections: the first half of the blocks' outputs are "
+                                  "added, each with a learned weight (starting at 1), to the inputs "
+                                  "of the second half in reverse order (modded-nanogpt).", "model",
+                           arch=True)
     sliding_window: int = opt(0, "Each token attends to at most this many tokens, itself included; "
                                  "0 = full causal attention.", "model", arch=True)
     parallel_block: bool = opt(False, "Attention and MLP read the same normalized input and are "
@@ -1091,6 +1095,8 @@ class GPT(nn.Module):
         self.positions = POSITIONS[cfg.pos_encoding](cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # --unet_skips: block i's output reaches block L-1-i's input, scaled by skip_weights[i], i < L // 2
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.norm_f = NORMS[cfg.norm](cfg.n_embd, cfg)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         if cfg.tie_weights:
@@ -1147,12 +1153,19 @@ class GPT(nn.Module):
         x = self.drop(self.positions.embed(self.wte(idx), pos))  # (B, T, C)
         mask = cache.mask(pos, self.cfg.sliding_window) if cache is not None \
             else attention_mask(T, self.cfg.sliding_window, idx.device)
+        skips: list[torch.Tensor] = []  # --unet_skips: the first half's outputs, for the second half
+        halves = len(self.skip_weights) if self.skip_weights is not None else 0
         for layer, block in enumerate(self.blocks):
+            twin = len(self.blocks) - 1 - layer
+            if twin < halves:  # a block of the second half: its twin's output joins its input
+                x = x + self.skip_weights[twin] * skips.pop()
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, self.positions, mask, cache, layer, pos,
                                                       use_reentrant=False)
             else:
                 x = block(x, self.positions, mask, cache, layer, pos)
+            if layer < halves:
+                skips.append(x)
         return x
 
     def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -4772,6 +4785,8 @@ def model_checks(cfg: Config) -> list[Check]:
         (cfg.n_layer < 1, "--n_layer must be at least 1"),
         (cfg.n_head < 1, "--n_head must be at least 1"),
         (cfg.n_embd < 1, "--n_embd must be at least 1"),
+        (cfg.unet_skips and cfg.n_layer < 2, "--unet_skips joins the first half of the blocks to the "
+                                              "second: it needs --n_layer 2 or more"),
         (not cfg.logit_softcap >= 0 or math.isinf(cfg.logit_softcap),
          "--logit_softcap must be 0 (off) or a positive number, such as 30"),
         (cfg.n_kv_head < 0, "--n_kv_head must be 0 (= n_head) or a positive divisor of n_head"),

@@ -253,12 +253,12 @@ def test_ema_run_logs_both_and_saves_it(run_args, tmp_path):
 # ---- exact resume and time budget --------------------------------------------------------------
 
 def test_exact_resume_with_everything_on(run_args):
-    """2N steps straight == N steps (--stop_at_step) then --resume, with a cosine schedule,
-    dropout, EMA, gradient accumulation, fp16 GradScaler state, and the speedrun switches (ReLU²,
-    soft-capped logits, output projections starting at zero)."""
+    """2N steps straight == N steps (--stop_at_step) then --resume, with dropout, EMA, gradient
+    accumulation, fp16 GradScaler state, and the speedrun switches (ReLU², soft-capped logits,
+    output projections starting at zero, U-net skips, the wsd schedule)."""
     common = ("--max_steps", "8", "--dropout", "0.1", "--ema", "--grad_accum_steps", "2",
               "--dtype", "float16", "--eval_interval", "2", "--mlp", "relu2", "--logit_softcap", "15",
-              "--zero_init_out_proj")
+              "--zero_init_out_proj", "--unet_skips", "--lr_schedule", "wsd")
     straight = tl.train(tl.resolve(run_args(*common, out="a")))
     tl.train(tl.resolve(run_args(*common, "--stop_at_step", "4", out="b")))
     resumed = tl.train(tl.resolve(run_args(*common, "--resume", "--stop_at_step", "0", out="b")))
@@ -300,7 +300,7 @@ def test_ddp_two_processes_match_one(run_args, tmp_path):
     with gradient accumulation (no_sync on all but the last micro-step); with the speedrun switches."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ("--dtype", "float32", "--grad_accum_steps", "2", "--max_steps", "4", "--eval_interval", "4",
-              "--mlp", "relu2", "--logit_softcap", "15", "--zero_init_out_proj")
+              "--mlp", "relu2", "--logit_softcap", "15", "--zero_init_out_proj", "--unet_skips")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", SCRIPT, *run_args(*common, "--batch_size", "2", out="two")],
                          capture_output=True, text=True, timeout=300, env=env)

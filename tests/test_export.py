@@ -154,6 +154,7 @@ REFUSED = {
     "mlp": {"arch": "llama", "mlp": "gelu"},
     "logit_softcap": {"arch": "llama", "logit_softcap": 30.0},
     "mlp relu2": {"arch": "gpt2", "mlp": "relu2"},
+    "unet_skips": {"arch": "llama", "unet_skips": True},
 }
 
 

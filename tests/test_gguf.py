@@ -210,6 +210,7 @@ def test_export_says_where_runtimes_would_differ(char_tok, tmp_path, capsys):
     ({"arch": "gpt2", "head_dim": 4}, "--head_dim 4 has no switch in llama.cpp's GPT-2"),
     ({"arch": "llama", "mlp": "gelu"}, "the layouts llama.cpp's runs"),
     ({"arch": "llama", "logit_softcap": 30.0}, "--logit_softcap 30.0 has no switch in llama.cpp's"),
+    ({"arch": "llama", "unet_skips": True}, "--unet_skips"),
 ])
 def test_refuses_settings_llama_cpp_cannot_run(settings, message, char_tok, tmp_path):
     with pytest.raises(TinyLLMError, match=message):

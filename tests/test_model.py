@@ -12,8 +12,8 @@ VOCAB = 61
 
 
 def tiny(norm="rmsnorm", mlp="swiglu", pos="rope", qk=False, window=0, parallel=False, kv=0,
-         **kw) -> tl.GPT:
-    cfg = tl.Config(n_layer=2, n_head=4, n_kv_head=kv, n_embd=32, block_size=16, norm=norm, mlp=mlp,
+         n_layer=2, **kw) -> tl.GPT:
+    cfg = tl.Config(n_layer=n_layer, n_head=4, n_kv_head=kv, n_embd=32, block_size=16, norm=norm, mlp=mlp,
                     pos_encoding=pos, qk_norm=qk, sliding_window=window, parallel_block=parallel, **kw)
     tl.validate(cfg)
     return tl.GPT(cfg, VOCAB).eval()
@@ -36,7 +36,8 @@ def test_parameter_count_and_tying():
 
 
 SPEEDRUN = [{"mlp": "relu2"}, {"logit_softcap": 2.0}, {"mlp": "relu2", "logit_softcap": 2.0, "qk": True},
-            {"zero_init_out_proj": True, "mlp": "gelu", "pos": "learned"}]
+            {"zero_init_out_proj": True, "mlp": "gelu", "pos": "learned"}, {"unet_skips": True},
+            {"unet_skips": True, "n_layer": 5, "window": 5, "mlp": "relu2"}]
 
 
 @pytest.mark.parametrize("switches", [*SWITCHES, *SPEEDRUN], ids=lambda s: "-".join(map(str, s)))
@@ -170,3 +171,34 @@ def test_relu2_softcap_and_zero_init_compute_what_they_say():
     loss = zero(idx, idx)[1]
     loss.backward()
     assert all(p.grad.abs().sum() > 0 for p in outs)  # and they learn from the first step
+
+
+def test_unet_skips_join_each_early_block_to_its_late_twin():
+    """--unet_skips on 5 blocks: block 0's output joins block 4's input and block 1's block 3's,
+    each scaled by its own learned weight; the middle block has none. With the weights at 0 it is
+    the plain model; the weights learn."""
+    torch.manual_seed(0)
+    unet = tiny(n_layer=5, unet_skips=True)
+    assert unet.skip_weights.tolist() == [1.0, 1.0]
+    with torch.no_grad():
+        unet.skip_weights.copy_(torch.tensor([0.5, -2.0]))
+    plain = tiny(n_layer=5)
+    plain.load_state_dict({k: v for k, v in unet.state_dict().items() if k != "skip_weights"})
+    idx = torch.randint(VOCAB, (2, 8))
+    x = unet.positions.embed(unet.wte(idx), None)
+    mask = tl.attention_mask(8, 0, idx.device)
+    outs = []
+    for layer, block in enumerate(unet.blocks):
+        x = x + (-2.0 * outs[1] if layer == 3 else 0.5 * outs[0] if layer == 4 else 0)
+        x = block(x, unet.positions, mask, None, layer)
+        outs.append(x)
+    with torch.no_grad():
+        assert torch.allclose(unet.trunk(idx, None), x, atol=1e-6)
+        assert not torch.allclose(unet(idx)[0], plain(idx)[0], atol=1e-3)
+        unet.skip_weights.zero_()
+        assert torch.allclose(unet(idx)[0], plain(idx)[0], atol=1e-6)
+    unet.skip_weights.data.fill_(1.0)
+    unet(idx, idx)[1].backward()
+    assert unet.skip_weights.grad.abs().min() > 0
+    with pytest.raises(tl.TinyLLMError, match="--unet_skips .* needs --n_layer 2"):
+        tl.validate(tl.Config(n_layer=1, unet_skips=True))

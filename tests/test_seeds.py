@@ -33,3 +33,23 @@ def test_a_finished_run_is_read_from_its_last_evaluation(tmp_path):
     assert command[-10:] == ["--seed", "7", "--time_budget_s", "90", "--max_steps", str(10**9),
                              "--sample_interval", "0", "--out_dir", str(tmp_path)][-10:]
     assert "--mlp" in command and "relu2" in command
+
+
+@pytest.mark.slow
+def test_two_seeds_of_a_pair_run_end_to_end(tmp_path):
+    """--pair: A and B of each seed at once on a core each; the summary holds every run, and a
+    second call reads the finished runs instead of running them again."""
+    from conftest import TINY, make_corpus
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    common = " ".join([*TINY, "--data_path", str(corpus), "--cache_dir", str(tmp_path / "cache")])
+    argv = ["--seeds", "2", "--budget", "1", "--pair", "--common", common, "--a", "", "--b", "--mlp relu2",
+            "--out", str(tmp_path / "seeds")]
+    assert seeds.main(argv) == 0
+    report = json.loads((tmp_path / "seeds" / "summary.json").read_text())
+    runs = report["runs"]
+    assert report["pair"] and len(runs["a"]["val_loss"]) == len(runs["b"]["val_loss"]) == 2
+    assert 0 < report["val_loss"]["p"] <= 1
+    assert json.loads((tmp_path / "seeds" / "b-1338" / "effective_config.json").read_text())["mlp"] == "relu2"
+    metrics = tmp_path / "seeds" / "a-1337" / "metrics.jsonl"
+    stamp = metrics.stat().st_mtime
+    assert seeds.main(argv) == 0 and metrics.stat().st_mtime == stamp
