@@ -1,6 +1,7 @@
 """Training engine: precision, compile, DDP, EMA, curriculum, checkpointing, optimizers,
 schedules, regularization, exact resume and time budgets."""
 
+import copy
 import json
 import os
 import subprocess
@@ -131,12 +132,39 @@ def test_optimizers_reduce_loss(name, lr):
 def test_muon_takes_hidden_matrices_only():
     model = tl.GPT(tl.Config(n_layer=2, n_embd=32, bias=True, norm="layernorm", tie_weights=False), 40)
     muon, rest = tl.make_optimizers(model, tl.Config(optimizer="muon"), torch.device("cpu"))
-    assert isinstance(muon, torch.optim.Muon) and isinstance(rest, torch.optim.AdamW)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(rest, torch.optim.AdamW)  # ours is torch's
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in muon_ids) == (name.startswith("blocks.") and p.dim() == 2), name
     assert sum(len(g["params"]) for o in (muon, rest) for g in o.param_groups) == \
         len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_muon_is_torchs_with_the_orthogonalization_in_fp32_where_bf16_is_emulated(native_bf16, monkeypatch):
+    """In bfloat16 (where the device has it) our Muon takes torch's steps exactly; elsewhere it
+    orthogonalizes in float32, close to them; either way its state is torch's, so a checkpoint of
+    one resumes in the other."""
+    monkeypatch.setattr(tl, "has_native_bf16", lambda device: native_bf16)
+    torch.manual_seed(0)
+    model = tl.GPT(tl.Config(n_layer=1, n_embd=32, mlp="gelu"), 40)
+    twin = copy.deepcopy(model)
+    ours = tl.make_optimizers(model, tl.Config(optimizer="muon", learning_rate=0.01), torch.device("cpu"))[0]
+    assert ours.ns_dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    params = [dict(twin.named_parameters())[n] for n, p in model.named_parameters()
+              if any(p is q for q in ours.param_groups[0]["params"])]
+    torchs = torch.optim.Muon(params, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    mine = [p for p in model.parameters() if any(p is q for q in ours.param_groups[0]["params"])]
+    for _ in range(3):
+        for a, b in zip(mine, params):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ours.step()
+        torchs.step()
+    gap = max((a - b).abs().max().item() for a, b in zip(mine, params))
+    assert gap == 0 if native_bf16 else 0 < gap < 1e-3
+    torchs.load_state_dict(ours.state_dict())
+    assert torch.equal(torchs.state[params[0]]["momentum_buffer"], ours.state[mine[0]]["momentum_buffer"])
 
 
 def test_lion_update_rule():
