@@ -7,6 +7,8 @@ every run of the other: the smallest two-sided p is 2/252).
     python docs/seeds.py --seeds 5 --budget 90 --common "--config config/shakespeare_char.json" \\
         --a "" --b "--mlp relu2" --out /tmp/seeds
 
+(A setting that is one flag is given as --b=--unet_skips, so that it is not taken for an option.)
+
 Each run is `python train_tinyllm.py COMMON SETTING --seed S --time_budget_s BUDGET --max_steps
 10**9 --out_dir OUT/NAME-S`; seed by seed the order of A and B alternates (A B, B A, ...), so that
 a machine that speeds up or slows down over the session favours neither. With --pair, A and B of
@@ -72,13 +74,26 @@ def permutation_p(a: list[float], b: list[float], samples: int = 200_000) -> flo
     return (1 + sum(extreme(tuple(rng.sample(pooled, n))) for _ in range(samples))) / (samples + 1)
 
 
+def paired_p(differences: list[float]) -> float:
+    """Two-sided p-value of a mean paired difference under random signs (each pair's two runs
+    exchangeable): exact over every assignment of signs. With n pairs the smallest is 2 / 2**n."""
+    observed = abs(statistics.fmean(differences)) - 1e-12
+    signs = list(itertools.product((1, -1), repeat=len(differences)))
+    return sum(abs(statistics.fmean(s * d for s, d in zip(flip, differences))) >= observed
+               for flip in signs) / len(signs)
+
+
 def summary(a: list[float], b: list[float]) -> dict[str, float]:
-    """Means, spreads and the p-value of B against A (negative difference: B is lower)."""
+    """Means, spreads and the p-value of B against A (negative difference: B is lower); and the
+    same for the seed-by-seed differences B - A, which --pair runs side by side under one machine
+    state (what that state adds to both cancels)."""
     def spread(x: list[float]) -> float:
         return statistics.stdev(x) if len(x) > 1 else 0.0
+    pairs = [y - x for x, y in zip(a, b)]
     return {"mean_a": statistics.fmean(a), "std_a": spread(a), "min_a": min(a), "max_a": max(a),
             "mean_b": statistics.fmean(b), "std_b": spread(b), "min_b": min(b), "max_b": max(b),
-            "difference": statistics.fmean(b) - statistics.fmean(a), "p": permutation_p(a, b)}
+            "difference": statistics.fmean(b) - statistics.fmean(a), "p": permutation_p(a, b),
+            "std_paired": spread(pairs), "b_lower": sum(d < 0 for d in pairs), "p_paired": paired_p(pairs)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             report[key] = s = summary(results["a"][key], results["b"][key])
             print(f"{key}: A {s['mean_a']:.4f} ± {s['std_a']:.4f} ({s['min_a']:.4f}-{s['max_a']:.4f}), "
                   f"B {s['mean_b']:.4f} ± {s['std_b']:.4f} ({s['min_b']:.4f}-{s['max_b']:.4f}); "
-                  f"B - A {s['difference']:+.4f}, p = {s['p']:.4f} over {args.seeds} seeds each")
+                  f"B - A {s['difference']:+.4f}, p = {s['p']:.4f} over {args.seeds} seeds each; "
+                  f"seed by seed B - A ± {s['std_paired']:.4f}, B lower in {s['b_lower']}, "
+                  f"paired p = {s['p_paired']:.4f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -21,6 +21,17 @@ def test_the_permutation_p_value_is_exact():
     assert overlapping > 0.01
     s = seeds.summary([1.5, 1.7], [1.2, 1.4])
     assert s["difference"] == pytest.approx(-0.3) and s["std_a"] == pytest.approx(0.1414, abs=1e-4)
+    assert s["b_lower"] == 2 and s["std_paired"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_paired_p_value_flips_the_signs_of_seed_by_seed_differences():
+    assert seeds.paired_p([-0.1, -0.2, -0.1, -0.3, -0.2]) == pytest.approx(2 / 32)  # all lower: the least p
+    assert seeds.paired_p([-0.1] * 8) == pytest.approx(2 / 256) and 2 / 256 < 0.01  # 8 pairs reach p < 0.01
+    assert seeds.paired_p([-0.1, 0.1, -0.1, 0.1]) == 1.0
+    # runs whose level moves with the machine: unpaired the shift hides B's edge, paired it does not
+    level = [1.80, 1.90, 1.70, 1.85, 1.75, 1.95, 1.72, 1.88]
+    a, b = level, [x - 0.01 for x in level]
+    assert seeds.permutation_p(a, b) > 0.5 and seeds.paired_p([y - x for x, y in zip(a, b)]) < 0.01
 
 
 def test_a_finished_run_is_read_from_its_last_evaluation(tmp_path):
