@@ -2,7 +2,9 @@
 the same wall-clock budget; then the mean final val loss and bits per byte of each, their spread,
 and an exact permutation p-value for the difference. A change belongs in a recipe only at
 p < 0.01 over at least 5 seeds (with 5 against 5 seeds that means every run of one setting beats
-every run of the other: the smallest two-sided p is 2/252).
+every run of the other: the smallest two-sided p is 2/252). With --pair the seed-by-seed
+differences give a paired p as well, whose smallest is 2/2**N: 8 seeds that all go one way give
+2/256, under 0.01.
 
     python docs/seeds.py --seeds 5 --budget 90 --common "--config config/shakespeare_char.json" \\
         --a "" --b "--mlp relu2" --out /tmp/seeds

@@ -2,6 +2,7 @@
 the entries it declares, form layers, and a missing one is refused in one line naming its file."""
 
 import ast
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -99,6 +100,13 @@ def card(folder: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=240, env=ENV)
 
 
+def cards(runs: list[tuple[Path, list[str]]]) -> list[subprocess.CompletedProcess]:
+    """Independent invocations (folder, arguments) at once: each spends most of its time
+    importing torch."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda run: card(run[0], *run[1]), runs))
+
+
 @pytest.mark.slow
 def test_the_card_alone_trains_resumes_samples_evaluates_and_benchmarks(alone):
     run = ["--data_path", "corpus.txt", "--out_dir", "out", "--cache_dir", "cache", *TINY]
@@ -143,8 +151,7 @@ def test_a_flag_whose_module_is_missing_is_one_line_naming_the_file(alone, tmp_p
         ("--data_path", "c.txt.gz", "--out_dir", "new"): "--data_path c.txt.gz needs tinyllm_data.py",
         ("--init_from", str(tmp_path / "hf"), "--out_dir", "new"): "--init_from needs tinyllm_hub.py",
     }
-    for args, message in cases.items():
-        out = card(alone, *args)
+    for (args, message), out in zip(cases.items(), cards([(alone, list(args)) for args in cases])):
         assert out.returncode == 2, (args, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, out.stderr)
@@ -179,8 +186,9 @@ def test_a_sibling_whose_own_module_is_missing_or_broken_is_one_line(tmp_path):
         (folder("hub_with_empty_data", tinyllm_hub="copy", tinyllm_data=""), ["--init_from", "corpus.txt"],
          "--init_from needs tinyllm_hub.py and tinyllm_data.py, which cannot be imported (ImportError"),
     ]
-    for where, args, message in cases:
-        out = card(where, *args, "--out_dir", "out", "--cache_dir", "cache", *TINY)
+    outs = cards([(where, [*args, "--out_dir", "out", "--cache_dir", "cache", *TINY])
+                  for where, args, _ in cases])
+    for (where, _, message), out in zip(cases, outs):
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and message in lines[0], (where.name, out.stderr)
         assert not (where / "out").exists()
@@ -197,11 +205,11 @@ def test_refusals_come_before_any_work_and_a_checkpoints_setting_falls_back(alon
     before = {p.name: p.stat().st_mtime_ns for p in (alone / "out").iterdir()}
     (alone / "packed").mkdir()
     (alone / "packed" / "a.txt.gz").write_bytes(b"not read")
-    for extra, message in ((["--val_data", "v.jsonl"], "--val_data v.jsonl needs tinyllm_data.py"),
-                           (["--val_data", "packed"], "--val_data packed/a.txt.gz needs tinyllm_data.py"),
-                           (["--data_path", "packed/a.txt.gz"],
-                            "--data_path packed/a.txt.gz needs tinyllm_data.py")):
-        out = card(alone, *run, "--overwrite", *extra)
+    refusals = ((["--val_data", "v.jsonl"], "--val_data v.jsonl needs tinyllm_data.py"),
+                (["--val_data", "packed"], "--val_data packed/a.txt.gz needs tinyllm_data.py"),
+                (["--data_path", "packed/a.txt.gz"], "--data_path packed/a.txt.gz needs tinyllm_data.py"))
+    outs = cards([(alone, [*run, "--overwrite", *extra]) for extra, _ in refusals])
+    for (extra, message), out in zip(refusals, outs):
         assert out.returncode == 2 and message in out.stderr, (extra, out.stderr)
         after = {p.name: p.stat().st_mtime_ns for p in (alone / "out").iterdir()}
         assert "data:" not in out.stdout and after == before, extra
