@@ -76,13 +76,20 @@ def permutation_p(a: list[float], b: list[float], samples: int = 200_000) -> flo
     return (1 + sum(extreme(tuple(rng.sample(pooled, n))) for _ in range(samples))) / (samples + 1)
 
 
-def paired_p(differences: list[float]) -> float:
+def paired_p(differences: list[float], samples: int = 200_000) -> float:
     """Two-sided p-value of a mean paired difference under random signs (each pair's two runs
-    exchangeable): exact over every assignment of signs. With n pairs the smallest is 2 / 2**n."""
+    exchangeable): exact over every assignment of signs up to 16 pairs (the smallest is then
+    2 / 2**n), else from `samples` random assignments with a fixed seed."""
     observed = abs(statistics.fmean(differences)) - 1e-12
-    signs = list(itertools.product((1, -1), repeat=len(differences)))
-    return sum(abs(statistics.fmean(s * d for s, d in zip(flip, differences))) >= observed
-               for flip in signs) / len(signs)
+
+    def extreme(flip: tuple[int, ...]) -> bool:
+        return abs(statistics.fmean(s * d for s, d in zip(flip, differences))) >= observed
+    if len(differences) <= 16:
+        signs = list(itertools.product((1, -1), repeat=len(differences)))
+        return sum(map(extreme, signs)) / len(signs)
+    rng = random.Random(0)
+    draws = (tuple(rng.choice((1, -1)) for _ in differences) for _ in range(samples))
+    return (1 + sum(map(extreme, draws))) / (samples + 1)
 
 
 def summary(a: list[float], b: list[float]) -> dict[str, float]:

@@ -28,6 +28,7 @@ def test_the_paired_p_value_flips_the_signs_of_seed_by_seed_differences():
     assert seeds.paired_p([-0.1, -0.2, -0.1, -0.3, -0.2]) == pytest.approx(2 / 32)  # all lower: the least p
     assert seeds.paired_p([-0.1] * 8) == pytest.approx(2 / 256) and 2 / 256 < 0.01  # 8 pairs reach p < 0.01
     assert seeds.paired_p([-0.1, 0.1, -0.1, 0.1]) == 1.0
+    assert seeds.paired_p([-0.1] * 30, samples=2000) == pytest.approx(1 / 2001)  # sampled past 16 pairs
     # runs whose level moves with the machine: unpaired the shift hides B's edge, paired it does not
     level = [1.80, 1.90, 1.70, 1.85, 1.75, 1.95, 1.72, 1.88]
     a, b = level, [x - 0.01 for x in level]
