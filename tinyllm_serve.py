@@ -129,25 +129,44 @@ QUANTIZERS.implement("int8", quantize_int8)
 
 class RowLinear(nn.Module):
     """A linear layer for one row at a time, written as products and a sum over the inputs: the
-    compiler makes one streaming loop over the weights of it, which on CPUs without AMX reads
-    bf16 weights about twice as fast as its matrix-product kernels for one row (README:
-    Performance). Used in the ahead-of-time step for batch 1; it shares the layer's tensors."""
+    compiler makes one streaming loop over the weights of it, which reads bf16 weights about
+    twice as fast as its matrix-product kernels for one row on CPUs without AMX, and int8 ones
+    faster than torch's int8-weight kernel (README: Performance). Used in the ahead-of-time step
+    for batch 1; it shares the layer's tensors. Of an Int8Linear it keeps the int8 values and
+    their scales, and rounds the input to bf16 as that layer does."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear | Int8Linear):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
+        self.scale = linear.scale if isinstance(linear, Int8Linear) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out)
-        return y if self.bias is None else y + self.bias
+        rows = x.to(torch.bfloat16) if self.scale is not None else x
+        rows = computed_once(rows.float())  # (..., in)
+        y = (rows.unsqueeze(-2) * self.weight.float()).sum(-1)  # (..., out)
+        if self.scale is not None:
+            y = y * self.scale.float()
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def computed_once(x: torch.Tensor) -> torch.Tensor:
+    """x, kept in memory by the compiler: without this it computes what produces a layer's input
+    (the residual sum, the norm) again inside the loop of every output row."""
+    import torch._inductor.inductor_prims  # noqa: F401 (declares the operation below)
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
 
 
 def with_row_linears(model: GPT) -> GPT:
-    """A copy of the model's modules (its tensors shared) with every nn.Linear a RowLinear."""
+    """A copy of the model's modules (its tensors shared) with every linear layer a RowLinear;
+    int8 ones too where the CPU widens int8 values quickly (AVX-512), since with AVX2 alone the
+    compiler's widening is slower than torch's int8-weight kernel (README: Performance)."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     rows = copy.deepcopy(model, memo=shared)
+    kinds = (nn.Linear, Int8Linear) if torch.backends.cpu.get_cpu_capability().startswith("AVX512") \
+        else nn.Linear
     for name, module in list(rows.named_modules()):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, kinds):
             parent, _, attr = name.rpartition(".")
             setattr(rows.get_submodule(parent), attr, RowLinear(module))
     return rows

@@ -651,6 +651,8 @@ def test_dpo_is_the_same_eager_compiled_and_under_torchrun_and_grpo_runs_there(b
         "3",
         "--log_interval",
         "1",
+        "--dtype",
+        "float32",  # the same figures: bf16 kernels, where the CPU has them, round by their own order
     )
     eager = tl.train(tl.resolve(tune_args(base, "l-eager", *common, "--batch_size", "4")))
     compiled = tl.train(tl.resolve(tune_args(base, "l-compiled", *common, "--batch_size", "4", "--compile")))
@@ -677,7 +679,10 @@ def test_dpo_is_the_same_eager_compiled_and_under_torchrun_and_grpo_runs_there(b
 
     for key in ("loss", "rewards/margins", "rewards/accuracies"):
         assert len(logged(eager, key)) == 3
-        assert logged(compiled, key) == pytest.approx(logged(eager, key), abs=1e-4), key
+        # at step 1 the policy is its reference: every pair a tie, which the compiled kernels'
+        # rounding may tip, so accuracies (the share of positive margins) are compared after it
+        first = 1 if key == "rewards/accuracies" else 0
+        assert logged(compiled, key)[first:] == pytest.approx(logged(eager, key)[first:], abs=1e-4), key
         assert logged(records(base["root"] / "l-two"), key) == pytest.approx(logged(eager, key), abs=1e-5), (
             key
         )
