@@ -824,9 +824,18 @@ def head_size(cfg: Config) -> int:
     return cfg.head_dim or cfg.n_embd // max(cfg.n_head, 1)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its weight in the input's dtype: under bf16 autocast the queries and keys
+    that --qk_norm normalizes come out of their linear layer in bf16, and torch's fused kernel
+    refuses an fp32 weight beside them (a warning on the user's screen, then its unfused path)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 NORMS.update({
     "layernorm": lambda dim, cfg: nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias),
-    "rmsnorm": lambda dim, cfg: nn.RMSNorm(dim, eps=cfg.norm_eps),
+    "rmsnorm": lambda dim, cfg: RMSNorm(dim, eps=cfg.norm_eps),
 })
 
 

@@ -202,3 +202,21 @@ def test_unet_skips_join_each_early_block_to_its_late_twin():
     assert unet.skip_weights.grad.abs().min() > 0
     with pytest.raises(tl.TinyLLMError, match="--unet_skips .* needs --n_layer 2"):
         tl.validate(tl.Config(n_layer=1, unet_skips=True))
+
+
+def test_qk_norm_under_bf16_autocast_runs_torchs_fused_norm_without_a_warning():
+    """The queries and keys come out of a bf16 linear layer under autocast; the norm's fp32 weight
+    meets them in their dtype, so torch neither warns on the user's screen nor falls back."""
+    import warnings
+    torch.manual_seed(0)
+    model = tiny(qk=True)
+    x = torch.randint(VOCAB, (2, 16))
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("error")
+        logits, _ = model(x)
+    assert torch.isfinite(logits).all()
+    norm, h = tl.NORMS["rmsnorm"](32, model.cfg), torch.randn(4, 32)
+    torch.nn.init.normal_(norm.weight)
+    plain = torch.nn.RMSNorm(32, eps=model.cfg.norm_eps)
+    plain.weight.data.copy_(norm.weight.data)
+    assert torch.equal(norm(h), plain(h))  # in fp32, torch's own module exactly
