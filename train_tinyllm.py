@@ -1058,11 +1058,24 @@ class CausalSelfAttention(nn.Module):
         if cache is not None and T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
             y = attend_one_query(q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None,
-                dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != H_kv)
+            with attention_kernels(q):
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None,
+                    dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != H_kv)
         y = y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype)  # (B, T, H*D); H*D = C unless head_dim is set
         return self.resid_dropout(self.out_proj(y))
+
+
+def attention_kernels(q: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Which of torch's attention kernels may run: any, except where training on a CPU in bf16
+    with up to 128 queries, where the plain one (products and a softmax) is kept: there torch's
+    flash kernel takes 2-5x as long for its backward pass (README: Performance)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    on_cpu = q.device.type == "cpu"
+    dtype = torch.get_autocast_dtype("cpu") if on_cpu and torch.is_autocast_enabled("cpu") else q.dtype
+    if on_cpu and dtype == torch.bfloat16 and q.size(-2) <= 128 and q.requires_grad:
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
