@@ -73,6 +73,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass is the single source of truth for flags, JSON keys, defaults and help
@@ -1070,7 +1071,6 @@ def attention_kernels(q: torch.Tensor) -> contextlib.AbstractContextManager:
     """Which of torch's attention kernels may run: any, except where training on a CPU in bf16
     with up to 128 queries, where the plain one (products and a softmax) is kept: there torch's
     flash kernel takes 2-5x as long for its backward pass (README: Performance)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     on_cpu = q.device.type == "cpu"
     dtype = torch.get_autocast_dtype("cpu") if on_cpu and torch.is_autocast_enabled("cpu") else q.dtype
     if on_cpu and dtype == torch.bfloat16 and q.size(-2) <= 128 and q.requires_grad:
