@@ -957,7 +957,8 @@ class KVCache:
     only the tensor, so that a compiled decode step sees the same shapes and no Python number
     change as the position advances (it would recompile for every new one). The tensor holds a
     position per row: rows of a served batch are at different places in their own texts.
-    Attention reads every slot, and a mask hides the slots not written yet."""
+    Attention reads the first `reach` slots, every slot unless the compiled decode step narrows
+    it to those written so far, and a mask hides the slots not written yet."""
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
@@ -970,6 +971,7 @@ class KVCache:
         # where update() writes: (row, head) index grids that broadcast against positions (B, 1, T)
         self.row_ids = torch.arange(batch, device=device).view(batch, 1, 1)
         self.head_ids = torch.arange(n_kv_head, device=device).view(1, n_kv_head, 1)
+        self.reach: int | torch.SymInt = length
 
     @property
     def capacity(self) -> int:
@@ -1010,22 +1012,23 @@ class KVCache:
         return self.pos_t.unsqueeze(1) + self.slots[:T]
 
     def mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
-        """(B, 1, T, capacity) boolean mask, True = may attend, for queries at pos (B, T)."""
-        pos = pos.unsqueeze(-1)  # (B, T, 1) against the slots (capacity,)
-        allowed = self.slots <= pos
+        """(B, 1, T, reach) boolean mask, True = may attend, for queries at pos (B, T)."""
+        pos = pos.unsqueeze(-1)  # (B, T, 1) against the slots (reach,)
+        slots = self.slots.narrow(0, 0, self.reach)
+        allowed = slots <= pos
         if window:
-            allowed &= self.slots > pos - window  # the window counts the current token
+            allowed &= slots > pos - window  # the window counts the current token
         return allowed.unsqueeze(1)  # the same for every head
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, D) at positions pos (B, T); return every slot of the layer."""
+        """Store k, v (B, H_kv, T, D) at positions pos (B, T); return the layer's first `reach` slots."""
         # row b's tokens at its own positions. An indexed write, not scatter_: the compiler
         # writes that in place, where it copied the whole layer twice for a scatter_.
         where = (self.row_ids, self.head_ids, pos.unsqueeze(1))  # broadcast to (B, H_kv, T)
         self.k[layer].index_put_(where, k.to(self.k[layer].dtype))
         self.v[layer].index_put_(where, v.to(self.v[layer].dtype))
-        return self.k[layer], self.v[layer]
+        return self.k[layer].narrow(2, 0, self.reach), self.v[layer].narrow(2, 0, self.reach)
 
 
 class CausalSelfAttention(nn.Module):
@@ -1054,7 +1057,7 @@ class CausalSelfAttention(nn.Module):
         k = positions.rotate(self.k_norm(k.view(B, T, H_kv, D)), pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(layer, k, v, pos)  # (B, H_kv, capacity, D), in the cache's dtype
+            k, v = cache.update(layer, k, v, pos)  # (B, H_kv, reach, D), in the cache's dtype
             q = q.to(k.dtype)
         if cache is not None and T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
             y = attend_one_query(q, k, v, mask)
@@ -1080,7 +1083,7 @@ def attention_kernels(q: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of one query per row over the cache, written out for the compiler: q (B, H, 1, D),
-    k and v (B, H_kv, capacity, D), mask (B, 1, 1, capacity) -> (B, H, 1, D). The compiled decode
+    k and v (B, H_kv, reach, D), mask (B, 1, 1, reach) -> (B, H, 1, D). The compiled decode
     step fuses it into one loop over the cache; SDPA is a separate call there, and for one query
     its fixed cost is larger than the work. Eager decoding keeps SDPA, and so do GPUs (where the
     cache is in half precision, which SDPA accumulates in fp32 and this would not)."""
