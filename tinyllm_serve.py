@@ -174,10 +174,7 @@ def with_row_linears(model: GPT) -> GPT:
 
 class FlatStep(nn.Module):
     """GPT.step over plain tensors (the token, the positions, every layer's keys then values), the
-    form torch.export takes; `like` gives the cache's constant parts (slots, index grids).
-    Attention reads only the slots written so far, a count the compiled code takes from the
-    positions as it runs, not the whole cache: with a 2,048-token context, early tokens would
-    read 2,048 slots instead of a few dozen."""
+    form torch.export takes; `like` gives the cache's constant parts (slots, index grids)."""
 
     def __init__(self, model: GPT, like: KVCache):
         super().__init__()
@@ -186,10 +183,6 @@ class FlatStep(nn.Module):
     def forward(self, idx: torch.Tensor, pos_t: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
         cache = copy.copy(self.like)
         cache.k, cache.v, cache.pos_t = list(kv[:len(kv) // 2]), list(kv[len(kv) // 2:]), pos_t
-        last = pos_t.max().item()  # the furthest row's position, where this step writes
-        torch._check(last >= 0)
-        torch._check(last < cache.capacity)
-        cache.reach = last + 1
         return self.model.step(idx, cache)
 
 

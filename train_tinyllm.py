@@ -957,8 +957,8 @@ class KVCache:
     only the tensor, so that a compiled decode step sees the same shapes and no Python number
     change as the position advances (it would recompile for every new one). The tensor holds a
     position per row: rows of a served batch are at different places in their own texts.
-    Attention reads the first `reach` slots, every slot unless the compiled decode step narrows
-    it to those written so far, and a mask hides the slots not written yet."""
+    Attention reads the first `reach` slots (see `written`), and a mask hides the slots among
+    them that are not written yet."""
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
@@ -971,7 +971,7 @@ class KVCache:
         # where update() writes: (row, head) index grids that broadcast against positions (B, 1, T)
         self.row_ids = torch.arange(batch, device=device).view(batch, 1, 1)
         self.head_ids = torch.arange(n_kv_head, device=device).view(1, n_kv_head, 1)
-        self.reach: int | torch.SymInt = length
+        self.reach: int | torch.SymInt = length  # set by each forward pass (GPT.trunk)
 
     @property
     def capacity(self) -> int:
@@ -1010,6 +1010,21 @@ class KVCache:
     def positions(self, T: int) -> torch.Tensor:
         """(B, T) positions of the next T tokens of each row."""
         return self.pos_t.unsqueeze(1) + self.slots[:T]
+
+    def written(self, T: int) -> int | torch.SymInt:
+        """How many slots attention reads for the next T tokens: up to the furthest row's last
+        one, not the whole cache (early in a 2,048-token context, a few dozen slots instead of
+        2,048), where that is cheap to know: eager on CPU, and in the decode step compiled ahead
+        of time, as a size its code takes from the positions as it runs. A GPU would wait for
+        the positions, and torch.compile would recompile for each count: there, every slot."""
+        if torch.compiler.is_exporting():
+            last = self.pos_t.max().item()
+            torch._check(last >= 0)
+            torch._check(last + T <= self.capacity)
+            return last + T
+        if torch.compiler.is_compiling() or self.pos_t.device.type != "cpu":
+            return self.capacity
+        return min(int(self.pos_t.max()) + T, self.capacity)
 
     def mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
         """(B, 1, T, reach) boolean mask, True = may attend, for queries at pos (B, T)."""
@@ -1175,6 +1190,8 @@ class GPT(nn.Module):
         """idx (B, T) -> the last block's output (B, T, C); reads the cache's position, never moves it."""
         T = idx.size(1)
         pos = cache.positions(T) if cache is not None else None
+        if cache is not None:
+            cache.reach = cache.written(T)
         x = self.drop(self.positions.embed(self.wte(idx), pos))  # (B, T, C)
         mask = cache.mask(pos, self.cfg.sliding_window) if cache is not None \
             else attention_mask(T, self.cfg.sliding_window, idx.device)

@@ -132,28 +132,32 @@ def test_frozen_decode_step_is_the_eager_one_and_compiles_once_per_batch_size(sw
 
 
 @pytest.mark.slow
-def test_the_frozen_step_reads_the_slots_written_so_far_and_no_further():
-    """Attention in the compiled step reads the slots up to the furthest row's position, not the
-    whole cache: NaN past there changes nothing (a step reading every slot would return NaN,
-    since a hidden slot's weight 0 times NaN is NaN), and rows of one batch at other positions
-    still get the eager step's logits."""
+def test_decoding_reads_the_slots_written_so_far_and_no_further():
+    """Attention in the compiled step and in eager decoding on CPU reads the slots up to the
+    furthest row's position, not the whole cache: NaN past there changes nothing (reading them,
+    a hidden slot's weight 0 times NaN would be NaN), and rows of one batch at other positions
+    still get the logits of a cache that holds zeros there."""
     model = tiny()
     prefix = torch.randint(VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
     clean = model.new_cache(2, prefix.device, torch.float32)
     with torch.no_grad():
         model(prefix, cache=clean)
     clean.pos_t.copy_(torch.tensor([3, 5]))  # row 0 goes back: each row at its own place
-    dirty = copy.copy(clean)
-    dirty.k, dirty.v = [k.clone() for k in clean.k], [v.clone() for v in clean.v]
-    dirty.pos_t = clean.pos_t.clone()
-    for t in dirty.k + dirty.v:
-        t[:, :, 6:] = float("nan")
+
+    def dirty() -> tl.KVCache:
+        cache = copy.copy(clean)
+        cache.k, cache.v = [k.clone() for k in clean.k], [v.clone() for v in clean.v]
+        cache.pos_t = clean.pos_t.clone()
+        for t in cache.k + cache.v:
+            t[:, :, 6:] = float("nan")
+        return cache
+
     idx = torch.tensor([[5], [7]])
     with torch.no_grad():
-        eager = model.step(idx, clean)
-        frozen = tl.decode_step(model, True)(idx, dirty)
-    assert torch.isfinite(frozen).all()
-    assert torch.allclose(frozen, eager, atol=1e-5)
+        expected = model.step(idx, clean)
+        for logits in (model.step(idx, dirty()), tl.decode_step(model, True)(idx, dirty())):
+            assert torch.isfinite(logits).all()
+            assert torch.allclose(logits, expected, atol=1e-5)
 
 
 @pytest.mark.slow
