@@ -440,7 +440,9 @@ class Config:
     dtype: str = opt("auto", "auto: bfloat16 where the device has it natively (CUDA sm80+, CPUs with "
                              "AVX512-BF16/AMX), float16 with a GradScaler on older GPUs, else float32.",
                      "training", ("auto", "bfloat16", "float16", "float32"))
-    compile: bool = opt(False, "torch.compile the training model (inductor; CPU and CUDA).", "training")
+    compile: bool = opt(False, "torch.compile the training model (inductor; CPU and CUDA). Without the "
+                               "compiler it needs (a C++ compiler on CPU, triton on GPUs): eager, said "
+                               "in one line.", "training")
     ddp: bool = opt(False, "Run distributed; implied when launched by torchrun (RANK is set).",
                     "training")
     fsdp: bool = opt(False, "Under torchrun: shard weights, gradients and optimizer state over the ranks "
@@ -2550,15 +2552,15 @@ def decode_compiles(cfg: Config, device: torch.device, frozen: bool) -> bool:
 
 
 @functools.cache
-def compiler_missing(device: torch.device) -> str:
-    """Why the decode step cannot be compiled on the device, or "" when it can."""
+def compiler_missing(device: torch.device, what: str = "the decode step") -> str:
+    """Why `what` cannot be compiled on the device, or "" when it can."""
     if device.type == "cpu":
-        return "" if cpp_compiler() else (f"no C++ compiler was found to compile the decode step (install "
+        return "" if cpp_compiler() else (f"no C++ compiler was found to compile {what} (install "
                                           f"{default_cpp_compiler()}, or name one in CXX)")
     if device.type == "cuda":
         from torch.utils._triton import has_triton
-        return "" if has_triton() else "triton, which compiles the decode step on GPUs, is not installed"
-    return f"the decode step is compiled on CPUs and CUDA GPUs, not on {device.type}"
+        return "" if has_triton() else f"triton, which compiles {what} on GPUs, is not installed"
+    return f"{what} is compiled on CPUs and CUDA GPUs, not on {device.type}"
 
 
 def default_cpp_compiler() -> str:
@@ -3591,6 +3593,7 @@ class Run:
     peak: float | None = None  # device FLOP/s for MFU
     peak_checked: bool = False  # a CPU peak measured again after an MFU above 100%
     memory_kept: bool = False  # keep_freed_memory took effect
+    compiled: bool = False  # --compile took effect (training_compiles)
     lock: Any = None  # out_dir's lock, held while training
     data_sha256: str = ""  # of the train and val tokens: a resume checks it
     source_fingerprint: str = ""  # of the --init_from files: a LoRA checkpoint needs the same base
@@ -3759,10 +3762,10 @@ def new_run(cfg: Config, *, tok: TextTokenizer, splits: dict[str, TokenSplit], d
               ema=EMA(model, cfg.ema_decay, (lambda m: sharded_twin(m, cfg, dtype)) if sharded else None)
               if cfg.ema else None,
               batch_gen=torch.Generator().manual_seed(cfg.seed), peak=peak, memory_kept=memory_kept,
-              objective=OBJECTIVES[cfg.objective])
+              compiled=training_compiles(cfg, device), objective=OBJECTIVES[cfg.objective])
     if ckpt is not None:
         run.restore(ckpt)
-    run.train_model = wrap_model(model, cfg, dist, device)
+    run.train_model = wrap_model(model, run.compiled, dist, device, cfg.fsdp)
     return run
 
 
@@ -3796,12 +3799,23 @@ def sharded_twin(model: GPT, cfg: Config, dtype: torch.dtype) -> GPT:
     return twin.eval()
 
 
-def wrap_model(model: GPT, cfg: Config, dist: Dist, device: torch.device) -> nn.Module:
+def training_compiles(cfg: Config, device: torch.device) -> bool:
+    """Whether training steps run compiled: asked (--compile) and the device has a compiler; where
+    it has none, one line says so and training is eager (a config that asks for it still runs)."""
+    if not cfg.compile or device.type not in ("cpu", "cuda"):
+        return cfg.compile
+    missing = compiler_missing(device, "the training step")
+    if missing:
+        print0(f"training eagerly: {missing}", file=sys.stderr)
+    return not missing
+
+
+def wrap_model(model: GPT, compiled: bool, dist: Dist, device: torch.device, fsdp: bool) -> nn.Module:
     """The training handle: compiled (static shapes: one compile per curriculum stage), then
     DDP-wrapped (FSDP shards the raw model in place: no wrapper). Checkpoints, EMA, eval and
     sampling keep using the raw model."""
-    wrapped: nn.Module = torch.compile(model, dynamic=False) if cfg.compile else model
-    if dist.enabled and not cfg.fsdp:
+    wrapped: nn.Module = torch.compile(model, dynamic=False) if compiled else model
+    if dist.enabled and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
         wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda"
                                           else None)
@@ -4038,7 +4052,7 @@ def describe_run(run: Run) -> None:
                f"weight decay; the rest frozen")
     print0(f"engine: device {run.device}, {str(run.dtype).removeprefix('torch.')}"
            f"{' autocast' if run.dtype != torch.float32 else ''}, optimizer {cfg.optimizer}, "
-           f"{'compiled' if cfg.compile else 'eager'}, {run.dist.world_size} process(es)"
+           f"{'compiled' if run.compiled else 'eager'}, {run.dist.world_size} process(es)"
            f"{' (FSDP: weights, gradients and optimizer state sharded)' if run.sharded else ''}"
            f"{', freed memory kept' if run.memory_kept else ''}")
     limit = f"{cfg.max_steps} steps" + (f" or {cfg.time_budget_s:g}s" if cfg.time_budget_s else "")
@@ -4559,7 +4573,7 @@ def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, floa
     mfu = model_flops_utilization(run, flops)
     result["mfu"] = float("nan") if mfu is None else mfu
     result.update(decode_benchmark(run.model, cfg, device, tok))
-    print_benchmark(cfg, device, run.dtype, run.model, result)
+    print_benchmark(cfg, device, run, result)
     return result
 
 
@@ -4656,11 +4670,10 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def print_benchmark(cfg: Config, device: torch.device, dtype: torch.dtype, model: GPT,
-                    r: dict[str, float]) -> None:
-    rows = [("model", f"{model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}"),
-            ("device / dtype", f"{device} / {str(dtype).removeprefix('torch.')}"
-                               f"{' / compiled' if cfg.compile else ''}"),
+def print_benchmark(cfg: Config, device: torch.device, run: Run, r: dict[str, float]) -> None:
+    rows = [("model", f"{run.model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}"),
+            ("device / dtype", f"{device} / {str(run.dtype).removeprefix('torch.')}"
+                               f"{' / compiled' if run.compiled else ''}"),
             ("training step", f"{r['step_ms']:.1f} ms (median of steps after warm-up)"),
             ("training tokens/s", f"{r['train_tokens_per_s']:,.0f}"),
             ("MFU", f"{100 * r['mfu']:.1f}%" if r["mfu"] == r["mfu"] else "unknown (--peak_flops)"),

@@ -68,6 +68,22 @@ def test_compile_once_per_curriculum_stage(run_args, tmp_path):
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
 
 
+def test_compile_without_a_cpp_compiler_trains_eagerly_with_one_line(run_args, monkeypatch, capsys):
+    """A config that asks for --compile still trains on a CPU with no C++ compiler for inductor:
+    eagerly, with one line saying why, and the engine line says eager."""
+    torch._dynamo.reset()
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    tl.compiler_missing.cache_clear()
+    try:
+        history = tl.train(tl.resolve(run_args("--compile", "--max_steps", "2", "--dtype", "float32")))
+    finally:
+        tl.compiler_missing.cache_clear()
+    out = capsys.readouterr()
+    assert "training eagerly: no C++ compiler was found to compile the training step" in out.err
+    assert "eager, 1 process(es)" in out.out
+    assert len(losses(history)) >= 1
+
+
 def test_curriculum_stages_keep_tokens_per_step():
     cfg = tl.Config(block_size=256, batch_size=8, max_steps=300, curriculum=True,
                     curriculum_start_block_size=32)
