@@ -4573,7 +4573,7 @@ def benchmark(r: Resolved, warmup: int = 3, repeats: int = 10) -> dict[str, floa
     mfu = model_flops_utilization(run, flops)
     result["mfu"] = float("nan") if mfu is None else mfu
     result.update(decode_benchmark(run.model, cfg, device, tok))
-    print_benchmark(cfg, device, run, result)
+    print_benchmark(run, result)
     return result
 
 
@@ -4670,9 +4670,10 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def print_benchmark(cfg: Config, device: torch.device, run: Run, r: dict[str, float]) -> None:
+def print_benchmark(run: Run, r: dict[str, float]) -> None:
+    cfg = run.cfg
     rows = [("model", f"{run.model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers x {cfg.n_embd}"),
-            ("device / dtype", f"{device} / {str(run.dtype).removeprefix('torch.')}"
+            ("device / dtype", f"{run.device} / {str(run.dtype).removeprefix('torch.')}"
                                f"{' / compiled' if run.compiled else ''}"),
             ("training step", f"{r['step_ms']:.1f} ms (median of steps after warm-up)"),
             ("training tokens/s", f"{r['train_tokens_per_s']:,.0f}"),
@@ -4682,7 +4683,7 @@ def print_benchmark(cfg: Config, device: torch.device, run: Run, r: dict[str, fl
                f"{r[f'decode_dtype_{q}'] if q == 'none' else q} weights",
                f"{r[f'decode_tokens_per_s_{q}']:,.0f}" + (
                    f" (compiled in {r[f'decode_warmup_s_{q}']:.1f} s"
-                   f"{'; --generate_only keeps it' if device.type == 'cpu' else ''})"
+                   f"{'; --generate_only keeps it' if run.device.type == 'cpu' else ''})"
                    if r[f"decode_compiled_{q}"] else " (eager)"))
               for q in QUANTIZERS if f"decode_tokens_per_s_{q}" in r],
             (f"decode tokens/s, {cfg.max_new_tokens} new, no cache",
